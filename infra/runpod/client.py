@@ -1,0 +1,165 @@
+"""RunPod REST API v2 over HTTP (contract: shared/reference/runpod-rest-v2-openapi.json).
+
+Pure `requests`, no Pulumi: the dynamic providers, the trainer's lifecycle (which stops its own pod from
+inside it), the reaper and `make status` all use it. The `runpod` SDK is not used for these calls: it speaks
+GraphQL, pastes env values into the query text unescaped, and cannot manage network volumes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+DEFAULT_BASE_URL = "https://api.runpod.io"
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+def base_url_from_environment() -> str:
+    # RUNPOD_API_BASE_URL is the runpod SDK's own variable; tests point it at emulator/.
+    return os.environ.get("RUNPOD_API_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+
+
+class RunpodError(RuntimeError):
+    def __init__(self, status: int, method: str, path: str, detail: str):
+        self.status = status
+        super().__init__(f"RunPod API {method} {path} -> {status}: {detail}")
+
+
+class NotFound(RunpodError):
+    pass
+
+
+class RunpodClient:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        retries: int = 6,
+        backoff: float = 0.5,
+        timeout: float = 30.0,
+    ):
+        if not api_key:
+            raise ValueError(
+                "no RunPod API key: `pulumi config set --secret runpodApiKey ...` or export RUNPOD_API_KEY"
+            )
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {api_key}"
+        self.base_url = (base_url or base_url_from_environment()).rstrip("/")
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+
+    def __repr__(self) -> str:  # never show the key
+        return f"RunpodClient({self.base_url})"
+
+    def request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> Any:
+        """One call, retried with exponential backoff (and Retry-After) on 429, 5xx, timeouts and resets.
+
+        POST is retried too: the emulator and RunPod answer a rejected request before creating anything,
+        and callers that create make the retry safe by finding their own resource by name first.
+        """
+        url = f"{self.base_url}{path}"
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._session.request(method, url, json=body, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                if attempt == self.retries:
+                    raise RunpodError(0, method, path, f"unreachable after {attempt + 1} tries: {error}") from None
+                self._sleep(attempt, None)
+                continue
+            if response.status_code in RETRY_STATUSES and attempt < self.retries:
+                self._sleep(attempt, response.headers.get("Retry-After"))
+                continue
+            if response.status_code == 404:
+                raise NotFound(404, method, path, _detail(response))
+            if response.status_code >= 400:
+                raise RunpodError(response.status_code, method, path, _detail(response))
+            if response.status_code == 204 or not response.content:
+                return None
+            return response.json()
+        raise AssertionError("unreachable")
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * 2**attempt * (0.5 + random.random())
+        if retry_after:
+            try:
+                delay = max(delay, float(retry_after))
+            except ValueError:
+                pass
+        time.sleep(min(delay, 30.0))
+
+    # pods
+    def list_pods(self) -> list[dict]:
+        return self.request("GET", "/v2/pods")["pods"]
+
+    def get_pod(self, pod_id: str) -> dict:
+        return self.request("GET", f"/v2/pods/{pod_id}")
+
+    def create_pod(self, body: dict) -> dict:
+        return self.request("POST", "/v2/pods", body)
+
+    def update_pod(self, pod_id: str, body: dict) -> dict:
+        return self.request("PATCH", f"/v2/pods/{pod_id}", body)
+
+    def pod_action(self, pod_id: str, action: str) -> dict:
+        return self.request("POST", f"/v2/pods/{pod_id}/action", {"action": action})
+
+    def terminate_pod(self, pod_id: str) -> None:
+        """Idempotent: a pod that is already gone is what we wanted."""
+        try:
+            self.request("DELETE", f"/v2/pods/{pod_id}")
+        except NotFound:
+            pass
+
+    def pod_logs(self, pod_id: str, tail: int = 100) -> Iterator[dict]:
+        """The log lines as dicts (ts, source, line), from the v2 Server-Sent Events stream."""
+        import json
+
+        url = f"{self.base_url}/v2/pods/{pod_id}/logs"
+        with self._session.get(url, params={"tail": tail}, stream=True, timeout=self.timeout) as response:
+            if response.status_code >= 400:
+                raise RunpodError(response.status_code, "GET", f"/v2/pods/{pod_id}/logs", _detail(response))
+            for raw in response.iter_lines(decode_unicode=True):
+                if raw and raw.startswith("data:"):
+                    yield json.loads(raw[5:].strip())
+
+    # network volumes
+    def list_volumes(self) -> list[dict]:
+        return self.request("GET", "/v2/network-volumes")["networkVolumes"]
+
+    def get_volume(self, volume_id: str) -> dict:
+        return self.request("GET", f"/v2/network-volumes/{volume_id}")
+
+    def create_volume(self, body: dict) -> dict:
+        return self.request("POST", "/v2/network-volumes", body)
+
+    def update_volume(self, volume_id: str, body: dict) -> dict:
+        return self.request("PATCH", f"/v2/network-volumes/{volume_id}", body)
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self.request("DELETE", f"/v2/network-volumes/{volume_id}")
+        except NotFound:
+            pass
+
+    # catalog
+    def gpu_types(self) -> list[dict]:
+        return self.request("GET", "/v2/catalog/gpus")["gpus"]
+
+    def data_centers(self) -> list[dict]:
+        return self.request("GET", "/v2/catalog/datacenters")["dataCenters"]
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason
+    detail = body.get("detail") or body.get("title") or str(body)
+    errors = body.get("errors")
+    return f"{detail} ({'; '.join(errors)})" if errors else detail
