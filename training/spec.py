@@ -89,6 +89,12 @@ class TrainSpec(_Schema):
     wandb_project: str | None = None
     hf_repo: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _coherent(self) -> TrainSpec:
         if self.resolution % 64:
@@ -144,9 +150,11 @@ def describe_errors(error: ValidationError, source: str, prefix: str) -> list[st
     """One readable line per pydantic error: `<source>: <prefix>.<key> = <value>: <what is allowed>`."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "").rstrip(":") or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        if isinstance(item["input"], dict) and item["type"] == "value_error":
+            lines.append(f"{source}: {key}: {message}")  # a rule across keys: the message names them
+        elif item["type"] == "extra_forbidden":
             lines.append(f"{source}: {key}: unknown key (check its spelling)")
         elif item["type"] == "missing":
             lines.append(f"{source}: {key}: required key is missing")

@@ -1,0 +1,323 @@
+"""StackConfig: where and how a run happens. Embeds training.spec.TrainSpec (what to train).
+
+A stack file (`stacks/Pulumi.<stack>.yaml`) holds `lorastack:<key>` entries. The same `parse_stack()`
+validates them offline (`make check`, no Pulumi CLI, no credentials) and inside the Pulumi program, so a
+bad value fails on a laptop before anything is billed. Every error line names the stack file, the key,
+the value and what is allowed. Secrets are not part of this model: they are read separately (`secret()`)
+so they never land in a plain object that could be logged or pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from infra import pricing
+from training import memory
+from training.spec import ENV_MANAGED, RunLimits, SpecError, TrainSpec, describe_errors
+from training.version import __version__
+
+NAMESPACE = "lorastack"
+STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
+DEFAULT_REPOSITORY = "ghcr.io/lorastack/trainer"
+# Secret config keys and the environment variables that stand in for them (CI, local shells).
+SECRETS = {
+    "runpodApiKey": "RUNPOD_API_KEY",
+    "replicateApiToken": "REPLICATE_API_TOKEN",
+    "hfToken": "HF_TOKEN",
+    "wandbApiKey": "WANDB_API_KEY",
+}
+_SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+    )
+
+
+class ImageConfig(_Schema):
+    """The trainer image, pinned: a semver tag, optionally with its digest. Never `latest`."""
+
+    repository: str = DEFAULT_REPOSITORY
+    version: str = __version__
+    digest: str | None = None
+    build: bool = False  # build and push from this checkout (pulumi-command) instead of pulling a release
+
+    @field_validator("version")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if not _SEMVER.match(value):
+            raise ValueError(
+                f"must be a pinned semver version like {__version__} (mutable tags such as 'latest' are refused: "
+                "a pod restarted next week would run different code)"
+            )
+        return value
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not _DIGEST.match(value):
+            raise ValueError("must be sha256:<64 hex digits> (as printed by `make image`)")
+        return value
+
+    @property
+    def ref(self) -> str:
+        tagged = f"{self.repository}:{self.version}"
+        return f"{tagged}@{self.digest}" if self.digest else tagged
+
+    @classmethod
+    def from_reference(cls, reference: str) -> dict[str, str]:
+        """'repo:1.2.3@sha256:...' -> the mapping form, so both spellings validate the same way."""
+        rest, _, digest = reference.partition("@")
+        slash = rest.rfind("/")
+        colon = rest.rfind(":")
+        repository, version = (rest[:colon], rest[colon + 1 :]) if colon > slash else (rest, "latest")
+        return {"repository": repository, "version": version, **({"digest": digest} if digest else {})}
+
+
+class VolumeConfig(_Schema):
+    size_gb: int = Field(default=100, ge=10, le=4096)
+    keep_on_destroy: bool = True  # datasets, model cache and checkpoints survive `pulumi destroy`
+
+
+class RunpodConfig(_Schema):
+    gpu_type: str
+    gpu_count: int = Field(default=1, ge=1, le=8)
+    cloud: Literal["SECURE", "COMMUNITY"] = "SECURE"
+    data_center: str | None = None
+    container_disk_gb: int = Field(default=40, ge=10, le=1000)
+    volume: VolumeConfig | None = Field(default_factory=VolumeConfig)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        if value not in pricing.RUNPOD_GPUS:
+            raise ValueError("unknown RunPod GPU id; allowed: " + ", ".join(sorted(pricing.RUNPOD_GPUS)))
+        return value
+
+    @field_validator("data_center")
+    @classmethod
+    def _known_data_center(cls, value: str | None) -> str | None:
+        if value is not None and value not in pricing.RUNPOD_DATA_CENTERS:
+            raise ValueError("unknown RunPod data center; allowed: " + ", ".join(pricing.RUNPOD_DATA_CENTERS))
+        return value
+
+    @model_validator(mode="after")
+    def _volume_rules(self) -> RunpodConfig:
+        if self.volume is not None:
+            if self.cloud != "SECURE":
+                raise ValueError("a network volume needs cloud: SECURE (Community Cloud pods cannot mount one)")
+            if self.data_center is None:
+                raise ValueError("a network volume is pinned to one data center: set dataCenter (the pod runs there)")
+        gpu = pricing.RUNPOD_GPUS[self.gpu_type]
+        if self.cloud == "COMMUNITY" and gpu.community_usd is None:
+            raise ValueError(f"{self.gpu_type} is not offered on Community Cloud; use cloud: SECURE")
+        return self
+
+    @property
+    def gpu(self) -> pricing.GpuType:
+        return pricing.RUNPOD_GPUS[self.gpu_type]
+
+
+class DeploymentConfig(_Schema):
+    hardware: str = "gpu-l40s"
+    min_instances: int = Field(default=0, ge=0, le=100)  # 0: scale to zero, no idle billing
+    max_instances: int = Field(default=1, ge=1, le=100)
+
+    @field_validator("hardware")
+    @classmethod
+    def _sku(cls, value: str) -> str:
+        return _replicate_sku(value)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeploymentConfig:
+        if self.max_instances < self.min_instances:
+            raise ValueError(f"maxInstances ({self.max_instances}) is below minInstances ({self.min_instances})")
+        return self
+
+
+class ReplicateConfig(_Schema):
+    owner: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    visibility: Literal["private", "public"] = "private"
+    hardware: str = "gpu-h100"  # the destination model's SKU and the training's
+    description: str = "LoRA trained with lorastack"
+    trainer: str = Field(default="ostris/flux-dev-lora-trainer", pattern=r"^[\w.-]+/[\w.-]+$")
+    trainer_version: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # None: resolve latest at up
+    autocaption: bool = False
+    keep_model_on_destroy: bool = True
+    wait: bool = False  # `pulumi up` follows the training to its end
+    deployment: DeploymentConfig | None = None
+    monthly_budget_usd: float | None = Field(default=None, gt=0)  # needed for deployment.minInstances > 0
+
+    @field_validator("hardware")
+    @classmethod
+    def _sku(cls, value: str) -> str:
+        return _replicate_sku(value)
+
+    @model_validator(mode="after")
+    def _idle_budget(self) -> ReplicateConfig:
+        deployment = self.deployment
+        if deployment is not None and deployment.min_instances > 0:
+            idle = (
+                deployment.min_instances
+                * pricing.REPLICATE_HARDWARE_USD_PER_SECOND[deployment.hardware]
+                * 3600 * 24 * 30
+            )
+            if self.monthly_budget_usd is None or self.monthly_budget_usd < idle:
+                raise ValueError(
+                    f"deployment.minInstances = {deployment.min_instances} keeps {deployment.hardware} running "
+                    f"around the clock (about ${idle:,.0f}/month); set monthlyBudgetUsd to at least that, "
+                    "or minInstances: 0 to scale to zero"
+                )
+        return self
+
+
+def _replicate_sku(value: str) -> str:
+    if value not in pricing.REPLICATE_HARDWARE_USD_PER_SECOND:
+        raise ValueError("unknown Replicate hardware SKU; allowed: " + ", ".join(pricing.REPLICATE_HARDWARE_USD_PER_SECOND))
+    return value
+
+
+class StackConfig(_Schema):
+    provider: Literal["runpod", "replicate"]
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    runpod: RunpodConfig | None = None
+    replicate: ReplicateConfig | None = None
+    limits: RunLimits
+    wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
+    train: TrainSpec
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image_string(cls, value: object) -> object:
+        return ImageConfig.from_reference(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _backend(self) -> StackConfig:
+        if self.provider == "runpod":
+            if self.runpod is None:
+                raise ValueError("provider is runpod but the lorastack:runpod section is missing")
+            fits, reason = memory.fits(self.train, self.runpod.gpu.memory_gb)
+            if not fits:
+                raise ValueError(
+                    f"train (batchSize, resolution, precision, gradientCheckpointing) cannot fit runpod.gpuType "
+                    f"{self.runpod.gpu_type!r}: {reason}"
+                )
+        if self.provider == "replicate":
+            if self.replicate is None:
+                raise ValueError("provider is replicate but the lorastack:replicate section is missing")
+            if self.train.family != "flux" and self.replicate.trainer == "ostris/flux-dev-lora-trainer":
+                raise ValueError(
+                    f"train.family is {self.train.family} but the Replicate trainer {self.replicate.trainer} "
+                    "trains FLUX only; set replicate.trainer to a trainer for that family"
+                )
+        return self
+
+    def usd_per_hour(self, live: dict[str, dict] | None = None) -> tuple[float, str]:
+        if self.provider == "runpod":
+            return pricing.runpod_usd_per_hour(self.runpod.gpu_type, self.runpod.gpu_count, self.runpod.cloud, live)
+        return pricing.REPLICATE_HARDWARE_USD_PER_SECOND[self.replicate.hardware] * 3600, pricing.REPLICATE_PRICES_SOURCE
+
+    def cost_estimate(self, live: dict[str, dict] | None = None) -> pricing.CostEstimate:
+        usd_per_hour, source = self.usd_per_hour(live)
+        gpu_id = self.runpod.gpu_type if self.provider == "runpod" else "NVIDIA H100 80GB HBM3"
+        count = self.runpod.gpu_count if self.provider == "runpod" else 1
+        return pricing.estimate_run(
+            usd_per_hour, source, self.train.family, gpu_id, self.train.resolution, self.train.batch_size,
+            self.train.gradient_accumulation, self.train.steps, count,
+        )
+
+    def run_limits(self) -> RunLimits:
+        """The limits the pod enforces, with the price it is billed at filled in."""
+        return self.limits.model_copy(update={"usd_per_hour": self.usd_per_hour()[0]})
+
+
+class StackError(SpecError):
+    pass
+
+
+def stack_file(stack: str) -> Path:
+    return STACKS_DIR / f"Pulumi.{stack}.yaml"
+
+
+def run_id(stack: str, spec: TrainSpec) -> str:
+    """A run is a stack plus a spec: a changed spec trains into a fresh directory on the volume."""
+    return f"{stack}-{spec.fingerprint()}"
+
+
+def pod_name(stack: str) -> str:
+    """Every lorastack pod's name starts with `lorastack-`: with LORASTACK_MANAGED=1 it marks it for the reaper."""
+    return f"lorastack-{stack}"
+
+
+MANAGED_LABEL = {ENV_MANAGED: "1"}
+
+
+def parse_stack(raw: dict[str, object], source: str) -> StackConfig:
+    """Validate the `lorastack:*` entries of a stack file; every problem at once, each naming source and key."""
+    entries: dict[str, object] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        namespace, _, name = key.partition(":")
+        if namespace != NAMESPACE or not name:
+            continue  # other providers' config (aws:region, ...) is not ours to judge
+        if name in SECRETS:
+            if not (isinstance(value, dict) and "secure" in value):
+                problems.append(
+                    f"{source}: {key}: a secret stored in plain text; run `pulumi config set --secret {name} ...` "
+                    f"(or export {SECRETS[name]}) and remove the plain value"
+                )
+            continue
+        entries[name] = value
+    try:
+        config = StackConfig.model_validate(entries)
+    except ValidationError as error:
+        problems += [line.replace(f"{NAMESPACE}:.", f"{NAMESPACE}:") for line in describe_errors(error, source, NAMESPACE + ":")]
+        raise StackError(problems) from None
+    if problems:
+        raise StackError(problems)
+    return config
+
+
+def load_stack_file(path: Path) -> StackConfig:
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise StackError([f"{path}: not valid YAML ({error})"]) from None
+    except FileNotFoundError:
+        raise StackError([f"{path}: no such stack file (stacks are stacks/Pulumi.<name>.yaml)"]) from None
+    return parse_stack(document.get("config") or {}, _display(path))
+
+
+def load_stack(stack: str) -> StackConfig:
+    return load_stack_file(stack_file(stack))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def secret(name: str, pulumi_config: object | None = None) -> object | None:
+    """A secret from Pulumi config (stays a secret Output) or, failing that, its environment variable."""
+    if pulumi_config is not None:
+        value = pulumi_config.get_secret(name)
+        if value is not None:
+            return value
+    env = os.environ.get(SECRETS[name])
+    if env and pulumi_config is not None:
+        import pulumi
+
+        return pulumi.Output.secret(env)
+    return env
