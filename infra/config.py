@@ -321,3 +321,18 @@ def secret(name: str, pulumi_config: object | None = None) -> object | None:
 
         return pulumi.Output.secret(env)
     return env
+
+
+def load_from_pulumi(stack: str) -> StackConfig:
+    """Inside the Pulumi program: the same validation over the stack's config as Pulumi resolved it."""
+    import pulumi
+
+    config = pulumi.Config(NAMESPACE)
+    raw: dict[str, object] = {}
+    for field in StackConfig.model_fields.values():
+        value = config.get_object(field.alias)
+        if value is None:
+            value = config.get(field.alias)
+        if value is not None:
+            raw[f"{NAMESPACE}:{field.alias}"] = value
+    return parse_stack(raw, _display(stack_file(stack)))
