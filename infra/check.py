@@ -6,12 +6,15 @@ Prints every problem in every stack at once and exits non-zero if there is any; 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from infra.config import STACKS_DIR, StackError, load_stack_file, stack_file
 
 
 def main(argv: list[str]) -> int:
-    paths = [stack_file(name) for name in argv] or sorted(STACKS_DIR.glob("Pulumi.*.yaml"))
+    # a stack name (sdxl-4090) or a path to a stack file
+    paths = [Path(arg) if arg.endswith(".yaml") else stack_file(arg) for arg in argv]
+    paths = paths or sorted(STACKS_DIR.glob("Pulumi.*.yaml"))
     failures = 0
     for path in paths:
         try:

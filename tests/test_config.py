@@ -1,0 +1,178 @@
+"""Stack validation: every bad value fails before anything is billed, naming the file, the key and the rule."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config import STACKS_DIR, StackError, load_stack, parse_stack, run_id
+from training.spec import SpecError, TrainSpec, spec_from_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+SDXL = yaml.safe_load((STACKS_DIR / "Pulumi.sdxl-4090.yaml").read_text())["config"]
+SOURCE = "stacks/Pulumi.sdxl-4090.yaml"
+
+
+def edited(**changes: object) -> dict:
+    """The sdxl-4090 stack with dotted-path edits: `{"train.learningRate": 0.5}`; None deletes the key."""
+    config = copy.deepcopy(SDXL)
+    for path, value in changes.items():
+        top, *rest = path.split(".")
+        key = f"lorastack:{top}"
+        if not rest:
+            config[key] = value
+            continue
+        node = config[key]
+        for part in rest[:-1]:
+            node = node[part]
+        if value is None:
+            node.pop(rest[-1])
+        else:
+            node[rest[-1]] = value
+    return config
+
+
+def problems(config: dict) -> list[str]:
+    with pytest.raises(StackError) as caught:
+        parse_stack(config, SOURCE)
+    return caught.value.problems
+
+
+def test_every_committed_stack_is_valid():
+    names = sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in STACKS_DIR.glob("Pulumi.*.yaml"))
+    assert {"sdxl-4090", "sd15-3090", "flux-h100"} <= set(names)
+    for name in names:
+        load_stack(name)
+
+
+def test_the_example_stack_reads_as_written():
+    config = load_stack("sdxl-4090")
+    assert config.runpod.gpu_type == "NVIDIA GeForce RTX 4090"
+    assert config.runpod.volume.keep_on_destroy is True
+    assert config.image.ref == "ghcr.io/lorastack/trainer:0.1.0"
+    assert config.train.family == "sdxl" and config.train.lora_alpha == 16
+    assert config.run_limits().usd_per_hour == pytest.approx(0.59)
+
+
+BAD_INPUTS = [
+    ({"train.learningRate": 0.5}, "lorastack:train.learningRate = 0.5", "less than or equal to 0.01"),
+    ({"train.family": "sd3"}, "lorastack:train.family = 'sd3'", "'sdxl', 'sd15' or 'flux'"),
+    ({"train.resolution": 1000}, "lorastack:train", "multiple of 64"),
+    ({"train.rank": 0}, "lorastack:train.rank = 0", "greater than or equal to 1"),
+    ({"train.stesp": 10}, "lorastack:train.stesp", "unknown key"),
+    ({"train.baseModel": None}, "lorastack:train.baseModel", "required key is missing"),
+    ({"train.lrScheduler": "cosine_restarts"}, "lorastack:train.lrScheduler", "'constant'"),
+    ({"train.warmupSteps": 5000}, "lorastack:train", "warmupSteps (5000) must be less than steps (1500)"),
+    ({"runpod.gpuType": "RTX 4090"}, "lorastack:runpod.gpuType = 'RTX 4090'", "NVIDIA GeForce RTX 4090"),
+    ({"runpod.dataCenter": "MARS-1"}, "lorastack:runpod.dataCenter = 'MARS-1'", "EU-RO-1"),
+    ({"runpod.cloud": "COMMUNITY"}, "lorastack:runpod", "network volume needs cloud: SECURE"),
+    ({"runpod.dataCenter": None}, "lorastack:runpod", "pinned to one data center"),
+    ({"runpod.volume.sizeGb": 5}, "lorastack:runpod.volume.sizeGb = 5", "greater than or equal to 10"),
+    ({"image.version": "latest"}, "lorastack:image.version = 'latest'", "pinned semver"),
+    ({"image": "ghcr.io/lorastack/trainer"}, "lorastack:image.version = 'latest'", "pinned semver"),
+    ({"image.digest": "sha256:abc"}, "lorastack:image.digest", "64 hex digits"),
+    ({"limits.maxCostUsd": -1}, "lorastack:limits.maxCostUsd = -1", "greater than 0"),
+    ({"limits": None}, "lorastack:limits", "required key is missing"),
+    ({"provider": "lambda"}, "lorastack:provider = 'lambda'", "'runpod' or 'replicate'"),
+    (
+        {"train.batchSize": 2, "train.gradientCheckpointing": "off"},
+        "lorastack:",
+        "cannot fit runpod.gpuType 'NVIDIA GeForce RTX 4090'",
+    ),
+    ({"train.family": "flux", "train.baseModel": "black-forest-labs/FLUX.1-dev"}, "lorastack:", "cannot fit"),
+    ({"train.sampleEvery": 10, "train.samplePrompts": []}, "lorastack:train", "samplePrompts is empty"),
+]
+
+
+@pytest.mark.parametrize(("changes", "key", "allowed"), BAD_INPUTS, ids=[str(c) for c, _, _ in BAD_INPUTS])
+def test_bad_input_names_file_key_and_rule(changes, key, allowed):
+    if changes.get("limits", 0) is None:
+        config = copy.deepcopy(SDXL)
+        del config["lorastack:limits"]
+    else:
+        config = edited(**changes)
+    lines = problems(config)
+    assert any(line.startswith(f"{SOURCE}: {key}") and allowed in line for line in lines), lines
+
+
+def test_all_problems_are_reported_at_once():
+    lines = problems(edited(**{"train.learningRate": 1, "train.rank": 0, "image.version": "latest"}))
+    assert len(lines) == 3
+
+
+def test_plain_text_secret_is_refused():
+    config = edited()
+    config["lorastack:hfToken"] = "hf_notreallyatoken"
+    lines = problems(config)
+    assert lines == [
+        f"{SOURCE}: lorastack:hfToken: a secret stored in plain text; run `pulumi config set --secret hfToken ...` "
+        "(or export HF_TOKEN) and remove the plain value"
+    ]
+    assert "hf_notreallyatoken" not in "\n".join(lines)
+
+
+def test_encrypted_secret_and_foreign_keys_are_accepted():
+    config = edited()
+    config["lorastack:hfToken"] = {"secure": "v1:AAAA"}
+    config["aws:region"] = "eu-west-1"
+    assert parse_stack(config, SOURCE).train.family == "sdxl"
+
+
+def test_yaml_on_off_means_on_off():
+    config = parse_stack(edited(**{"train.gradientCheckpointing": True}), SOURCE)
+    assert config.train.gradient_checkpointing == "on"
+
+
+def test_replicate_idle_deployment_needs_a_budget():
+    replicate = {
+        "owner": "me", "model": "lora", "hardware": "gpu-h100",
+        "deployment": {"hardware": "gpu-l40s", "minInstances": 1, "maxInstances": 2},
+    }
+    config = edited(provider="replicate", replicate=replicate, **{"train.family": "flux"})
+    lines = problems(config)
+    assert any("minInstances = 1 keeps gpu-l40s running" in line and "monthlyBudgetUsd" in line for line in lines), lines
+
+
+def test_spec_is_validated_the_same_way_in_the_pod():
+    spec = load_stack("sdxl-4090").train
+    assert spec_from_environment({"LORASTACK_SPEC": spec.to_env_json()}) == spec
+    bad = json.loads(spec.to_env_json()) | {"learningRate": 0.5}
+    with pytest.raises(SpecError) as caught:
+        spec_from_environment({"LORASTACK_SPEC": json.dumps(bad)})
+    assert caught.value.problems == ["$LORASTACK_SPEC: learningRate = 0.5: Input should be less than or equal to 0.01"]
+
+
+def test_a_changed_spec_is_a_new_run():
+    spec = load_stack("sdxl-4090").train
+    changed = TrainSpec.model_validate(json.loads(spec.to_env_json()) | {"steps": 2000})
+    assert run_id("sdxl-4090", spec) == run_id("sdxl-4090", TrainSpec.model_validate_json(spec.to_env_json()))
+    assert run_id("sdxl-4090", spec) != run_id("sdxl-4090", changed)
+
+
+def test_make_check_prints_every_error_and_exits_non_zero(tmp_path):
+    bad = tmp_path / "Pulumi.bad.yaml"
+    bad.write_text(yaml.safe_dump({"config": edited(**{"train.learningRate": 1, "runpod.dataCenter": "X"})}))
+    good = subprocess.run(
+        [sys.executable, "-m", "infra.check", "sdxl-4090", "sd15-3090"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert good.returncode == 0, good.stderr
+    assert "ok   Pulumi.sdxl-4090.yaml" in good.stdout
+    failed = subprocess.run([sys.executable, "-m", "infra.check", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "lorastack:train.learningRate = 1" in failed.stderr and "lorastack:runpod.dataCenter = 'X'" in failed.stderr
+    missing = subprocess.run([sys.executable, "-m", "infra.check", "no-such-stack"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert "no such stack file" in missing.stderr
+
+
+def test_check_imports_no_deep_learning_stack():
+    # `make check` and `pulumi preview` must stay light: the schema never pulls in torch or diffusers.
+    code = "import sys, infra.check, infra.config; print(any(m in sys.modules for m in ('torch', 'diffusers')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
