@@ -1,0 +1,471 @@
+"""The trained LoRA, written twice onto the volume and optionally pushed to the Hugging Face Hub.
+
+- `pytorch_lora_weights.safetensors`: diffusers format, written through the pipeline class's own
+  `save_lora_weights` (as diffusers' train_*_lora examples do), with the peft LoraConfig in the metadata so
+  `pipeline.load_lora_weights(dir)` restores the training alpha, not alpha = rank.
+- `<name>.safetensors`: kohya / webui format for ComfyUI and A1111 (SDXL and SD 1.5). Keys use the original
+  LDM checkpoint's block names (`input_blocks_4_1_...`), which every tool maps, and each module carries its
+  real `alpha`. diffusers' `convert_state_dict_to_kohya` is not used: it keeps diffusers block names and
+  writes alpha = rank, which changes the LoRA's strength.
+- FLUX: diffusers format only (ComfyUI and Forge load it as is); the kohya `double_blocks_*_qkv` layout
+  needs q/k/v fused into one block-diagonal LoRA, which is not written here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from training.spec import TrainSpec
+from training.version import __version__
+from training.workspace import RunPaths, atomic_write_bytes
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base reads this key
+ENV_HF_TOKEN = "HF_TOKEN"
+
+# kohya prefixes of the text encoders, per family (A1111 and ComfyUI key on these exact names)
+KOHYA_TEXT_ENCODER_PREFIXES = {
+    "sd15": {"text_encoder": "lora_te"},
+    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+# what kohya's sd-scripts write as ss_base_model_version; webui extensions filter LoRAs by it
+KOHYA_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers UNet module names -> original (LDM / sgm) checkpoint names
+# ---------------------------------------------------------------------------------------------------------
+
+# Inside a ResnetBlock2D (diffusers) / ResBlock (LDM). Transformer blocks use the same names on both sides.
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size/crop conditioning MLP
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def unet_block_prefixes(config) -> dict[str, str]:
+    """diffusers block prefix -> LDM block prefix, derived from a UNet2DConditionModel config.
+
+    The same walk as diffusers' scripts/convert_diffusers_to_original_{sdxl,stable_diffusion}.py, written for
+    any number of down blocks and layers per block: LDM numbers every resnet(+attention) layer and every
+    downsampler as its own `input_blocks.N`; up blocks have one layer more, and the upsampler sits in the
+    level's last output block after the resnet (index 1) or after resnet and attention (index 2).
+    """
+    block_count = len(config.down_block_types)
+    layers = config.layers_per_block
+    layers = [layers] * block_count if isinstance(layers, int) else list(layers)
+    prefixes: dict[str, str] = {}
+
+    index = 1  # input_blocks.0 is conv_in
+    for block in range(block_count):
+        for layer in range(layers[block]):
+            prefixes[f"down_blocks.{block}.resnets.{layer}"] = f"input_blocks.{index}.0"
+            prefixes[f"down_blocks.{block}.attentions.{layer}"] = f"input_blocks.{index}.1"
+            index += 1
+        if block < block_count - 1:  # diffusers: every down block but the last downsamples
+            prefixes[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+
+    prefixes["mid_block.resnets.0"] = "middle_block.0"
+    prefixes["mid_block.attentions.0"] = "middle_block.1"
+    prefixes["mid_block.resnets.1"] = "middle_block.2"
+
+    index = 0
+    for block, block_type in enumerate(config.up_block_types):
+        for layer in range(list(reversed(layers))[block] + 1):
+            prefixes[f"up_blocks.{block}.resnets.{layer}"] = f"output_blocks.{index}.0"
+            prefixes[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{index}.1"
+            index += 1
+        if block < block_count - 1:
+            has_attention = "Attn" in block_type
+            prefixes[f"up_blocks.{block}.upsamplers.0"] = f"output_blocks.{index - 1}.{2 if has_attention else 1}"
+    return prefixes
+
+
+def ldm_unet_module_name(diffusers_name: str, block_prefixes: dict[str, str]) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
+    for source, target in _UNET_TOP_LEVEL.items():
+        if diffusers_name == source:
+            return target
+    parts = diffusers_name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest matching block prefix
+        prefix = ".".join(parts[:cut])
+        if prefix in block_prefixes:
+            rest = parts[cut:]
+            if ".resnets." in f".{prefix}." and rest:
+                if rest[0] not in _RESNET_PARTS:
+                    break
+                rest = [_RESNET_PARTS[rest[0]], *rest[1:]]
+            return ".".join([block_prefixes[prefix], *rest])
+    raise ValueError(f"no original-checkpoint name for UNet module {diffusers_name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA modules of a peft-wrapped model
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    name: str  # module path in the un-wrapped model, e.g. down_blocks.1.attentions.0....attn1.to_q
+    down: torch.Tensor  # peft lora_A weight (rank x in)
+    up: torch.Tensor  # peft lora_B weight (out x rank)
+    alpha: float  # kohya alpha: the strength is alpha / rank
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile keeps the real module here
+
+
+def checkpoint_name_prefix(encoder: torch.nn.Module) -> str:
+    """Recent transformers flatten CLIPTextModel (`encoder.layers...`); its checkpoints, kohya files and older
+    diffusers all name those modules `text_model.encoder.layers...`, so files are written with that prefix
+    (diffusers strips it again when it loads into a flattened model)."""
+    from transformers import CLIPTextModel
+
+    encoder = _unwrap(encoder)
+    return "text_model." if isinstance(encoder, CLIPTextModel) and not hasattr(encoder, "text_model") else ""
+
+
+def adapter_name_of(model: torch.nn.Module) -> str:
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ValueError(f"{type(model).__name__} has no peft LoRA adapter")
+    if len(configs) > 1:
+        raise ValueError(f"{type(model).__name__} has several adapters ({sorted(configs)}); export needs one")
+    return next(iter(configs))
+
+
+def lora_modules(model: torch.nn.Module) -> list[LoraModule]:
+    from peft.tuners.lora import LoraLayer
+
+    model = _unwrap(model)
+    adapter = adapter_name_of(model)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter) or module.lora_bias.get(adapter):
+            raise ValueError(f"{name}: DoRA / LoRA bias adapters have no kohya LoRA equivalent")
+        rank = module.r[adapter]
+        found.append(
+            LoraModule(
+                name=name.removeprefix("base_model.model."),  # a peft PeftModel wraps its model here
+                down=module.lora_A[adapter].weight.detach(),
+                up=module.lora_B[adapter].weight.detach(),
+                # scaling is alpha/r (alpha/sqrt(r) with rsLoRA); kohya applies alpha/r, so store scaling*r
+                alpha=float(module.scaling[adapter]) * rank,
+            )
+        )
+    if not found:
+        raise ValueError(f"{type(model).__name__}: adapter {adapter!r} wraps no module")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lorastack_metadata(spec: TrainSpec, data_hash: str, family: str) -> dict[str, str]:
+    """What produced these weights; read back by `make fetch` and by anyone holding only the file."""
+    return {
+        "lorastack.version": __version__,
+        "lorastack.family": family,
+        "lorastack.base_model": spec.base_model,
+        "lorastack.base_model_revision": spec.revision or "",
+        "lorastack.rank": str(spec.rank),
+        "lorastack.alpha": _number(spec.lora_alpha),
+        "lorastack.data_hash": data_hash,
+        "lorastack.trigger_word": spec.trigger_word or "",
+        "lorastack.spec": spec.to_env_json(),
+    }
+
+
+def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str) -> dict[str, str]:
+    """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read."""
+    now = datetime.now(timezone.utc)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": _number(spec.lora_alpha),
+        "ss_base_model_version": KOHYA_BASE_MODEL_VERSION[family],
+        "ss_sd_model_name": spec.base_model,
+        "ss_v2": "False",
+        "ss_resolution": f"({spec.resolution}, {spec.resolution})",
+        "ss_steps": str(spec.steps),
+        "ss_max_train_steps": str(spec.steps),
+        "ss_learning_rate": str(spec.learning_rate),
+        "ss_unet_lr": str(spec.learning_rate),
+        "ss_text_encoder_lr": str(spec.text_encoder_learning_rate or spec.learning_rate)
+        if spec.train_text_encoder
+        else "0",
+        "ss_network_train_unet_only": str(not spec.train_text_encoder),
+        "ss_lr_scheduler": spec.lr_scheduler,
+        "ss_lr_warmup_steps": str(spec.warmup_steps),
+        "ss_batch_size_per_device": str(spec.batch_size),
+        "ss_gradient_accumulation_steps": str(spec.gradient_accumulation),
+        "ss_mixed_precision": spec.precision,
+        "ss_max_grad_norm": str(spec.max_grad_norm),
+        "ss_min_snr_gamma": str(spec.min_snr_gamma) if spec.min_snr_gamma is not None else "None",
+        "ss_noise_offset": str(spec.noise_offset),
+        "ss_seed": str(spec.seed),
+        "ss_cache_latents": str(spec.cache_latents),
+        "ss_enable_bucket": str(spec.aspect_buckets),
+        "ss_output_name": name,
+        "ss_training_comment": f"lorastack {__version__}, data {data_hash}",
+        "ss_training_finished_at": str(now.timestamp()),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": name,
+        "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
+        **({"modelspec.trigger_phrase": spec.trigger_word} if spec.trigger_word else {}),
+    }
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    return safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata)
+
+
+def _tensor_data_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sshs_model_hash / sshs_legacy_hash as kohya computes them: sd-webui-additional-networks identifies
+    a LoRA by the sha256 of the tensor section (header skipped), with only the ss_ metadata present."""
+    data = _serialize(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + header_length :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the two files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kohya_state_dict(
+    denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None, family: str
+) -> dict[str, torch.Tensor]:
+    """`lora_unet_<ldm name>` / `lora_te*_<name>` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`."""
+    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
+        raise ValueError(f"no kohya layout for family {family!r}")
+    block_prefixes = unet_block_prefixes(_unwrap(denoiser).config)
+    named: list[tuple[str, LoraModule]] = [
+        ("lora_unet_" + ldm_unet_module_name(module.name, block_prefixes), module) for module in lora_modules(denoiser)
+    ]
+    for component, encoder in (text_encoders or {}).items():
+        prefix = KOHYA_TEXT_ENCODER_PREFIXES[family].get(component)
+        if prefix is None:
+            raise ValueError(f"{family} has no text encoder {component!r}")
+        name_prefix = checkpoint_name_prefix(encoder)
+        named += [(f"{prefix}_{name_prefix}{module.name}", module) for module in lora_modules(encoder)]
+
+    tensors: dict[str, torch.Tensor] = {}
+    for dotted, module in named:
+        key = dotted.replace(".", "_")
+        if f"{key}.lora_down.weight" in tensors:
+            raise ValueError(f"two modules map to the kohya name {key}")
+        tensors[f"{key}.lora_down.weight"] = module.down
+        tensors[f"{key}.lora_up.weight"] = module.up
+        tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    return tensors
+
+
+def _lora_loader_class(family: str):
+    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    return {"sd15": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin, "flux": FluxLoraLoaderMixin}[
+        family
+    ]
+
+
+def _peft_config_dict(model: torch.nn.Module) -> dict:
+    model = _unwrap(model)
+    config = model.peft_config[adapter_name_of(model)].to_dict()
+    return json.loads(json.dumps(config, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
+
+
+def write_diffusers_file(
+    denoiser: torch.nn.Module,
+    text_encoders: dict[str, torch.nn.Module] | None,
+    family: str,
+    folder: Path,
+    metadata: dict[str, str],
+) -> Path:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    loader = _lora_loader_class(family)
+
+    def layers(model: torch.nn.Module, name_prefix: str = "") -> dict[str, torch.Tensor]:
+        model = _unwrap(model)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name_of(model))
+        state = {f"{name_prefix}{key}": value for key, value in state.items()}
+        # diffusers' SD/SDXL examples save in diffusers naming (lora.down/up), the FLUX one keeps peft's
+        return state if family == "flux" else convert_state_dict_to_diffusers(state)
+
+    denoiser_component = "transformer" if family == "flux" else "unet"
+    arguments: dict[str, object] = {f"{denoiser_component}_lora_layers": layers(denoiser)}
+    adapter_configs = {denoiser_component: _peft_config_dict(denoiser)}
+    for component, encoder in (text_encoders or {}).items():
+        arguments[f"{component}_lora_layers"] = layers(encoder, checkpoint_name_prefix(encoder))
+        adapter_configs[component] = _peft_config_dict(encoder)
+
+    # The LoraConfig per component, keyed `<component>.<field>` exactly as diffusers' own save packs it:
+    # the loader rebuilds the config from it, so lora_alpha survives instead of defaulting to the rank.
+    packed = {f"{component}.{key}": value for component, config in adapter_configs.items() for key, value in config.items()}
+    file_metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True), **metadata}
+    target = folder / DIFFUSERS_WEIGHT_NAME
+
+    def save_atomically(weights: dict[str, torch.Tensor], filename: str) -> None:
+        atomic_write_bytes(Path(filename), _serialize(weights, file_metadata))
+
+    loader.save_lora_weights(
+        save_directory=str(folder), weight_name=target.name, save_function=save_atomically, **arguments
+    )
+    return target
+
+
+def write_kohya_file(
+    denoiser: torch.nn.Module,
+    text_encoders: dict[str, torch.nn.Module] | None,
+    spec: TrainSpec,
+    family: str,
+    target: Path,
+    metadata: dict[str, str],
+    data_hash: str,
+) -> Path:
+    tensors = kohya_state_dict(denoiser, text_encoders, family)
+    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem), **metadata}
+    file_metadata.update(_tensor_data_hashes(tensors, file_metadata))
+    atomic_write_bytes(target, _serialize(tensors, file_metadata))
+    return target
+
+
+def lora_file_stem(spec: TrainSpec, paths: RunPaths) -> str:
+    """A filename ComfyUI/A1111 list nicely: trigger word (or family) plus run id, filesystem-safe."""
+    label = spec.trigger_word or spec.family
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{label}-{paths.run_id}").strip("-.") or "lora"
+
+
+def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
+    trigger = f"Trigger word: `{spec.trigger_word}`\n\n" if spec.trigger_word else ""
+    kohya = f"- `{files['kohya'].name}`: kohya/webui format for ComfyUI and A1111\n" if "kohya" in files else ""
+    return (
+        "---\n"
+        f"base_model: {spec.base_model}\n"
+        "library_name: diffusers\n"
+        f"tags: [lora, text-to-image, {family}, lorastack]\n"
+        "---\n\n"
+        f"# LoRA for {spec.base_model}\n\n"
+        f"Trained with lorastack {__version__}: rank {spec.rank}, alpha {_number(spec.lora_alpha)}, "
+        f"{spec.steps} steps at {spec.resolution}px.\n\n"
+        f"{trigger}"
+        f"- `{DIFFUSERS_WEIGHT_NAME}`: diffusers format, `pipeline.load_lora_weights(repo)`\n"
+        f"{kohya}"
+    )
+
+
+@dataclass(frozen=True)
+class HubPush:
+    ok: bool
+    message: str
+    url: str | None = None
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str | None, create_api: Callable | None = None) -> HubPush:
+    """Upload the LoRA folder to a (private, if new) Hub model repo. Never raises: the weights are already
+    safe on the volume, and a failed upload must not turn a finished run into a failed one."""
+    if not token:
+        return HubPush(False, f"not pushed to {repo_id}: {ENV_HF_TOKEN} is not set")
+    try:
+        if create_api is None:
+            from huggingface_hub import HfApi as create_api
+        api = create_api(token=token)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=True, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            commit_message=f"lorastack {__version__}: {folder.parent.name}",
+        )
+    except Exception as error:  # noqa: BLE001 - any failure is reported, none is fatal
+        detail = str(error).replace(token, "***")  # never echo the token, even inside an error message
+        return HubPush(False, f"push to {repo_id} failed ({type(error).__name__}): {detail[:500]}")
+    return HubPush(True, f"pushed to https://huggingface.co/{repo_id}", f"https://huggingface.co/{repo_id}")
+
+
+def export_lora(
+    denoiser: torch.nn.Module,
+    text_encoders: dict[str, torch.nn.Module] | None,
+    spec: TrainSpec,
+    paths: RunPaths,
+    data_hash: str,
+    family: str,
+    environ: dict[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write the LoRA into `paths.lora` (diffusers file always, kohya file for SDXL/SD 1.5) and push it to
+    the Hub when `spec.hf_repo` is set. Returns {"diffusers": path[, "kohya": path][, "model_card": path]}."""
+    environ = os.environ if environ is None else environ
+    folder = paths.lora
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = lorastack_metadata(spec, data_hash, family)
+    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
+        metadata["lorastack.kohya"] = "not written for this family: use the diffusers-format file"
+
+    files: dict[str, Path] = {"diffusers": write_diffusers_file(denoiser, text_encoders, family, folder, metadata)}
+    if family in KOHYA_TEXT_ENCODER_PREFIXES:
+        target = folder / f"{lora_file_stem(spec, paths)}.safetensors"
+        files["kohya"] = write_kohya_file(denoiser, text_encoders, spec, family, target, metadata, data_hash)
+    card = folder / "README.md"
+    atomic_write_bytes(card, model_card(spec, family, files).encode())
+    files["model_card"] = card
+
+    if spec.hf_repo:
+        result = push_to_hub(folder, spec.hf_repo, environ.get(ENV_HF_TOKEN))
+        print(result.message, file=sys.stdout if result.ok else sys.stderr, flush=True)
+    return files
+
+
+__all__ = [
+    "DIFFUSERS_WEIGHT_NAME",
+    "HubPush",
+    "LoraModule",
+    "export_lora",
+    "kohya_state_dict",
+    "ldm_unet_module_name",
+    "lora_modules",
+    "push_to_hub",
+    "unet_block_prefixes",
+]
