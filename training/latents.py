@@ -1,0 +1,120 @@
+"""VAE latents and text embeddings, computed once per sample and cached on the volume.
+
+The cache is keyed by what the features depend on (model, revision, resolution, buckets, dtype, data) and
+holds one file per SAMPLE ID. A batch looks its samples up by id, so whatever order a shuffled sampler
+draws them in, each image's latents travel with its own caption's embeddings (caches indexed by step
+position pair them with the wrong captions as soon as the order changes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from training.data import PreparedDataset, Sample
+from training.models import ModelBundle
+from training.spec import TrainSpec
+from training.workspace import RunPaths, atomic_write_bytes
+
+FEATURES_VERSION = 1  # bump when what is cached, or how, changes: old caches are then not re-used
+
+
+def cache_key(spec: TrainSpec, data_hash: str, weight_dtype: torch.dtype) -> str:
+    payload = {
+        "version": FEATURES_VERSION,
+        "family": spec.family,
+        "baseModel": spec.base_model,
+        "revision": spec.revision,
+        "resolution": spec.resolution,
+        "aspectBuckets": spec.aspect_buckets,
+        "dataHash": data_hash,
+        "dtype": str(weight_dtype),
+        # a trained text encoder changes every step: then only latents are cached
+        "text": not spec.train_text_encoder,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """One safetensors file per sample id under cache/<key>/, each written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def file(self, sample_id: str) -> Path:
+        return self.root / f"{sample_id}.safetensors"
+
+    def __contains__(self, sample_id: str) -> bool:
+        return self.file(sample_id).is_file()
+
+    def put(self, sample_id: str, features: dict[str, torch.Tensor]) -> None:
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in features.items()}
+        atomic_write_bytes(self.file(sample_id), save(tensors))
+
+    def get(self, sample_id: str) -> dict[str, torch.Tensor]:
+        return load_file(self.file(sample_id))
+
+
+def _sample_generator(spec: TrainSpec, sample: Sample) -> torch.Generator:
+    """The VAE posterior draw for a cached sample depends only on the seed and the sample: reproducible."""
+    digest = hashlib.sha256(f"{spec.seed}:{sample.id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def build_feature_cache(
+    models: ModelBundle, dataset: PreparedDataset, spec: TrainSpec, paths: RunPaths
+) -> tuple[FeatureCache, int]:
+    """Encode every sample not yet in the cache; returns the cache and how many samples were encoded."""
+    cache = FeatureCache(paths.cache / cache_key(spec, dataset.data_hash, models.weight_dtype))
+    missing = [sample for sample in dataset.samples if sample.id not in cache]
+    for sample in missing:
+        features = {
+            "latents": models.encode_images(dataset.pixels(sample)[None], _sample_generator(spec, sample))[0]
+        }
+        if not spec.train_text_encoder:
+            with torch.no_grad():
+                text = models.encode_text(models.tokenize([sample.caption]))
+            features.update({name: value[0] for name, value in text.items()})
+        cache.put(sample.id, features)
+    return cache, len(missing)
+
+
+@dataclass
+class Batch:
+    """One micro-batch: cached features where there are some, pixels and captions to encode otherwise."""
+
+    sample_ids: list[str]
+    captions: list[str]
+    latents: torch.Tensor | None  # (B, C, h, w), cached
+    pixels: torch.Tensor | None  # (B, 3, H, W) in [-1, 1], when latents are encoded on the fly
+    text: dict[str, torch.Tensor] | None  # cached text conditioning, by name
+    time_ids: torch.Tensor  # (B, 6): SDXL's original size, crop top-left, target size
+
+
+def collate(dataset: PreparedDataset, indices: list[int], cache: FeatureCache | None) -> Batch:
+    samples = [dataset.samples[index] for index in indices]
+    time_ids = torch.tensor(
+        [[*s.original_size, *s.crop_top_left, s.bucket[1], s.bucket[0]] for s in samples], dtype=torch.float32
+    )
+    batch = Batch(
+        sample_ids=[s.id for s in samples],
+        captions=[s.caption for s in samples],
+        latents=None,
+        pixels=None,
+        text=None,
+        time_ids=time_ids,
+    )
+    if cache is None:
+        batch.pixels = torch.stack([dataset.pixels(s) for s in samples])
+        return batch
+    features = [cache.get(s.id) for s in samples]
+    batch.latents = torch.stack([f["latents"] for f in features])
+    text_names = [name for name in features[0] if name != "latents"]
+    if text_names:
+        batch.text = {name: torch.stack([f[name] for f in features]) for name in text_names}
+    return batch

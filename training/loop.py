@@ -1,0 +1,340 @@
+"""The training step and loop: noise, timesteps and loss per family; optimiser, schedule, checkpoints, samples.
+
+`train_step(state, micro_batches)` is THE optimisation step (the benchmark imports and times it);
+`train(spec, paths, ...)` is the whole run: prepare data, load the model, cache features, resume from the
+newest complete checkpoint, step until `spec.steps` or until asked to stop, checkpointing on the way.
+
+Runs as one process, or as one process per GPU under `accelerate launch` (training/__main__.py does that):
+accelerate wraps the denoiser for data parallelism, each process draws its own share of the batches, and
+the main process alone writes shared files and reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+
+from diffusers import FluxPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from training import checkpoints
+from training.data import BucketBatchSampler, PreparedDataset, prepare_dataset
+from training.latents import Batch, FeatureCache, build_feature_cache, collate
+from training.models import ModelBundle, load_models, mixed_precision_name, weight_dtype_for
+from training.spec import TrainSpec
+from training.workspace import RunPaths
+
+# train_dreambooth_lora_flux.py's default: FLUX.1-dev is guidance-distilled and trains with this embedding.
+FLUX_TRAINING_GUIDANCE = 3.5
+# Sample images: sampler steps and classifier-free guidance each family is usually run with.
+SAMPLE_STEPS = {"sd15": 30, "sdxl": 30, "flux": 28}
+SAMPLE_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5}
+
+StepCallback = Callable[[int, float, float], None]  # (step, loss, learning rate)
+SamplesCallback = Callable[[int, list[Image.Image], list[str]], None]  # (step, images, prompts)
+
+
+@dataclass
+class TrainState:
+    spec: TrainSpec
+    paths: RunPaths
+    models: ModelBundle
+    dataset: PreparedDataset
+    features: FeatureCache | None  # None when latents are encoded on the fly (cacheLatents: false)
+    sampler: BucketBatchSampler
+    accelerator: Accelerator
+    trained: dict[str, torch.nn.Module]  # the LoRA-carrying modules as accelerate prepared them (DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    noise_generator: torch.Generator  # CPU generator: noise, timesteps; saved in checkpoints for exact resume
+    step: int = 0
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.trained[self.models.denoiser_name]
+
+
+@dataclass
+class TrainResult:
+    outcome: Literal["completed", "stopped"]
+    step: int
+    loss: float | None  # the last step's loss (None when no step ran in this process)
+    state: TrainState
+
+
+def make_accelerator(spec: TrainSpec) -> Accelerator:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return Accelerator(mixed_precision=mixed_precision_name(weight_dtype_for(spec, device)))
+
+
+def build_state(spec: TrainSpec, paths: RunPaths, accelerator: Accelerator | None = None) -> TrainState:
+    """Everything a run needs, at step 0: data prepared, model loaded with fresh LoRA, features cached."""
+    accelerator = accelerator or make_accelerator(spec)
+    set_seed(spec.seed)
+    with accelerator.main_process_first():  # one process prepares, the others find it on the volume
+        dataset = prepare_dataset(spec, paths)
+    models = load_models(spec, accelerator.device, cache_dir=paths.hf_home / "hub")
+
+    features = None
+    if spec.cache_latents:
+        with accelerator.main_process_first():
+            features, _ = build_feature_cache(models, dataset, spec, paths)
+        models.offload_encoders()
+
+    trained = models.trained_modules()
+    groups = [{"params": [p for p in models.denoiser.parameters() if p.requires_grad], "lr": spec.learning_rate}]
+    if spec.train_text_encoder:
+        encoder_params = [p for e in models.text_encoders.values() for p in e.parameters() if p.requires_grad]
+        groups.append({"params": encoder_params, "lr": spec.text_encoder_learning_rate or spec.learning_rate})
+    optimizer = torch.optim.AdamW(groups, fused=accelerator.device.type == "cuda")
+    # Not passed to accelerate.prepare: a prepared scheduler steps once per process per step.
+    lr_scheduler = get_scheduler(
+        spec.lr_scheduler, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=spec.steps
+    )
+    names = list(trained)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    trained = dict(zip(names, prepared[:-1], strict=True))
+    optimizer = prepared[-1]
+
+    sampler = BucketBatchSampler(
+        [sample.bucket for sample in dataset.samples], spec.batch_size, spec.dataset.repeats, spec.seed
+    )
+    return TrainState(
+        spec=spec,
+        paths=paths,
+        models=models,
+        dataset=dataset,
+        features=features,
+        sampler=sampler,
+        accelerator=accelerator,
+        trained=trained,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        noise_generator=torch.Generator().manual_seed(spec.seed + accelerator.process_index),
+    )
+
+
+def next_micro_batches(state: TrainState) -> list[Batch]:
+    """This process's micro-batches for the next optimisation step (gradientAccumulation of them).
+
+    Every process walks the same batch order and keeps every N-th batch: the processes see disjoint data
+    and the sampler position is the same everywhere, so one saved position resumes them all.
+    """
+    processes, rank = state.accelerator.num_processes, state.accelerator.process_index
+    batches = []
+    for _ in range(state.spec.gradient_accumulation):
+        drawn = [state.sampler.next_batch() for _ in range(processes)]
+        batches.append(collate(state.dataset, drawn[rank], state.features))
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+
+def _randn(state: TrainState, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.randn(shape, generator=state.noise_generator, dtype=torch.float32).to(like)
+
+
+def _inputs(state: TrainState, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents and text conditioning for a batch: from the cache, or encoded now."""
+    models, device = state.models, state.accelerator.device
+    if batch.latents is not None:
+        latents = batch.latents.to(device, dtype=models.weight_dtype)
+    else:
+        latents = models.encode_images(batch.pixels, state.noise_generator).to(device)
+    if batch.text is not None:
+        text = {name: value.to(device, dtype=models.weight_dtype) for name, value in batch.text.items()}
+    else:
+        encoders = {name: state.trained.get(name, module) for name, module in models.text_encoders.items()}
+        with torch.set_grad_enabled(models.train_text_encoder):
+            text = models.encode_text(models.tokenize(batch.captions), encoders)
+    return latents, text
+
+
+def _noise(state: TrainState, latents: torch.Tensor) -> torch.Tensor:
+    noise = _randn(state, tuple(latents.shape), latents)
+    if state.spec.noise_offset:
+        # A per-channel constant shift teaches the model to change overall brightness (Guttenberg, 2023).
+        noise = noise + state.spec.noise_offset * _randn(state, (*latents.shape[:2], 1, 1), latents)
+    return noise
+
+
+def _ddpm_loss(state: TrainState, batch: Batch, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    spec, scheduler = state.spec, state.models.noise_scheduler
+    noise = _noise(state, latents)
+    size = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=state.noise_generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"{spec.base_model}: unsupported prediction type {prediction_type!r}")
+
+    conditioning = {}
+    if state.models.family == "sdxl":
+        conditioning["added_cond_kwargs"] = {
+            "text_embeds": text["pooled_prompt_embeds"],
+            "time_ids": batch.time_ids.to(latents.device, dtype=latents.dtype),
+        }
+    prediction = state.denoiser(noisy, timesteps, text["prompt_embeds"], return_dict=False, **conditioning)[0]
+
+    if spec.min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    # Min-SNR-gamma (Hang et al., 2023), as diffusers' examples weight it.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=spec.min_snr_gamma)
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def _flow_matching_loss(state: TrainState, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rectified-flow loss on packed latents, as train_dreambooth_lora_flux.py (uniform timestep density).
+
+    Min-SNR weighting is a DDPM notion and does not apply here.
+    """
+    models, scheduler = state.models, state.models.noise_scheduler
+    size, channels, height, width = latents.shape
+    noise = _noise(state, latents)
+    indices = (torch.rand((size,), generator=state.noise_generator) * scheduler.config.num_train_timesteps).long()
+    sigmas = scheduler.sigmas[indices].to(latents.device, dtype=latents.dtype).view(size, 1, 1, 1)
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+
+    packed = FluxPipeline._pack_latents(noisy, size, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, latents.device, latents.dtype)
+    prompt_embeds = text["prompt_embeds"]
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+    guidance = None
+    if models.denoiser.config.guidance_embeds:
+        guidance = torch.full((size,), FLUX_TRAINING_GUIDANCE, device=latents.device, dtype=torch.float32)
+    prediction = state.denoiser(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=text["pooled_prompt_embeds"],
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    scale = models.vae_scale_factor
+    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+    return F.mse_loss(prediction.float(), (noise - latents).float())
+
+
+def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
+    latents, text = _inputs(state, batch)
+    if state.models.family == "flux":
+        return _flow_matching_loss(state, latents, text)
+    return _ddpm_loss(state, batch, latents, text)
+
+
+# ------------------------------------------------------------------------------------------------- step
+
+
+def train_step(state: TrainState, micro_batches: list[Batch]) -> float:
+    """One optimisation step: forward and backward over the micro-batches, clip, AdamW, schedule.
+
+    Returns the mean loss of the micro-batches. Gradients are synchronised between processes only on the
+    last micro-batch.
+    """
+    accelerator = state.accelerator
+    total = 0.0
+    for position, batch in enumerate(micro_batches):
+        with contextlib.ExitStack() as deferred_sync:
+            if position < len(micro_batches) - 1:
+                for module in state.trained.values():
+                    deferred_sync.enter_context(accelerator.no_sync(module))
+            with accelerator.autocast():
+                loss = compute_loss(state, batch)
+            accelerator.backward(loss / len(micro_batches))
+        total += loss.detach().item()
+    accelerator.clip_grad_norm_(state.models.trainable_parameters(), state.spec.max_grad_norm)
+    state.optimizer.step()
+    state.lr_scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return total / len(micro_batches)
+
+
+def generate_samples(state: TrainState) -> list[Image.Image]:
+    """One image per sample prompt, each from a fixed seed: successive samples show what training changed.
+
+    Uses its own generators, so taking samples does not change the training run's random stream.
+    """
+    spec, models = state.spec, state.models
+    models.load_encoders()
+    pipeline = models.pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    with state.accelerator.autocast():
+        for index, prompt in enumerate(spec.sample_prompts):
+            generated = pipeline(
+                prompt,
+                num_inference_steps=SAMPLE_STEPS[spec.family],
+                guidance_scale=SAMPLE_GUIDANCE[spec.family],
+                height=spec.resolution,
+                width=spec.resolution,
+                generator=torch.Generator().manual_seed(spec.seed + index),
+            )
+            images.append(generated.images[0])
+    if spec.cache_latents:
+        models.offload_encoders()
+    return images
+
+
+def _on_every_process(state: TrainState, flag: bool) -> bool:
+    """True when the flag is set in any process: all processes must stop at the same step."""
+    if state.accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=state.accelerator.device)
+    return bool(state.accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def train(
+    spec: TrainSpec,
+    paths: RunPaths,
+    *,
+    on_step: StepCallback | None = None,
+    on_samples: SamplesCallback | None = None,
+    stop: threading.Event | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    """Train until spec.steps, resuming from the newest complete checkpoint of this run.
+
+    `stop`: when set (SIGTERM, time or money limit), the loop saves a checkpoint after the current step
+    and returns with outcome "stopped". `on_step` and `on_samples` run in the main process only.
+    """
+    state = build_state(spec, paths, accelerator)
+    resume_from = checkpoints.latest(paths)
+    if resume_from is not None:
+        checkpoints.load_checkpoint(state, resume_from)
+    main = state.accelerator.is_main_process
+    loss = None
+    while state.step < spec.steps:
+        loss = train_step(state, next_micro_batches(state))
+        if main and on_step is not None:
+            on_step(state.step, loss, state.lr_scheduler.get_last_lr()[0])
+        if state.step % spec.checkpoint_every == 0 or state.step == spec.steps:
+            checkpoints.save_checkpoint(state)
+        if spec.sample_every and state.step % spec.sample_every == 0 and main and on_samples is not None:
+            on_samples(state.step, generate_samples(state), list(spec.sample_prompts))
+        if _on_every_process(state, stop is not None and stop.is_set()) and state.step < spec.steps:
+            checkpoints.save_checkpoint(state)
+            return TrainResult("stopped", state.step, loss, state)
+    return TrainResult("completed", state.step, loss, state)
+

@@ -1,0 +1,278 @@
+"""Tiny random-weight models in the diffusers folder layout, built in code (no hub download), and toy datasets.
+
+Tests, `make demo` and the benchmark's CPU mode train these: same classes and folder layout as the real
+SD 1.5 / SDXL / FLUX.1 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
+small enough that a training step on CPU takes a fraction of a second.
+
+    python -m training.tiny --family sdxl --out /tmp/tiny-sdxl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+TEXT_WIDTH = 32  # hidden size of every tiny text encoder
+CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers: pipelines and training pad to it
+T5_MAX_LENGTH = 32  # the real FLUX pads T5 to 512; a tiny model does not need to
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-to-unicode table: the characters a byte-level BPE vocabulary is written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (every byte, plain and word-final; no merges): any text encodes."""
+    alphabet = _byte_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [char + "</w>" for char in alphabet]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A character-level Unigram T5 tokenizer: pad, eos, unk, the word-start marker and printable ASCII."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
+    pieces += [("▁" + chr(code), -2.5) for code in range(ord("a"), ord("z") + 1)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _clip_config(vocab_size: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
+def _vae(**extra) -> AutoencoderKL:
+    # Four blocks: the real models' 8x downscale, so latents and buckets have the real shapes, just thin.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=256,
+        **extra,
+    )
+
+
+def _sd15() -> StableDiffusionPipeline:
+    tokenizer = clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(scaling_factor=0.18215),
+        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl() -> StableDiffusionXLPipeline:
+    tokenizer = clip_tokenizer()
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2),
+        # six micro-conditioning numbers (original size, crop, target size) plus the pooled text embedding
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_WIDTH,
+        cross_attention_dim=2 * TEXT_WIDTH,  # both encoders' hidden states, concatenated
+        norm_num_groups=16,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025),
+        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(len(tokenizer), projection_dim=TEXT_WIDTH)),
+        tokenizer=tokenizer,
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _flux() -> FluxPipeline:
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    latent_channels = 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,  # latents are packed in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_WIDTH,
+        pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=True,  # as FLUX.1-dev
+        axes_dims_rope=(4, 4, 8),
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=TEXT_WIDTH,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return FluxPipeline(
+        vae=_vae(
+            latent_channels=latent_channels,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ),
+        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
+        text_encoder_2=t5,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "flux": _flux}
+
+
+def make_model(family: str, out: Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight `family` model to `out` (diffusers layout, model_index.json at the top)."""
+    torch.manual_seed(seed)
+    pipeline = BUILDERS[family]()
+    out = Path(out)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def make_dataset(directory: Path, n: int, seed: int = 0, caption_extension: str = ".txt") -> list[Path]:
+    """`n` generated images of different aspect ratios, each with a caption file naming what it shows."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes = [(320, 320), (480, 288), (288, 480), (400, 300), (300, 400), (512, 256)]
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+    shapes = ["circle", "square", "stripe"]
+    written = []
+    for index in range(n):
+        width, height = sizes[index % len(sizes)]
+        colour = list(colours)[index % len(colours)]
+        shape = shapes[index % len(shapes)]
+        image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        left, top = rng.randrange(width // 3), rng.randrange(height // 3)
+        box = (left, top, left + width // 2, top + height // 2)
+        if shape == "circle":
+            draw.ellipse(box, fill=colours[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=colours[colour])
+        else:
+            draw.rectangle((0, top, width, top + height // 6), fill=colours[colour])
+        path = directory / f"image-{index:03d}.png"
+        image.save(path)
+        path.with_suffix(caption_extension).write_text(f"a {colour} {shape}, sample {index}")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", type=Path, help="also write a toy dataset to this folder")
+    parser.add_argument("--images", type=int, default=6, help="images in the toy dataset")
+    args = parser.parse_args(argv)
+    make_model(args.family, args.out, args.seed)
+    print(json.dumps({"model": str(args.out), "family": args.family}))
+    if args.dataset:
+        make_dataset(args.dataset, args.images, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
