@@ -290,7 +290,7 @@ def load_models(spec: TrainSpec, device: torch.device, cache_dir: Path | None = 
         denoiser.enable_gradient_checkpointing()
         if spec.train_text_encoder:
             for encoder in text_encoders.values():
-                encoder.gradient_checkpointing_enable()
+                encoder.activation_checkpointing_enable()
 
     return ModelBundle(
         family=spec.family,

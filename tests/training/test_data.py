@@ -1,0 +1,203 @@
+"""Datasets: sources (folder, zip over HTTP, refused archives), captions, aspect buckets, the volume cache,
+and the batch sampler's exact resume."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.data import (
+    BucketBatchSampler,
+    DatasetError,
+    aspect_buckets,
+    fit_to_bucket,
+    nearest_bucket,
+    prepare_dataset,
+    safe_extract,
+)
+from training.workspace import RunPaths
+
+from .helpers import make_spec
+
+
+def test_buckets_are_multiples_of_64_with_about_the_target_area():
+    for resolution in (256, 512, 1024):
+        buckets = aspect_buckets(resolution)
+        assert (resolution, resolution) in buckets
+        for width, height in buckets:
+            assert width % 64 == 0 and height % 64 == 0
+            assert 0.75 * resolution**2 <= width * height <= resolution**2
+            assert max(width, height) <= 2 * min(width, height)
+
+
+@pytest.mark.parametrize(("size", "orientation"), [((1600, 900), "landscape"), ((900, 1600), "portrait"), ((800, 810), "square")])
+def test_nearest_bucket_keeps_the_orientation_and_close_aspect_ratio(size, orientation):
+    width, height = nearest_bucket(*size, aspect_buckets(1024))
+    if orientation == "landscape":
+        assert width > height
+    elif orientation == "portrait":
+        assert height > width
+    else:
+        assert width == height
+    assert abs(width / height - size[0] / size[1]) < 0.15
+
+
+def test_fit_to_bucket_crops_only_the_excess_along_one_side():
+    image = Image.new("RGB", (1600, 900))
+    fitted, (top, left) = fit_to_bucket(image, (1344, 768))
+    assert fitted.size == (1344, 768)
+    assert top == 0 and 0 < left < 20  # 16:9 into 7:4: a few pixels trimmed from the sides, none from the top
+
+
+def test_folder_dataset_has_buckets_by_aspect_ratio_and_trigger_word_captions(toy_images, workspace):
+    spec = make_spec("sd15", Path("unused"), toy_images, triggerWord="zqx")
+    dataset = prepare_dataset(spec, RunPaths(workspace, "r"))
+    assert len(dataset.samples) == 6 and not dataset.reused
+    by_source = {}
+    for sample in dataset.samples:
+        assert sample.caption.startswith("zqx, a ")
+        with Image.open(dataset.root / sample.file) as image:
+            assert image.size == sample.bucket
+        by_source[sample.original_size] = sample.bucket
+    assert by_source[(288, 480)] == (320, 192)  # landscape 480x288 -> landscape bucket
+    assert by_source[(480, 288)] == (192, 320)  # portrait -> portrait bucket
+    assert by_source[(320, 320)] == (256, 256)
+    pixels = dataset.pixels(dataset.samples[0])
+    assert pixels.shape[0] == 3 and -1.0 <= pixels.min() and pixels.max() <= 1.0
+
+
+def test_without_aspect_buckets_every_image_is_a_centre_cropped_square(toy_images, workspace):
+    spec = make_spec("sd15", Path("unused"), toy_images, aspectBuckets=False)
+    dataset = prepare_dataset(spec, RunPaths(workspace, "r"))
+    assert {sample.bucket for sample in dataset.samples} == {(256, 256)}
+
+
+def test_second_preparation_reuses_the_prepared_dataset(toy_images, workspace):
+    spec = make_spec("sd15", Path("unused"), toy_images)
+    first = prepare_dataset(spec, RunPaths(workspace, "a"))
+    stamp = (first.root / "manifest.json").stat().st_mtime_ns
+    second = prepare_dataset(spec, RunPaths(workspace, "b"))
+    assert second.reused and second.root == first.root and second.samples == first.samples
+    assert (second.root / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in (workspace / "datasets").iterdir()] == [first.data_hash]  # no temp dirs left
+
+
+def test_changed_caption_is_a_new_dataset(toy_images, tmp_path, workspace):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in toy_images.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    spec = make_spec("sd15", Path("unused"), copy)
+    first = prepare_dataset(spec, RunPaths(workspace, "a"))
+    (copy / "image-000.txt").write_text("a different caption")
+    second = prepare_dataset(spec, RunPaths(workspace, "a"))
+    assert second.data_hash != first.data_hash and not second.reused
+
+
+def test_images_without_caption_files_get_the_default_caption(tmp_path, workspace):
+    Image.new("RGB", (300, 300), "red").save(tmp_path / "lonely.jpg")
+    spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": str(tmp_path), "defaultCaption": "a photo"})
+    (sample,) = prepare_dataset(spec, RunPaths(workspace, "a")).samples
+    assert sample.caption == "a photo"
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, workspace):
+    spec = make_spec("sd15", Path("unused"), tmp_path)
+    with pytest.raises(DatasetError, match="no images"):
+        prepare_dataset(spec, RunPaths(workspace, "a"))
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A local HTTP server over a folder: the URL of that folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_zip_over_http_is_downloaded_once_and_gives_the_same_dataset(toy_images, http_folder, workspace):
+    served, base_url = http_folder
+    with zipfile.ZipFile(served / "toy.zip", "w") as bundle:
+        for file in sorted(toy_images.iterdir()):
+            bundle.write(file, f"toy/{file.name}")
+    spec = make_spec("sd15", Path("unused"), toy_images, dataset={"source": f"{base_url}/toy.zip"})
+    from_zip = prepare_dataset(spec, RunPaths(workspace, "a"))
+    from_folder = prepare_dataset(make_spec("sd15", Path("unused"), toy_images), RunPaths(workspace, "a"))
+    assert [s.caption for s in from_zip.samples] == [s.caption for s in from_folder.samples]
+    assert len(from_zip.samples) == 6
+
+    (served / "toy.zip").unlink()  # a second run must not need the server
+    again = prepare_dataset(spec, RunPaths(workspace, "b"))
+    assert again.reused and again.data_hash == from_zip.data_hash
+
+
+def test_missing_archive_url_is_a_clear_error(http_folder, workspace, toy_images):
+    _, base_url = http_folder
+    spec = make_spec("sd15", Path("unused"), toy_images, dataset={"source": f"{base_url}/nothing.zip"})
+    with pytest.raises(DatasetError, match="HTTP 404"):
+        prepare_dataset(spec, RunPaths(workspace, "a"))
+
+
+def test_zip_with_path_traversal_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("ok/a.txt", "fine")
+        bundle.writestr("../../escaped.txt", "not fine")
+    destination = tmp_path / "out"
+    destination.mkdir()
+    with pytest.raises(DatasetError, match="outside"):
+        safe_extract(archive, destination)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_tar_with_path_traversal_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as bundle:
+        data = b"not fine"
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = len(data)
+        bundle.addfile(member, io.BytesIO(data))
+    destination = tmp_path / "out"
+    destination.mkdir()
+    with pytest.raises(DatasetError):
+        safe_extract(archive, destination)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_sampler_batches_come_from_one_bucket_and_cover_every_repeat():
+    buckets = [(256, 256)] * 5 + [(320, 192)] * 3
+    sampler = BucketBatchSampler(buckets, batch_size=2, repeats=2, seed=1)
+    epoch = sampler.epoch_batches(0)
+    drawn = [index for batch in epoch for index in batch]
+    assert sorted(drawn) == sorted(list(range(8)) * 2)
+    for batch in epoch:
+        assert len({buckets[index] for index in batch}) == 1
+    assert sampler.epoch_batches(1) != epoch  # reshuffled every epoch
+
+
+def test_sampler_resumes_exactly_from_a_saved_position():
+    buckets = [(256, 256)] * 4 + [(320, 192)] * 3
+    reference = BucketBatchSampler(buckets, 2, 1, seed=3)
+    expected = [reference.next_batch() for _ in range(13)]
+
+    first = BucketBatchSampler(buckets, 2, 1, seed=3)
+    head = [first.next_batch() for _ in range(6)]
+    resumed = BucketBatchSampler(buckets, 2, 1, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    tail = [resumed.next_batch() for _ in range(7)]
+    assert head + tail == expected

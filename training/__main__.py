@@ -1,0 +1,173 @@
+"""`python -m training`: the pod's entrypoint. Read the spec, train (resuming), export, report, stop the pod.
+
+Everything comes from the environment infra sets: LORASTACK_SPEC(_FILE), LORASTACK_LIMITS,
+LORASTACK_RUN_ID and LORASTACK_WORKSPACE. A bad spec exits 2 with one line per problem, before any
+model is loaded. With several GPUs the process re-executes itself under `accelerate launch`, one process
+per GPU. Exit codes: 0 trained (or already done), 2 bad configuration, 75 stopped early with a checkpoint
+(SIGTERM or a limit: a new pod resumes), anything else a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from training.spec import (
+    ENV_LIMITS,
+    ENV_RUN_ID,
+    RunLimits,
+    SpecError,
+    TrainSpec,
+    describe_errors,
+    spec_from_environment,
+)
+from training.workspace import RunPaths, workspace_root
+
+EXIT_CONFIG = 2
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, resumable
+
+
+def limits_from_environment(environ: Mapping[str, str]) -> RunLimits:
+    raw = environ.get(ENV_LIMITS)
+    if not raw:
+        raise SpecError([f"${ENV_LIMITS} is not set: every pod needs its time and money limits (JSON)"])
+    try:
+        return RunLimits.model_validate_json(raw)
+    except ValidationError as error:
+        raise SpecError(describe_errors(error, f"${ENV_LIMITS}", "")) from None
+
+
+def read_configuration(environ: Mapping[str, str]) -> tuple[TrainSpec, RunLimits, str]:
+    """The spec, the limits and the run id, every problem reported at once as SpecError lines."""
+    problems, spec, limits = [], None, None
+    try:
+        spec = spec_from_environment(dict(environ))
+    except SpecError as error:
+        problems += error.problems
+    except OSError as error:
+        problems.append(f"cannot read the spec file: {error}")
+    try:
+        limits = limits_from_environment(environ)
+    except SpecError as error:
+        problems += error.problems
+    run_id = environ.get(ENV_RUN_ID, "")
+    if not run_id:
+        problems.append(f"${ENV_RUN_ID} is not set: the run's directory on the volume is named by it")
+    if problems:
+        raise SpecError(problems)
+    return spec, limits, run_id
+
+
+def _launched_processes() -> int:
+    """GPUs to spread over when this process is not yet one of several launched by accelerate."""
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return 1
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def relaunch_with_accelerate(processes: int) -> None:
+    """Replace this process with `accelerate launch`: one copy of this entrypoint per GPU."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--module", "training",
+    ]  # fmt: skip
+    print(f"{processes} GPUs: relaunching as {' '.join(command[1:])}", flush=True)
+    os.execv(sys.executable, command)
+
+
+def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str) -> int:
+    # The hub libraries read HF_HOME when imported: set it before anything imports them.
+    os.environ["HF_HOME"] = str(paths.hf_home)
+    from training import checkpoints
+    from training.export import export_lora
+    from training.lifecycle import Lifecycle
+    from training.loop import make_accelerator, train
+    from training.tracking import Reporter, update_status
+
+    accelerator = make_accelerator(spec)
+    if not accelerator.is_main_process:
+        return _run_follower(spec, paths, accelerator)
+
+    reporter: Reporter | None = None
+
+    def record_failure(error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}"
+        if reporter is not None:
+            reporter.finish("failed", message)
+        else:
+            update_status(paths, {"state": "failed", "message": message})
+
+    with Lifecycle(limits, paths, on_failure=record_failure) as life:
+        reporter = Reporter(paths, spec, limits, run_id, total_steps=spec.steps, start_step=checkpoints.latest_step(paths))
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            reporter.step(step, loss, lr)
+            life.beat(step)
+
+        result = train(
+            spec, paths, on_step=on_step, on_samples=reporter.samples, stop=life.stop_requested, accelerator=accelerator
+        )
+        if result.outcome == "stopped":
+            reason = life.reason or "stop requested"
+            state = "interrupted" if reason.startswith("interrupted") else "limit"
+            reporter.finish(state, f"{reason}; stopped at step {result.step} with a checkpoint to resume from")
+            life.finish(state)
+            return EXIT_STOPPED
+        models = result.state.models
+        outputs = export_lora(
+            models.denoiser,
+            models.text_encoders if spec.train_text_encoder else None,
+            spec,
+            paths,
+            result.state.dataset.data_hash,
+            spec.family,
+        )
+        reporter.finish("succeeded", f"trained {result.step} steps", outputs)
+        life.finish("succeeded")
+    return 0
+
+
+def _run_follower(spec: TrainSpec, paths: RunPaths, accelerator) -> int:
+    """A non-main GPU process: trains its share; the main process reports, exports and stops the pod."""
+    import threading
+
+    from training.loop import train
+
+    stop = threading.Event()
+    # SIGTERM reaches every process; this one only passes the request on (the loop agrees on it every step).
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    result = train(spec, paths, stop=stop, accelerator=accelerator)
+    return EXIT_STOPPED if result.outcome == "stopped" else 0
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    try:
+        spec, limits, run_id = read_configuration(environ)
+    except SpecError as error:
+        print("lorastack: the training configuration is invalid:", file=sys.stderr)
+        for line in error.problems:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    paths = RunPaths(workspace_root(dict(environ)), run_id)
+    if paths.done.exists():
+        print(f"run {run_id} already finished ({paths.done} exists): nothing to train", flush=True)
+        # The container came back after the run (RunPod restarts an exited entrypoint): stop the pod again.
+        from training.lifecycle import EXIT_STOP_FAILED, Lifecycle
+
+        return 0 if Lifecycle(limits, paths, environ).stop_pod() else EXIT_STOP_FAILED
+    processes = _launched_processes()
+    if processes > 1:
+        relaunch_with_accelerate(processes)
+    return run(spec, limits, paths, run_id)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Train on this machine (CPU or GPU), no pod: `make train-local DATA=folder FAMILY=sd15 MODEL=id-or-path`.
+
+    python -m training.local --data DIR --family sd15 --model ID_OR_PATH [--steps N] [--out DIR]
+
+The spec is built from the arguments and validated like a stack's; the run lives under
+OUT/runs/<run-id>/ (checkpoints, lora/) with OUT's datasets/ and cache/ re-used by later runs, so an
+interrupted local run resumes where it stopped when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.spec import SpecError, TrainSpec, parse_spec
+from training.workspace import RunPaths
+
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
+
+
+def spec_from_args(args: argparse.Namespace) -> TrainSpec:
+    raw = {
+        "family": args.family,
+        "baseModel": args.model,
+        "dataset": {"source": str(args.data)},
+        "steps": args.steps,
+        "resolution": args.resolution or DEFAULT_RESOLUTION[args.family],
+        "rank": args.rank,
+        "learningRate": args.learning_rate,
+        "seed": args.seed,
+        "checkpointEvery": max(1, min(250, args.steps // 4)),
+    }
+    if args.trigger_word:
+        raw["triggerWord"] = args.trigger_word
+    return parse_spec(raw, "command line", prefix="")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.local", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder of images with .txt captions")
+    parser.add_argument("--family", choices=sorted(DEFAULT_RESOLUTION), required=True)
+    parser.add_argument("--model", required=True, help="Hugging Face model id or a local diffusers folder")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=Path("outputs/local"))
+    parser.add_argument("--resolution", type=int, help="default: 512 for sd15, 1024 otherwise")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--trigger-word")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+    except SpecError as error:
+        for line in error.problems:
+            print(line, file=sys.stderr)
+        return 2
+    paths = RunPaths(args.out.resolve(), f"local-{spec.fingerprint()}")
+
+    from training.export import export_lora
+    from training.loop import train
+
+    report_every = max(1, spec.steps // 50)
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        if step % report_every == 0 or step == spec.steps:
+            print(f"step {step}/{spec.steps}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
+
+    result = train(spec, paths, on_step=on_step)
+    models = result.state.models
+    files = export_lora(
+        models.denoiser,
+        models.text_encoders if spec.train_text_encoder else None,
+        spec,
+        paths,
+        result.state.dataset.data_hash,
+        spec.family,
+    )
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
