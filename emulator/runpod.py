@@ -324,6 +324,15 @@ class RunpodApi(JsonApi):
         self.route("GET", "/v2/catalog/gpus/{id}", self.get_gpu)
         self.route("GET", "/v2/catalog/datacenters", self.list_data_centers)
 
+    def reset(self) -> None:
+        """Forget every pod, volume, recorded request and pending fault (one server, many tests)."""
+        with self.lock:
+            self.pods.clear()
+            self.volumes.clear()
+            self.requests.clear()
+            self._faults.clear()
+            self._log_changed.notify_all()
+
     # --- auth ---
 
     def authorize(self, request: Request) -> None:
