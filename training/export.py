@@ -139,6 +139,8 @@ class LoraModule:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # as accelerate prepared it
+        model = model.module
     return getattr(model, "_orig_mod", model)  # torch.compile keeps the real module here
 
 

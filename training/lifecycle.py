@@ -84,6 +84,8 @@ class Lifecycle:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._finished.is_set():  # finish() ran (its SystemExit, if any, must not turn into "failed")
+            return False
         if exc is not None:
             self._record_failure(exc)
             self.finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")

@@ -125,6 +125,16 @@ def test_stop_failure_exits_non_zero(runpod, paths, capsys):
     assert "could not stop pod pod123" in capsys.readouterr().err
 
 
+def test_a_failed_stop_after_success_keeps_the_succeeded_status(runpod, paths):
+    api, environ = runpod
+    api.inject(Fault(status=503, count=10))
+    with pytest.raises(SystemExit):
+        with Lifecycle(LIMITS, paths, environ, stop_retries=0) as life:
+            life.finish("succeeded")
+    assert already_done(paths) and read_json(paths.status) is None  # no "failed" written over the success
+    assert api.requests == [("POST", "/v2/pods/pod123/action")]  # stop tried once, not again on the way out
+
+
 def test_stop_is_retried_through_transient_errors(runpod, paths):
     api, environ = runpod
     api.inject(Fault(status=503, count=2, retry_after="0"))
