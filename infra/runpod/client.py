@@ -124,8 +124,8 @@ class RunpodClient:
         with self._session.get(url, params={"tail": tail}, stream=True, timeout=self.timeout) as response:
             if response.status_code >= 400:
                 raise RunpodError(response.status_code, "GET", f"/v2/pods/{pod_id}/logs", _detail(response))
-            for raw in response.iter_lines(decode_unicode=True):
-                if raw and raw.startswith("data:"):
+            for raw in _lines_as_they_arrive(response.raw):
+                if raw.startswith("data:"):
                     yield json.loads(raw[5:].strip())
 
     # network volumes
@@ -153,6 +153,29 @@ class RunpodClient:
 
     def data_centers(self) -> list[dict]:
         return self.request("GET", "/v2/catalog/datacenters")["dataCenters"]
+
+
+def _lines_as_they_arrive(raw: Any) -> Iterator[str]:
+    """Lines of a streamed body as soon as each is complete. `iter_lines()` reads fixed-size chunks and so holds
+    back the last lines of a live stream until more bytes come; `read1` returns whatever has arrived."""
+    from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+    pending = b""
+    while True:
+        try:  # the exceptions requests' own iter_lines raises, so callers catch one family
+            chunk = raw.read1(65536)
+        except ReadTimeoutError as error:
+            raise requests.ConnectionError(error) from None
+        except ProtocolError as error:
+            raise requests.exceptions.ChunkedEncodingError(error) from None
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
 
 
 def _detail(response: requests.Response) -> str:
