@@ -1,0 +1,231 @@
+"""`make cost STACK=name` (`python -m infra.cost [--markdown] [STACK ...]`): what a run will cost, before it runs.
+
+One row per stack: provider, GPU or SKU, $/hour, seconds per step, steps, expected duration and total,
+with the price source and its date. Prices come live from RunPod's GPU catalog (`GET /v2/catalog/gpus`)
+when RUNPOD_API_KEY is set and the API answers within a few seconds, otherwise from the dated table in
+infra/pricing.py; every row says which. Replicate's `GET /v1/hardware` lists SKUs but no prices, so for
+Replicate it confirms the SKU is still offered and the price stays the table's. The figures are
+`StackConfig.cost_estimate(live)`: the same numbers the stack exports as outputs.
+
+`--markdown` prints the same table for a pull-request comment. A stack whose estimate exceeds
+limits.maxCostUsd or limits.maxHours gets a warning: its pod would be stopped before the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import requests
+
+from infra import pricing
+from infra.config import SECRETS, STACKS_DIR, StackConfig, StackError, load_stack
+from infra.runpod.client import RunpodClient, RunpodError
+
+LIVE_TIMEOUT_S = 5.0  # a cost estimate must not hang on a slow API: the dated table is a fine answer
+REPLICATE_DEFAULT_BASE_URL = "https://api.replicate.com"
+
+
+@dataclass(frozen=True)
+class LivePrices:
+    runpod_gpus: dict[str, dict] | None  # catalog id -> GPU type JSON; None when not fetched
+    replicate_skus: set[str] | None  # SKUs Replicate lists now; None when not fetched
+    notes: list[str]  # one line per source: what was used and why
+
+
+@dataclass(frozen=True)
+class CostRow:
+    stack: str
+    config: StackConfig
+    estimate: pricing.CostEstimate
+    hardware: str
+    warnings: list[str]
+
+    @property
+    def outputs(self) -> dict[str, object]:
+        return self.estimate.as_outputs()
+
+
+def fetch_live_prices(need_runpod: bool, need_replicate: bool, environ: dict[str, str] | None = None) -> LivePrices:
+    environ = os.environ if environ is None else environ
+    fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    notes: list[str] = []
+    runpod_gpus = replicate_skus = None
+    if need_runpod:
+        key = environ.get(SECRETS["runpodApiKey"])
+        if not key:
+            notes.append("RunPod: the dated table; RUNPOD_API_KEY is not set (export it for live catalog prices)")
+        else:
+            try:
+                client = RunpodClient(key, retries=0, timeout=LIVE_TIMEOUT_S)
+                runpod_gpus = {gpu["id"]: gpu for gpu in client.gpu_types()}
+                notes.append(f"RunPod: live GPU catalog (GET /v2/catalog/gpus), fetched {fetched_at}")
+            except (RunpodError, requests.RequestException, KeyError, TypeError, ValueError) as error:
+                notes.append(f"RunPod: the dated table; the catalog API did not answer usefully ({_short(error)})")
+    if need_replicate:
+        token = environ.get(SECRETS["replicateApiToken"])
+        if not token:
+            notes.append("Replicate: the dated table; REPLICATE_API_TOKEN is not set, so the SKU was not checked "
+                         "against Replicate's hardware list")
+        else:
+            base = environ.get("REPLICATE_BASE_URL", REPLICATE_DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
+            try:
+                response = requests.get(
+                    f"{base}/v1/hardware", headers={"Authorization": f"Bearer {token}"}, timeout=LIVE_TIMEOUT_S
+                )
+                response.raise_for_status()
+                replicate_skus = {item["sku"] for item in response.json()}
+                notes.append(f"Replicate: the dated table (GET /v1/hardware lists no prices); SKUs checked against "
+                             f"it at {fetched_at}")
+            except (requests.RequestException, KeyError, TypeError, ValueError) as error:
+                notes.append(f"Replicate: the dated table; GET /v1/hardware did not answer usefully ({_short(error)})")
+    return LivePrices(runpod_gpus, replicate_skus, notes)
+
+
+def _short(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def limit_warnings(config: StackConfig, estimate: pricing.CostEstimate) -> list[str]:
+    """Why the run would be stopped before its last step, if it would."""
+    warnings = []
+    limits = config.limits
+    per_step_hours = estimate.seconds_per_step / 3600
+    startup_hours = pricing.STARTUP_SECONDS / 3600
+
+    def steps_within(hours: float) -> int:
+        return max(0, min(config.train.steps, int((hours - startup_hours) / per_step_hours)))
+
+    if estimate.usd > limits.max_cost_usd:
+        hours_at_limit = limits.max_cost_usd / estimate.usd_per_hour
+        warnings.append(
+            f"estimate ${estimate.usd:.2f} exceeds limits.maxCostUsd ${limits.max_cost_usd:g}: the run would be "
+            f"stopped after about {steps_within(hours_at_limit)} of {config.train.steps} steps; raise maxCostUsd "
+            "or lower train.steps"
+        )
+    if estimate.hours > limits.max_hours:
+        warnings.append(
+            f"estimate {_duration(estimate.hours)} exceeds limits.maxHours {limits.max_hours:g} h: the run would be "
+            f"stopped after about {steps_within(limits.max_hours)} of {config.train.steps} steps; raise maxHours "
+            "or lower train.steps"
+        )
+    return warnings
+
+
+def cost_row(stack: str, config: StackConfig, live: LivePrices) -> CostRow:
+    estimate = config.cost_estimate(live.runpod_gpus)
+    warnings = limit_warnings(config, estimate)
+    if config.provider == "runpod":
+        runpod = config.runpod
+        hardware = f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
+    else:
+        hardware = config.replicate.hardware
+        if live.replicate_skus is not None and hardware not in live.replicate_skus:
+            warnings.append(f"Replicate no longer lists hardware {hardware!r} (GET /v1/hardware); pick another SKU")
+    return CostRow(stack, config, estimate, hardware, warnings)
+
+
+def _duration(hours: float) -> str:
+    minutes = round(hours * 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def _volume_note(row: CostRow) -> str | None:
+    volume = row.config.runpod.volume if row.config.provider == "runpod" else None
+    if volume is None:
+        return None
+    monthly = volume.size_gb * pricing.VOLUME_USD_PER_GB_MONTH
+    kept = "kept on destroy" if volume.keep_on_destroy else "deleted on destroy"
+    return f"{row.stack}: network volume {volume.size_gb} GB, about ${monthly:.2f}/month while it exists ({kept})"
+
+
+COLUMNS = ("stack", "provider", "GPU / SKU", "$/hour", "s/step", "steps", "duration", "total", "limits", "price source")
+
+
+def _cells(row: CostRow) -> tuple[str, ...]:
+    out = row.outputs
+    limits = row.config.limits
+    return (
+        row.stack,
+        row.config.provider,
+        row.hardware,
+        f"${out['usdPerHour']:g}",
+        f"{out['secondsPerStep']:g}",
+        str(row.config.train.steps),
+        _duration(row.estimate.hours),
+        f"${out['estimatedCostUsd']:.2f}",
+        f"${limits.max_cost_usd:g} / {limits.max_hours:g} h",
+        str(out["priceSource"]),
+    )
+
+
+def render_text(rows: list[CostRow], live: LivePrices) -> str:
+    table = [COLUMNS, *(_cells(row) for row in rows)]
+    widths = [max(len(line[column]) for line in table) for column in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append("")
+    lines.append(f"duration includes ~{pricing.STARTUP_SECONDS // 60}m of start-up (image pull, model download, "
+                 "latent caching) on a first run")
+    lines += [note for row in rows if (note := _volume_note(row))]
+    lines += [f"prices: {note}" for note in live.notes]
+    lines += [f"WARNING {row.stack}: {warning}" for row in rows for warning in row.warnings]
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list[CostRow], live: LivePrices) -> str:
+    def line(cells: tuple[str, ...]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = ["### Cost estimate", ""]
+    warnings = [(row.stack, warning) for row in rows for warning in row.warnings]
+    if warnings:
+        lines += [f"> **Warning** `{stack}`: {warning}" for stack, warning in warnings] + [""]
+    lines += [line(COLUMNS), "|" + "---|" * len(COLUMNS)]
+    lines += [line(_cells(row)) for row in rows]
+    lines += ["", f"Duration includes ~{pricing.STARTUP_SECONDS // 60} min of start-up on a first run."]
+    lines += [f"- {note}" for row in rows if (note := _volume_note(row))]
+    lines += [f"- Prices: {note}" for note in live.notes]
+    return "\n".join(lines)
+
+
+def all_stacks() -> list[str]:
+    return sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in STACKS_DIR.glob("Pulumi.*.yaml"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.cost", description=__doc__.splitlines()[0])
+    parser.add_argument("stacks", nargs="*", metavar="STACK", help="stack names (default: every stack in stacks/)")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table, for a pull-request comment")
+    parser.add_argument("--offline", action="store_true", help="use the dated price tables, ask no API")
+    args = parser.parse_args(argv)
+
+    configs: dict[str, StackConfig] = {}
+    failed = False
+    for stack in args.stacks or all_stacks():
+        try:
+            configs[stack] = load_stack(stack)
+        except StackError as error:
+            failed = True
+            print(f"{stack}: not priced, the stack file is invalid:", file=sys.stderr)
+            for problem in error.problems:
+                print(f"  {problem}", file=sys.stderr)
+    if not configs:
+        return 1
+
+    providers = {config.provider for config in configs.values()}
+    if args.offline:
+        live = LivePrices(None, None, ["dated tables only (--offline)"])
+    else:
+        live = fetch_live_prices("runpod" in providers, "replicate" in providers)
+    rows = [cost_row(stack, config, live) for stack, config in configs.items()]
+    print(render_markdown(rows, live) if args.markdown else render_text(rows, live))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
