@@ -25,13 +25,13 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # the key diffusers' loader reads the LoraConfig from
 
 from training.spec import TrainSpec
 from training.version import __version__
 from training.workspace import RunPaths, atomic_write_bytes
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base reads this key
 ENV_HF_TOKEN = "HF_TOKEN"
 
 # kohya prefixes of the text encoders, per family (A1111 and ComfyUI key on these exact names)
