@@ -82,7 +82,7 @@ def relaunch_with_accelerate(processes: int) -> None:
     os.execv(sys.executable, command)
 
 
-def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str) -> int:
+def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, environ: Mapping[str, str]) -> int:
     # The hub libraries read HF_HOME when imported: set it before anything imports them.
     os.environ["HF_HOME"] = str(paths.hf_home)
     from training import checkpoints
@@ -102,10 +102,12 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str) -> int
         if reporter is not None:
             reporter.finish("failed", message)
         else:
-            update_status(paths, {"state": "failed", "message": message})
+            update_status(paths, {"state": "failed", "message": message}, environ)
 
-    with Lifecycle(limits, paths, on_failure=record_failure) as life:
-        reporter = Reporter(paths, spec, limits, run_id, total_steps=spec.steps, start_step=checkpoints.latest_step(paths))
+    with Lifecycle(limits, paths, environ, on_failure=record_failure) as life:
+        reporter = Reporter(
+            paths, spec, limits, run_id, spec.steps, checkpoints.latest_step(paths), environ=environ
+        )
 
         def on_step(step: int, loss: float, lr: float) -> None:
             reporter.step(step, loss, lr)
@@ -128,6 +130,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str) -> int
             paths,
             result.state.dataset.data_hash,
             spec.family,
+            environ=dict(environ),
         )
         reporter.finish("succeeded", f"trained {result.step} steps", outputs)
         life.finish("succeeded")
@@ -166,7 +169,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     processes = _launched_processes()
     if processes > 1:
         relaunch_with_accelerate(processes)
-    return run(spec, limits, paths, run_id)
+    return run(spec, limits, paths, run_id, environ)
 
 
 if __name__ == "__main__":
