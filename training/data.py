@@ -169,15 +169,21 @@ def _fetch_archive(url: str, paths: RunPaths) -> Path:
     return extracted
 
 
-def _fetch_hub_dataset(repo_id: str, dataset: DatasetSpec, paths: RunPaths, revision: str | None) -> Path:
+def _fetch_hub_dataset(repo_id: str, dataset: DatasetSpec, paths: RunPaths) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = [f"*{extension}" for extension in sorted(IMAGE_EXTENSIONS)]
     patterns += [f"*{extension.upper()}" for extension in sorted(IMAGE_EXTENSIONS)]
     patterns += [f"*{dataset.caption_extension}", "*metadata.jsonl", "*metadata.csv"]
-    folder = snapshot_download(
-        repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns, cache_dir=paths.hf_home / "hub"
-    )
+    try:
+        folder = snapshot_download(
+            repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=paths.hf_home / "hub"
+        )
+    except Exception as error:  # noqa: BLE001 - hub errors are many types; the user needs one line
+        raise DatasetError(
+            f"dataset.source {dataset.source!r}: no such folder here, and the Hugging Face dataset "
+            f"{repo_id!r} could not be downloaded ({type(error).__name__}: {error})"
+        ) from error
     return Path(folder)
 
 
@@ -190,7 +196,7 @@ def resolve_source(dataset: DatasetSpec, paths: RunPaths) -> Path:
     if local.is_dir():
         return local
     if _HF_ID.match(source) and not local.exists():
-        return _fetch_hub_dataset(source.removeprefix("hf://"), dataset, paths, revision=None)
+        return _fetch_hub_dataset(source.removeprefix("hf://"), dataset, paths)
     raise DatasetError(
         f"dataset.source {source!r}: not a folder, not an http(s) archive URL, not a Hugging Face dataset id"
     )

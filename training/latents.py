@@ -41,10 +41,17 @@ def cache_key(spec: TrainSpec, data_hash: str, weight_dtype: torch.dtype) -> str
 
 
 class FeatureCache:
-    """One safetensors file per sample id under cache/<key>/, each written atomically."""
+    """One safetensors file per sample id under cache/<key>/, each written atomically.
 
-    def __init__(self, root: Path):
+    Read features are also kept in memory up to `memory_budget_bytes`: a LoRA dataset is small and read
+    every epoch, and the network volume is slower than RAM (FLUX's T5 embeddings are 4 MB a sample).
+    """
+
+    def __init__(self, root: Path, memory_budget_bytes: int = 8 * 2**30):
         self.root = root
+        self._memory_budget = memory_budget_bytes
+        self._in_memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._in_memory_bytes = 0
 
     def file(self, sample_id: str) -> Path:
         return self.root / f"{sample_id}.safetensors"
@@ -57,7 +64,14 @@ class FeatureCache:
         atomic_write_bytes(self.file(sample_id), save(tensors))
 
     def get(self, sample_id: str) -> dict[str, torch.Tensor]:
-        return load_file(self.file(sample_id))
+        if sample_id in self._in_memory:
+            return self._in_memory[sample_id]
+        features = load_file(self.file(sample_id))
+        size = sum(tensor.numel() * tensor.element_size() for tensor in features.values())
+        if self._in_memory_bytes + size <= self._memory_budget:
+            self._in_memory[sample_id] = features
+            self._in_memory_bytes += size
+        return features
 
 
 def _sample_generator(spec: TrainSpec, sample: Sample) -> torch.Generator:

@@ -201,3 +201,39 @@ def test_sampler_resumes_exactly_from_a_saved_position():
     resumed.load_state_dict(first.state_dict())
     tail = [resumed.next_batch() for _ in range(7)]
     assert head + tail == expected
+
+
+def test_hugging_face_dataset_id_uses_a_snapshot_with_imagefolder_metadata(tmp_path, workspace, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "train").mkdir(parents=True)
+    for index, size in enumerate([(300, 200), (200, 300)]):
+        Image.new("RGB", size, "blue").save(snapshot / "train" / f"{index}.png")
+    (snapshot / "train" / "metadata.jsonl").write_text(
+        '{"file_name": "0.png", "prompt": "a wide blue card"}\n{"file_name": "1.png", "prompt": "a tall blue card"}\n'
+    )
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["repo_type"], kwargs["cache_dir"]))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": "hf://someone/cards", "captionColumn": "prompt"})
+    paths = RunPaths(workspace, "a")
+    dataset = prepare_dataset(spec, paths)
+    assert calls == [("someone/cards", "dataset", paths.hf_home / "hub")]
+    assert [(s.caption, s.bucket) for s in dataset.samples] == [("a wide blue card", (320, 192)), ("a tall blue card", (192, 320))]
+
+
+def test_unreachable_hugging_face_dataset_is_a_clear_error(workspace, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": "someone/cards"})
+    with pytest.raises(DatasetError, match="'someone/cards' could not be downloaded .OSError: network is unreachable"):
+        prepare_dataset(spec, RunPaths(workspace, "a"))
