@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import unquote
 
 from emulator.server import ApiError, JsonApi, Request, Response, serve
 from infra import pricing
@@ -692,9 +693,10 @@ class RunpodApi(JsonApi):
         return {"gpus": [_gpu_type(gpu) for gpu in pricing.RUNPOD_GPUS.values()]}
 
     def get_gpu(self, request: Request) -> dict:
-        gpu = pricing.RUNPOD_GPUS.get(request.params["id"])
+        gpu_id = unquote(request.params["id"])  # GPU ids have spaces: "NVIDIA GeForce RTX 4090"
+        gpu = pricing.RUNPOD_GPUS.get(gpu_id)
         if gpu is None:
-            raise ApiError(404, f"GPU type {request.params['id']} not found")
+            raise ApiError(404, f"GPU type {gpu_id} not found")
         return _gpu_type(gpu)
 
     def list_data_centers(self, request: Request) -> dict:

@@ -1,0 +1,107 @@
+"""RunpodTraining: one stack's training run on RunPod: a network volume (when configured) and the pod.
+
+The pod's environment is the contract of training/spec.py (ENV_*): the spec and limits as JSON, the run id,
+the volume as workspace with the Hugging Face cache on it, the reaper's label; HF_TOKEN / WANDB_API_KEY when
+set, in which case the whole env is a secret Output (it is one property in the state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pulumi
+
+from infra.config import MANAGED_LABEL, StackConfig, pod_name, run_id
+from infra.runpod.pod import Pod, PodArgs
+from infra.runpod.volume import NetworkVolume, NetworkVolumeArgs
+from training.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
+
+# secret config key -> the pod's variable
+POD_SECRET_ENV = {"hfToken": "HF_TOKEN", "wandbApiKey": "WANDB_API_KEY"}
+CONSOLE_URL = "https://console.runpod.io/pods?id={pod_id}"
+
+
+@dataclass
+class RunpodTrainingArgs:
+    stack: str
+    config: StackConfig
+    image_ref: pulumi.Input[str]
+    # runpodApiKey, hfToken, wandbApiKey (infra.config.secret()); None where not set
+    secrets: Mapping[str, pulumi.Output | None] = field(default_factory=dict)
+
+
+class RunpodTraining(pulumi.ComponentResource):
+    volume: NetworkVolume | None
+    pod: Pod
+    exports: dict[str, object]  # the stack outputs
+
+    def __init__(self, name: str, args: RunpodTrainingArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("lorastack:runpod:Training", name, None, opts)
+        config, stack = args.config, args.stack
+        runpod = config.runpod
+        if runpod is None:
+            raise ValueError(f"stack {stack}: RunpodTraining needs the lorastack:runpod section")
+        if args.secrets.get("runpodApiKey") is None:
+            raise ValueError("no RunPod API key: `pulumi config set --secret runpodApiKey ...` or export RUNPOD_API_KEY")
+
+        self.volume = None
+        if runpod.volume is not None:
+            kept = runpod.volume.keep_on_destroy
+            self.volume = NetworkVolume(
+                f"{name}-volume",
+                NetworkVolumeArgs(
+                    name=pod_name(stack), size_gb=runpod.volume.size_gb, data_center=runpod.data_center, keep_on_destroy=kept,
+                ),
+                # kept: `pulumi destroy` forgets the volume and says so, and never calls the provider's delete
+                pulumi.ResourceOptions(parent=self, retain_on_delete=kept),
+            )
+        data_center = self.volume.dataCenter if self.volume else runpod.data_center
+
+        self.pod = Pod(
+            f"{name}-pod",
+            PodArgs(
+                name=pod_name(stack),
+                image=args.image_ref,
+                gpu_type_id=runpod.gpu_type,
+                gpu_count=runpod.gpu_count,
+                cloud=runpod.cloud,
+                data_center_ids=pulumi.Output.from_input(data_center).apply(lambda dc: [dc] if dc else []),
+                container_disk_gb=runpod.container_disk_gb,
+                env=pod_env(stack, config, args.secrets),
+                network_volume_id=self.volume.volumeId if self.volume else None,
+                volume_mount_path=WORKSPACE_MOUNT,
+            ),
+            pulumi.ResourceOptions(parent=self),
+        )
+
+        gpu = runpod.gpu_type if runpod.gpu_count == 1 else f"{runpod.gpu_count}x {runpod.gpu_type}"
+        self.exports = {
+            "provider": "runpod",
+            "volumeId": self.volume.volumeId if self.volume else None,
+            "dataCenter": data_center if data_center else self.pod.dataCenterId,
+            "podId": self.pod.podId,
+            "gpu": f"{gpu} ({runpod.cloud})",
+            **config.cost_estimate().as_outputs(),
+            "runId": run_id(stack, config.train),
+            "consoleUrl": self.pod.podId.apply(lambda pod_id: CONSOLE_URL.format(pod_id=pod_id)),
+            "logsCommand": f"make logs STACK={stack}",
+        }
+        self.register_outputs(self.exports)
+
+
+def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output | None]) -> pulumi.Input[dict[str, str]]:
+    """The pod's environment: plain when no secret is in it, otherwise one secret Output."""
+    plain = {
+        ENV_SPEC: config.train.to_env_json(),
+        ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
+        ENV_RUN_ID: run_id(stack, config.train),
+        ENV_STACK: stack,
+        ENV_WORKSPACE: WORKSPACE_MOUNT,
+        "HF_HOME": f"{WORKSPACE_MOUNT}/hf",
+        **MANAGED_LABEL,
+    }
+    tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}
+    if not tokens:
+        return plain
+    return pulumi.Output.secret(pulumi.Output.all(**tokens).apply(lambda values: {**plain, **values}))
