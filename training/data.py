@@ -365,7 +365,8 @@ class BucketBatchSampler:
             for bucket in sorted(by_bucket):
                 members = by_bucket[bucket]
                 rng.shuffle(members)
-                batches += [members[start : start + self.batch_size] for start in range(0, len(members), self.batch_size)]
+                size = self.batch_size
+                batches += [members[start : start + size] for start in range(0, len(members), size)]
             rng.shuffle(batches)
             self._cached_epoch, self._batches = epoch, batches
         return self._batches

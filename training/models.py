@@ -151,7 +151,8 @@ class ModelBundle:
             second = encoders["text_encoder_2"](token_ids["tokenizer_2"].to(device), output_hidden_states=True)
             # SDXL conditions on both encoders' penultimate layers and the second one's projected pooled output.
             hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            return {"prompt_embeds": hidden.to(self.weight_dtype), "pooled_prompt_embeds": second[0].to(self.weight_dtype)}
+            pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
+            return {"prompt_embeds": hidden.to(self.weight_dtype), "pooled_prompt_embeds": pooled.to(self.weight_dtype)}
         pooled = encoders["text_encoder"](token_ids["tokenizer"].to(device)).pooler_output
         hidden = encoders["text_encoder_2"](token_ids["tokenizer_2"].to(device))[0]
         return {"prompt_embeds": hidden.to(self.weight_dtype), "pooled_prompt_embeds": pooled.to(self.weight_dtype)}

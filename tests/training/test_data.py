@@ -36,7 +36,9 @@ def test_buckets_are_multiples_of_64_with_about_the_target_area():
             assert max(width, height) <= 2 * min(width, height)
 
 
-@pytest.mark.parametrize(("size", "orientation"), [((1600, 900), "landscape"), ((900, 1600), "portrait"), ((800, 810), "square")])
+@pytest.mark.parametrize(
+    ("size", "orientation"), [((1600, 900), "landscape"), ((900, 1600), "portrait"), ((800, 810), "square")]
+)
 def test_nearest_bucket_keeps_the_orientation_and_close_aspect_ratio(size, orientation):
     width, height = nearest_bucket(*size, aspect_buckets(1024))
     if orientation == "landscape":
@@ -220,11 +222,13 @@ def test_hugging_face_dataset_id_uses_a_snapshot_with_imagefolder_metadata(tmp_p
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": "hf://someone/cards", "captionColumn": "prompt"})
+    source = {"source": "hf://someone/cards", "captionColumn": "prompt"}
+    spec = make_spec("sd15", Path("unused"), tmp_path, dataset=source)
     paths = RunPaths(workspace, "a")
     dataset = prepare_dataset(spec, paths)
     assert calls == [("someone/cards", "dataset", paths.hf_home / "hub")]
-    assert [(s.caption, s.bucket) for s in dataset.samples] == [("a wide blue card", (320, 192)), ("a tall blue card", (192, 320))]
+    captions_and_buckets = [(s.caption, s.bucket) for s in dataset.samples]
+    assert captions_and_buckets == [("a wide blue card", (320, 192)), ("a tall blue card", (192, 320))]
 
 
 def test_unreachable_hugging_face_dataset_is_a_clear_error(workspace, monkeypatch, tmp_path):

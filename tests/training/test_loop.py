@@ -121,7 +121,7 @@ def test_samples_are_generated_every_sample_every_steps(tiny_model, toy_images, 
         "flux", tiny_model("flux"), toy_images, steps=4, sampleEvery=2, samplePrompts=["a red circle", "a blue stripe"]
     )
     calls = []
-    train(spec, RunPaths(workspace, "run"), on_samples=lambda step, images, prompts: calls.append((step, images, prompts)))
+    train(spec, RunPaths(workspace, "run"), on_samples=lambda *call: calls.append(call))
     assert [step for step, _, _ in calls] == [2, 4]
     for _, images, prompts in calls:
         assert prompts == ["a red circle", "a blue stripe"]

@@ -19,8 +19,9 @@ def test_tiny_model_generates_with_the_diffusers_pipeline(tiny_model, family):
     pipeline.set_progress_bar_config(disable=True)
     extra = {"max_sequence_length": 32} if family == "flux" else {}
     image = pipeline(
-        "a red circle", num_inference_steps=2, height=256, width=192, generator=torch.Generator().manual_seed(0), **extra
-    ).images[0]
+        "a red circle", num_inference_steps=2, height=256, width=192, generator=torch.Generator().manual_seed(0),
+        **extra,
+    ).images[0]  # fmt: skip
     assert image.size == (192, 256)
 
 
