@@ -2,9 +2,9 @@
 
     python -m training.local --data DIR --family sd15 --model ID_OR_PATH [--steps N] [--out DIR]
 
-The spec is built from the arguments and validated like a stack's; the run lives under
-OUT/runs/<run-id>/ (checkpoints, lora/) with OUT's datasets/ and cache/ re-used by later runs, so an
-interrupted local run resumes where it stopped when started again with the same arguments.
+The spec is built from the arguments and validated like a stack's. OUT is laid out like the pod's volume:
+the run under OUT/runs/<run-id>/ (checkpoints, lora/), and OUT/hf (downloaded base models), datasets/ and
+cache/ re-used by later runs; an interrupted local run resumes when started again with the same arguments.
 """
 
 from __future__ import annotations

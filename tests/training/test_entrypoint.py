@@ -26,7 +26,10 @@ def test_bad_spec_from_the_environment_prints_one_line_per_problem_and_exits_2(t
         ENV_WORKSPACE: str(tmp_path),
     }
     environ.pop(ENV_RUN_ID, None)
-    done = subprocess.run([sys.executable, "-m", "training"], env=environ, capture_output=True, text=True, timeout=120)
+    repository = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "training"], cwd=repository, env=environ, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert lines[0] == "lorastack: the training configuration is invalid:"
@@ -78,3 +81,16 @@ def test_local_training_command_trains_and_exports(tiny_model, toy_images, tmp_p
     assert "step 2/2" in out
     diffusers_file = Path(out.split("diffusers: ")[1].split()[0])
     assert diffusers_file.is_file() and diffusers_file.is_relative_to(tmp_path)
+
+
+def test_time_limit_stops_with_a_checkpoint_and_exit_75(tiny_model, toy_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-before"))
+    spec = make_spec("flux", tiny_model("flux"), toy_images, steps=5, checkpointEvery=10)
+    limits = json.dumps({"maxHours": 1e-9, "maxCostUsd": 5})  # spent by the first step
+    environ = {ENV_SPEC: spec.to_env_json(), ENV_LIMITS: limits, ENV_RUN_ID: "run-1", ENV_WORKSPACE: str(tmp_path)}
+    assert main(environ) == 75
+    paths = RunPaths(tmp_path, "run-1")
+    status = read_json(paths.status)
+    assert status["state"] == "limit" and "time limit" in status["message"]
+    assert (paths.checkpoints / "step-1" / "trainer.json").is_file()
+    assert not paths.done.exists()
