@@ -1,0 +1,224 @@
+"""A thin wrapper around `replicate.Client` (1.0.7) that adds what lorastack needs and the client lacks.
+
+- Writes are retried. The client's transport retries 429/503/504 on GET/PUT/DELETE only; a POST or PATCH
+  that meets a 429 or a 5xx fails at once. `WriteRetryTransport` retries those with exponential backoff,
+  honouring Retry-After. A training create is the exception: a 500/502/504 may come after the training was
+  made, so `create_training` retries it only after looking for the training an earlier try may have started.
+- `get_training`/`cancel_training` return the API's JSON: the client's `Training` model refuses the
+  `aborted` status the API sends for a training ended before it ran.
+- `delete_version` treats the API's 202 as success (`versions.delete` reports False for it).
+
+The token goes into the client's Authorization header and nowhere else: not into messages, not into repr.
+`ReplicateProvider`, the providers' base, says where the token comes from and why it never enters the state.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import replicate
+from replicate.exceptions import ReplicateError
+from pulumi.dynamic import ConfigureRequest, ResourceProvider
+from pulumi.dynamic.dynamic import PROVIDER_KEY
+from pulumi.output import Unknown
+from pulumi.runtime import rpc
+from replicate.version import Versions
+
+from infra.config import NAMESPACE, SECRETS
+
+API_TOKEN_CONFIG = f"{NAMESPACE}:replicateApiToken"
+WRITE_METHODS = frozenset({"POST", "PATCH"})
+# Rejected before any work was done: safe to send again whatever the request.
+UNPROCESSED_STATUSES = frozenset({429, 503})
+# The server may have acted before failing: safe to repeat only for requests that cannot duplicate work.
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: a number (fractions accepted) or an HTTP date. None when absent or unreadable."""
+    if not value or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class WriteRetryTransport(httpx.BaseTransport):
+    """Retries POST/PATCH on `statuses`, waiting Retry-After when given, else exponential backoff with jitter."""
+
+    def __init__(self, wrapped: httpx.BaseTransport, statuses: frozenset[int], retries: int, backoff: float, max_wait: float):
+        self.wrapped = wrapped
+        self.statuses = statuses
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.wrapped.handle_request(request)
+        attempt = 0
+        while request.method in WRITE_METHODS and response.status_code in self.statuses and attempt < self.retries:
+            response.read()
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+            if wait is None:
+                wait = self.backoff * 2**attempt * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+            response.close()
+            time.sleep(min(wait, self.max_wait))
+            attempt += 1
+            response = self.wrapped.handle_request(request)  # bodies (JSON, multipart files) replay from the start
+        return response
+
+    def close(self) -> None:
+        self.wrapped.close()
+
+
+class ReplicateClient:
+    """`sdk` is the plain `replicate.Client` (with write retries); the methods add what it lacks."""
+
+    def __init__(self, token: str, base_url: str | None = None, *, retries: int = 5, backoff: float = 1.0,
+                 max_wait: float = 60.0):
+        if not token:
+            raise ValueError(
+                "no Replicate API token: run `pulumi config set --secret replicateApiToken r8_...` "
+                "or export REPLICATE_API_TOKEN"
+            )
+        self.base_url = base_url or os.environ.get("REPLICATE_BASE_URL") or "https://api.replicate.com"
+        self.retries = retries
+        self.backoff = backoff
+
+        def client(statuses: frozenset[int]) -> replicate.Client:
+            transport = WriteRetryTransport(httpx.HTTPTransport(), statuses, retries, backoff, max_wait)
+            return replicate.Client(api_token=token, base_url=self.base_url, transport=transport)
+
+        self.sdk = client(UNPROCESSED_STATUSES | AMBIGUOUS_STATUSES)
+        self._sdk_no_duplicates = client(UNPROCESSED_STATUSES)
+
+    def __repr__(self) -> str:
+        return f"ReplicateClient(base_url={self.base_url!r})"
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A request through the client's HTTP layer (auth, retries, errors as ReplicateError), JSON back."""
+        response = self.sdk._request(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def get_training(self, training_id: str) -> dict:
+        return self.json("GET", f"/v1/trainings/{training_id}")
+
+    def cancel_training(self, training_id: str) -> dict:
+        return self.json("POST", f"/v1/trainings/{training_id}/cancel")
+
+    def create_training(self, trainer: str, version: str, destination: str, training_input: dict[str, Any]) -> dict:
+        """POST a training; after an ambiguous 5xx, adopt the training the failed try started, if there is one."""
+        owner, name = trainer.split("/", 1)
+        path = f"/v1/models/{owner}/{name}/versions/{version}/trainings"
+        body = {"destination": destination, "input": training_input}
+        for attempt in range(self.retries + 1):
+            try:
+                return self._sdk_no_duplicates._request("POST", path, json=body).json()
+            except ReplicateError as error:
+                if error.status not in AMBIGUOUS_STATUSES or attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * 2**attempt)
+            started = self._find_training(version, destination, training_input)
+            if started is not None:
+                return started
+        raise AssertionError("unreachable")
+
+    def _find_training(self, version: str, destination: str, training_input: dict[str, Any]) -> dict | None:
+        page = self.json("GET", "/v1/trainings")  # newest first; a try from seconds ago is on the first page
+        return next(
+            (t for t in page.get("results", [])
+             if t.get("version") == version and t.get("destination") == destination and t.get("input") == training_input),
+            None,
+        )
+
+    def update_model(self, owner: str, name: str, **fields: Any) -> dict:
+        """PATCH /v1/models/{owner}/{name} (description, readme, urls): the client has no call for it."""
+        return self.json("PATCH", f"/v1/models/{owner}/{name}", json=fields)
+
+    def list_versions(self, model: str) -> list[dict]:
+        owner, name = model.split("/", 1)
+        return self.json("GET", f"/v1/models/{owner}/{name}/versions").get("results", [])
+
+    def delete_version(self, model: str, version_id: str) -> None:
+        """Delete a version (202: accepted); a version already gone is what was asked for."""
+        try:
+            Versions(self.sdk, model).delete(version_id)  # reports False on its 202 success: ignored
+        except ReplicateError as error:
+            if error.status != 404:
+                raise
+
+    def find_file(self, sha256: str) -> dict | None:
+        """An uploaded, unexpired file with this content, so the same dataset is uploaded once."""
+        now = datetime.now(timezone.utc)
+        for file in self.json("GET", "/v1/files").get("results", []):
+            expires = file.get("expires_at")
+            if file.get("checksums", {}).get("sha256") != sha256:
+                continue
+            if expires and datetime.fromisoformat(expires.replace("Z", "+00:00")) <= now:
+                continue
+            return file
+        return None
+
+
+# ------------------------------------------------------------------------------- the providers' shared base
+
+
+def is_unknown(value: Any) -> bool:
+    """During preview an input computed from another resource is not known yet."""
+    return isinstance(value, Unknown) or value == rpc.UNKNOWN
+
+
+def changed_keys(olds: dict[str, Any], news: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [key for key in keys if olds.get(key) != news.get(key)]
+
+
+def plain_inputs(props: dict[str, Any], secret_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The inputs worth keeping as outputs: not the serialized provider, never a secret."""
+    return {key: value for key, value in props.items() if key != PROVIDER_KEY and key not in secret_keys}
+
+
+class ReplicateProvider(ResourceProvider):
+    """Base of the Replicate providers: a client per call, with the token from `configure()`, never pickled.
+
+    Pulumi pickles the provider object into the state (`__provider`), so the token must never be an attribute
+    when that happens. The dynamic-provider host unpickles the provider in its own process and then calls
+    `configure()` with the stack config, secrets decrypted: the token is `lorastack:replicateApiToken`, or
+    failing that REPLICATE_API_TOKEN. `__getstate__` drops it should a configured provider be pickled again.
+    The base URL is read from REPLICATE_BASE_URL when a client is made (the emulator in tests).
+    """
+
+    def __init__(self, retries: int = 5, backoff: float = 1.0, max_wait: float = 60.0):
+        super().__init__()
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+
+    def configure(self, req: ConfigureRequest) -> None:
+        token = req.config.get(API_TOKEN_CONFIG)
+        if token:
+            self._api_token = token
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name != "_api_token"}
+
+    def client(self) -> ReplicateClient:
+        token = self.__dict__.get("_api_token") or os.environ.get(SECRETS["replicateApiToken"], "")
+        return ReplicateClient(token, retries=self.retries, backoff=self.backoff, max_wait=self.max_wait)
