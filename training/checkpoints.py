@@ -131,6 +131,7 @@ def save_checkpoint(state: TrainState) -> Path:
         for file in temp.iterdir():
             _fsync(file)
         _fsync(temp)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete step-<n> (no trainer.json) is never kept
         os.rename(temp, final)
         _fsync(paths.checkpoints)
         prune(paths, state.spec.keep_checkpoints)
