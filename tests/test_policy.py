@@ -153,16 +153,21 @@ def test_pinned_images_pass(image):
 
 # --- Replicate ----------------------------------------------------------------------------------------------------
 
-MODEL = {"owner": "acme", "name": "flux-style", "visibility": "private", "hardware": "gpu-h100", "description": "x"}
-DEPLOYMENT = {"owner": "acme", "name": "flux-style", "model": "acme/flux-style", "version": "a" * 64,
-              "hardware": "gpu-l40s", "minInstances": 0, "maxInstances": 1}
+# the inputs infra/replicate/model.py and deployment.py declare
+MODEL_TYPE, DEPLOYMENT_TYPE = "pulumi-python:dynamic/replicate:Model", "pulumi-python:dynamic/replicate:Deployment"
+MODEL = {"owner": "acme", "name": "flux-style", "visibility": "private", "hardware": "gpu-h100", "description": "x",
+         "keepOnDestroy": True, "modelId": None, "url": None, "latestVersion": None}
+DEPLOYMENT = {"name": "flux-style", "model": "acme/flux-style", "version": "a" * 64, "hardware": "gpu-l40s",
+              "minInstances": 0, "maxInstances": 1, "deploymentId": None, "owner": None, "release": None, "url": None}
 
 
 def test_a_public_replicate_model_needs_the_explicit_flag():
     public = {**MODEL, "visibility": "public"}
-    assert violations("private-replicate-models", GENERIC_DYNAMIC_TYPE, MODEL) == []
+    assert violations("private-replicate-models", MODEL_TYPE, MODEL) == []
+    assert violations("private-replicate-models", MODEL_TYPE, public)
     assert violations("private-replicate-models", GENERIC_DYNAMIC_TYPE, public)
-    assert violations("private-replicate-models", GENERIC_DYNAMIC_TYPE, public, {"allowPublicModels": True}) == []
+    assert violations("private-replicate-models", MODEL_TYPE, public, {"allowPublicModels": True}) == []
+    assert all_violations(MODEL_TYPE, MODEL) == []  # a model is no volume, though it has keepOnDestroy
 
 
 @pytest.mark.parametrize("spelling", ["minInstances", "min_instances"])
@@ -170,10 +175,10 @@ def test_a_warm_deployment_needs_the_explicit_flag(spelling):
     warm = {key: value for key, value in DEPLOYMENT.items() if key != "minInstances"} | {spelling: 2}
     if spelling == "min_instances":
         warm["max_instances"] = warm.pop("maxInstances")
-    assert violations("deployments-scale-to-zero", GENERIC_DYNAMIC_TYPE, DEPLOYMENT) == []
-    found = violations("deployments-scale-to-zero", GENERIC_DYNAMIC_TYPE, warm)
+    assert violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, DEPLOYMENT) == []
+    found = violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, warm)
     assert found and "2 instance(s)" in found[0]
-    assert violations("deployments-scale-to-zero", GENERIC_DYNAMIC_TYPE, warm, {"allowWarmDeployments": True}) == []
+    assert violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, warm, {"allowWarmDeployments": True}) == []
 
 
 # --- volumes ------------------------------------------------------------------------------------------------------
@@ -221,12 +226,21 @@ def test_an_env_that_is_secret_as_a_whole_is_left_alone():
 
 
 def test_plain_token_inputs_of_a_replicate_training_are_made_secret():
-    training = {"destination": "acme/flux-style", "input": {"steps": 1000, "hf_token": "hf_plain", "wandb_api_key": "wb"},
-                "apiToken": Secret("r8_already_secret")}
-    fixed = remediate(GENERIC_DYNAMIC_TYPE, training)
-    assert isinstance(fixed["input"]["hf_token"], Secret) and isinstance(fixed["input"]["wandb_api_key"], Secret)
-    assert fixed["input"]["steps"] == 1000 and fixed["apiToken"].value == "r8_already_secret"
+    # the inputs infra/replicate/training.py declares, with the tokens given as plain strings by mistake
+    training = {"destination": "acme/flux-style", "trainer": "ostris/flux-dev-lora-trainer", "trainerVersion": None,
+                "trainerInput": {"steps": 1000, "lora_rank": 16, "hf_repo_id": "acme/lora"},
+                "datasetSource": "https://example.com/d.zip", "hfToken": "hf_plain", "wandbApiKey": Secret("wb_secret"),
+                "wait": False, "maxSeconds": 7200, "maxCostUsd": 10, "usdPerSecond": 0.001525}
+    fixed = remediate("pulumi-python:dynamic/replicate:Training", training)
+    assert isinstance(fixed["hfToken"], Secret) and fixed["hfToken"].value == "hf_plain"
+    assert fixed["wandbApiKey"].value == "wb_secret" and fixed["trainerInput"]["steps"] == 1000
     assert policies.plain_secret_paths(fixed) == []
+
+
+def test_nested_token_inputs_are_found_too():
+    fixed = remediate(GENERIC_DYNAMIC_TYPE, {"input": {"steps": 5, "hf_token": "hf_plain", "wandb_api_key": "wb"}})
+    assert isinstance(fixed["input"]["hf_token"], Secret) and isinstance(fixed["input"]["wandb_api_key"], Secret)
+    assert fixed["input"]["steps"] == 5
 
 
 def test_the_pack_declares_a_python_runtime_on_the_projects_venv():
