@@ -172,14 +172,8 @@ class ReplicateApi(JsonApi):
         self.start_seconds = start_seconds
         self.run_seconds = run_seconds
         self.outcome = outcome
-        self._planned: list[str] = []
         self._ids = itertools.count(1)
-        self.models: dict[str, _Model] = {}
-        self.trainings: dict[str, _Training] = {}
-        self.deployments: dict[str, _Deployment] = {}
-        self.files: dict[str, dict] = {}
-        self._file_content: dict[str, bytes] = {}
-        self._seed_trainer()
+        self.reset()
         for method, path, handler in (
             ("GET", "/v1/account", self.get_account),
             ("GET", "/v1/hardware", self.list_hardware),
@@ -207,6 +201,26 @@ class ReplicateApi(JsonApi):
             self.route(method, path, handler)
 
     # ------------------------------------------------------------------------------------------ plumbing
+
+    def reset(self) -> None:
+        """Back to a fresh account holding only the seeded trainer (tests share one server)."""
+        with self.lock:
+            self._planned: list[str] = []
+            self._faults.clear()
+            self.requests.clear()
+            self.models: dict[str, _Model] = {}
+            self.trainings: dict[str, _Training] = {}
+            self.deployments: dict[str, _Deployment] = {}
+            self.files: dict[str, dict] = {}
+            self._file_content: dict[str, bytes] = {}
+            self._seed_trainer()
+
+    def dispatch(self, request: Request) -> Response:
+        # trainings move on with the clock whether or not anyone polls them (a version appears on its own)
+        with self.lock:
+            for training in self.trainings.values():
+                self._advance(training)
+        return super().dispatch(request)
 
     def error_body(self, status: int, detail: str, errors: list[str]) -> object:
         titles = {400: "Bad Request", 401: "Unauthenticated", 404: "Not found", 409: "Conflict",
