@@ -215,11 +215,14 @@ class ReplicateApi(JsonApi):
             self._file_content: dict[str, bytes] = {}
             self._seed_trainer()
 
-    def dispatch(self, request: Request) -> Response:
-        # trainings move on with the clock whether or not anyone polls them (a version appears on its own)
+    def settle(self) -> None:
+        """Bring every training up to the clock: they move on whether or not anyone polls them."""
         with self.lock:
             for training in self.trainings.values():
                 self._advance(training)
+
+    def dispatch(self, request: Request) -> Response:
+        self.settle()
         return super().dispatch(request)
 
     def error_body(self, status: int, detail: str, errors: list[str]) -> object:
