@@ -1,0 +1,197 @@
+"""ReplicateTraining under pulumi.runtime.set_mocks, over stacks/Pulumi.flux-replicate.yaml.
+
+The mock monitor records what the component asks the engine for (type, inputs, retainOnDelete,
+additionalSecretOutputs), so the assertions are about what `pulumi up --stack flux-replicate` would do.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+
+import dill
+import pulumi
+import pytest
+import yaml
+from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor
+
+from infra.config import STACKS_DIR, parse_stack
+from infra.replicate.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
+from infra.replicate.training import TrainingProvider
+
+STACK = "flux-replicate"
+TOKEN = "r8_program_test_token_facade"
+HF_TOKEN = "hf_program_test_token_c0ffee"
+WANDB_KEY = "wandb_program_test_key_beef"
+MODEL_TYPE = "pulumi-python:dynamic/replicate:Model"
+TRAINING_TYPE = "pulumi-python:dynamic/replicate:Training"
+DEPLOYMENT_TYPE = "pulumi-python:dynamic/replicate:Deployment"
+TRAINED_VERSION = "f" * 64
+RAW = (yaml.safe_load((STACKS_DIR / f"Pulumi.{STACK}.yaml").read_text()) or {})["config"]
+
+
+class Mocks(pulumi.runtime.Mocks):
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        state = dict(args.inputs)
+        if args.typ == MODEL_TYPE:
+            model_id = f"{args.inputs['owner']}/{args.inputs['name']}"
+            state.update(modelId=model_id, url=f"https://replicate.com/{model_id}", latestVersion=None)
+            return model_id, state
+        if args.typ == TRAINING_TYPE:
+            state.update(trainingId="t1abc", status="succeeded", version=TRAINED_VERSION,
+                         versionRef=f"{args.inputs['destination']}:{TRAINED_VERSION}",
+                         weights="https://replicate.delivery/t1abc/trained_model.tar",
+                         trainingUrl="https://replicate.com/p/t1abc")
+            return "t1abc", state
+        if args.typ == DEPLOYMENT_TYPE:
+            deployment_id = f"{args.inputs['model'].split('/')[0]}/{args.inputs['name']}"
+            state.update(deploymentId=deployment_id, release=1, url=f"https://replicate.com/deployments/{deployment_id}")
+            return deployment_id, state
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        return {}
+
+
+class RecordingMonitor(MockMonitor):
+    def __init__(self, mocks: Mocks):
+        super().__init__(mocks)
+        self.registered: dict[str, dict] = {}
+
+    def RegisterResource(self, request):
+        self.registered[request.name] = {
+            "type": request.type,
+            "inputs": rpc.deserialize_properties(request.object),
+            "retainOnDelete": request.retainOnDelete,
+            "additionalSecretOutputs": list(request.additionalSecretOutputs),
+        }
+        return super().RegisterResource(request)
+
+    def one(self, type_: str) -> dict:
+        (entry,) = [entry for entry in self.registered.values() if entry["type"] == type_]
+        return entry
+
+    def count(self, type_: str) -> int:
+        return sum(entry["type"] == type_ for entry in self.registered.values())
+
+
+def run(raw: dict, secrets: dict[str, str]) -> tuple[RecordingMonitor, dict]:
+    """Build the component for `raw` (the stack file's config) with `secrets` as secret Outputs."""
+    config = parse_stack(raw, f"Pulumi.{STACK}.yaml")
+    mocks = Mocks()
+    monitor = RecordingMonitor(mocks)
+    pulumi.runtime.set_mocks(mocks, project="lorastack", stack=STACK, preview=False, monitor=monitor)
+    outputs: dict = {}
+
+    @pulumi.runtime.test
+    def program():
+        secret_outputs = {name: pulumi.Output.secret(value) for name, value in secrets.items()}
+        component = ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secret_outputs))
+        exports = component.exports
+        return pulumi.Output.all(**{k: pulumi.Output.from_input(v) for k, v in exports.items()}).apply(outputs.update)
+
+    program()
+    return monitor, outputs
+
+
+def with_changes(**sections) -> dict:
+    raw = copy.deepcopy(RAW)
+    for key, changes in sections.items():
+        raw[f"lorastack:{key}"].update(changes)
+    return raw
+
+
+def test_the_example_stack_declares_model_training_and_a_scale_to_zero_deployment():
+    config = parse_stack(RAW, STACK)
+    replicate, spec = config.replicate, config.train
+    monitor, outputs = run(RAW, {"replicateApiToken": TOKEN})
+
+    model = monitor.one(MODEL_TYPE)
+    assert model["inputs"]["owner"] == replicate.owner and model["inputs"]["name"] == replicate.model
+    assert model["inputs"]["visibility"] == "private" and model["inputs"]["hardware"] == replicate.hardware
+    assert model["retainOnDelete"] is True and model["inputs"]["keepOnDestroy"] is True
+
+    training = monitor.one(TRAINING_TYPE)["inputs"]
+    assert training["destination"] == f"{replicate.owner}/{replicate.model}"
+    assert training["trainer"] == "ostris/flux-dev-lora-trainer" and training.get("trainerVersion") is None
+    assert training["trainerInput"] == {
+        "steps": spec.steps, "lora_rank": spec.rank, "learning_rate": spec.learning_rate,
+        "batch_size": spec.batch_size, "resolution": str(spec.resolution), "autocaption": False,
+        "trigger_word": spec.trigger_word,
+    }
+    assert training["datasetSource"] == spec.dataset.source  # an https .zip: passed as it is
+    assert training["wait"] is True  # a deployment needs the trained version
+    assert training["maxSeconds"] == config.limits.max_hours * 3600
+    assert training["maxCostUsd"] == config.limits.max_cost_usd
+    assert training.get("hfToken") is None and training.get("wandbApiKey") is None
+
+    deployment = monitor.one(DEPLOYMENT_TYPE)["inputs"]
+    assert deployment["minInstances"] == 0 and deployment["maxInstances"] == 1
+    assert deployment["version"] == TRAINED_VERSION and deployment["hardware"] == "gpu-l40s"
+    assert deployment["model"] == f"{replicate.owner}/{replicate.model}"
+
+    assert outputs["modelUrl"] == f"https://replicate.com/{replicate.owner}/{replicate.model}"
+    assert outputs["version"] == f"{replicate.owner}/{replicate.model}:{TRAINED_VERSION}"
+    assert outputs["trainingId"] == "t1abc" and outputs["status"] == "succeeded"
+    assert outputs["weights"].endswith("trained_model.tar")
+    assert outputs["usdPerSecond"] == 0.001525
+    estimate = config.cost_estimate().as_outputs()
+    assert outputs["estimatedCostUsd"] == estimate["estimatedCostUsd"] > 0
+    assert outputs["estimatedHours"] == estimate["estimatedHours"] > 0
+    assert outputs["deploymentUrl"].endswith(f"/deployments/{replicate.owner}/{replicate.model}")
+
+
+def test_tokens_are_secret_inputs_and_never_in_outputs_or_the_pickled_provider():
+    raw = with_changes(train={"hfRepo": "alice/flux-lora", "wandbProject": "loras"})
+    monitor, outputs = run(raw, {"replicateApiToken": TOKEN, "hfToken": HF_TOKEN, "wandbApiKey": WANDB_KEY})
+    entry = monitor.one(TRAINING_TYPE)
+    inputs = entry["inputs"]
+    assert rpc.is_rpc_secret(inputs["hfToken"]) and rpc.unwrap_rpc_secret(inputs["hfToken"]) == HF_TOKEN
+    assert rpc.is_rpc_secret(inputs["wandbApiKey"]) and rpc.unwrap_rpc_secret(inputs["wandbApiKey"]) == WANDB_KEY
+    assert {"hfToken", "wandbApiKey"} <= set(entry["additionalSecretOutputs"])
+    assert inputs["trainerInput"]["hf_repo_id"] == "alice/flux-lora" and inputs["trainerInput"]["wandb_project"] == "loras"
+    assert not {"hf_token", "wandb_api_key"} & set(inputs["trainerInput"])
+
+    for registered in monitor.registered.values():
+        if "__provider" in registered["inputs"]:
+            assert rpc.is_rpc_secret(registered["inputs"]["__provider"])
+            pickled = base64.b64decode(rpc.unwrap_rpc_secret(registered["inputs"]["__provider"]))
+            assert TOKEN.encode() not in pickled
+    pickled_training = base64.b64decode(rpc.unwrap_rpc_secret(inputs["__provider"]))
+    assert isinstance(dill.loads(pickled_training), TrainingProvider)
+    dumped = json.dumps(outputs)
+    assert TOKEN not in dumped and HF_TOKEN not in dumped and WANDB_KEY not in dumped
+
+
+def test_without_a_deployment_and_wait_nothing_is_deployed_and_up_does_not_wait():
+    raw = with_changes(replicate={"deployment": None, "wait": False})
+    monitor, outputs = run(raw, {"replicateApiToken": TOKEN})
+    assert monitor.count(DEPLOYMENT_TYPE) == 0 and outputs["deploymentUrl"] is None
+    assert monitor.one(TRAINING_TYPE)["inputs"]["wait"] is False
+
+
+def test_a_model_not_kept_is_deleted_on_destroy_and_a_pinned_trainer_is_passed():
+    raw = with_changes(replicate={"keepModelOnDestroy": False, "trainerVersion": "a" * 64})
+    monitor, _ = run(raw, {"replicateApiToken": TOKEN})
+    model = monitor.one(MODEL_TYPE)
+    assert model["retainOnDelete"] is False and model["inputs"]["keepOnDestroy"] is False
+    assert monitor.one(TRAINING_TYPE)["inputs"]["trainerVersion"] == "a" * 64
+
+
+def test_a_local_dataset_folder_is_resolved_from_the_project_root():
+    raw = with_changes(train={"dataset": {"source": "datasets/my-subject"}})
+    monitor, _ = run(raw, {"replicateApiToken": TOKEN})
+    assert monitor.one(TRAINING_TYPE)["inputs"]["datasetSource"] == str(PROJECT_ROOT / "datasets/my-subject")
+
+
+@pytest.mark.parametrize(("changes", "secrets", "message"), [
+    ({}, {}, "replicateApiToken"),
+    ({"hfRepo": "alice/flux-lora"}, {"replicateApiToken": TOKEN}, "hfToken"),
+    ({"wandbProject": "loras"}, {"replicateApiToken": TOKEN}, "wandbApiKey"),
+])
+def test_missing_secrets_fail_early_with_the_command(monkeypatch, changes, secrets, message):
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match=message):
+        run(with_changes(train=changes), secrets)
