@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import time
+import zipfile
 from pathlib import Path
 
 import dill
@@ -270,7 +272,6 @@ def test_dataset_zip_is_uploaded_once_per_content_hash(api, tmp_path):
     assert api.file_content(file["id"]) == archive
     assert file["checksums"]["sha256"] == hashlib.sha256(archive).hexdigest()
 
-    import zipfile, io  # noqa: E401 - the zip's contents, as the trainer sees them
     names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
     assert names == ["img0.png", "img0.txt", "img1.png", "img1.txt"]  # captions renamed to .txt
 
