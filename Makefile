@@ -71,6 +71,9 @@ bench: ## time the real training step (tiny models on CPU; full size on a GPU)
 train-local: ## train on this machine: DATA=folder FAMILY=sd15 MODEL=hf-id-or-path [STEPS=..]
 	$(PY) -m training.local --data "$(DATA)" --family "$(FAMILY)" --model "$(MODEL)" $(if $(STEPS),--steps $(STEPS))
 
-cog-push: ## push our trainer to Replicate with the cog CLI (not on PyPI: https://github.com/replicate/cog#install)
+cog-push: ## push our trainer to Replicate as REPLICATE_MODEL=owner/name (needs the cog CLI, not on PyPI)
 	@command -v cog >/dev/null || { echo "the cog CLI is needed: sudo curl -o /usr/local/bin/cog -L https://github.com/replicate/cog/releases/latest/download/cog_$$(uname -s)_$$(uname -m) && sudo chmod +x /usr/local/bin/cog"; exit 2; }
+	@test -n "$(REPLICATE_MODEL)" || { echo "name the destination: make cog-push REPLICATE_MODEL=owner/name"; exit 2; }
+	# cog packages only container/: copy the trainer in (ignored by git) before building
+	rsync -a --delete --exclude __pycache__ training/ container/training/
 	cd container && cog push r8.im/$(REPLICATE_MODEL)

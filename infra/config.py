@@ -229,7 +229,10 @@ class StackConfig(_Schema):
 
     def cost_estimate(self, live: dict[str, dict] | None = None) -> pricing.CostEstimate:
         usd_per_hour, source = self.usd_per_hour(live)
-        gpu_id = self.runpod.gpu_type if self.provider == "runpod" else "NVIDIA H100 80GB HBM3"
+        if self.provider == "runpod":
+            gpu_id = self.runpod.gpu_type
+        else:
+            gpu_id = pricing.REPLICATE_SKU_GPU[self.replicate.hardware]
         count = self.runpod.gpu_count if self.provider == "runpod" else 1
         return pricing.estimate_run(
             usd_per_hour, source, self.train.family, gpu_id, self.train.resolution, self.train.batch_size,

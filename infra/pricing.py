@@ -53,6 +53,14 @@ RUNPOD_DATA_CENTERS = (
     "AP-JP-1", "OC-AU-1",
 )
 
+# The GPU behind each Replicate SKU, for the seconds-per-step table.
+REPLICATE_SKU_GPU = {
+    "gpu-t4": "NVIDIA T4",
+    "gpu-a40-large": "NVIDIA A40",
+    "gpu-l40s": "NVIDIA L40S",
+    "gpu-a100-large": "NVIDIA A100-SXM4-80GB",
+    "gpu-h100": "NVIDIA H100 80GB HBM3",
+}
 REPLICATE_HARDWARE_USD_PER_SECOND = {
     "gpu-t4": 0.000225,
     "gpu-a40-large": 0.000725,
@@ -76,7 +84,7 @@ SECONDS_PER_STEP: dict[tuple[str, str, int], float] = {
 }
 # Relative speed of GPUs, for combinations the table lacks (RTX 4090 = 1).
 RELATIVE_SPEED = {
-    "NVIDIA GeForce RTX 3090": 0.6, "NVIDIA GeForce RTX 4090": 1.0, "NVIDIA GeForce RTX 5090": 1.3,
+    "NVIDIA T4": 0.2, "NVIDIA GeForce RTX 3090": 0.6, "NVIDIA GeForce RTX 4090": 1.0, "NVIDIA GeForce RTX 5090": 1.3,
     "NVIDIA RTX A4000": 0.35, "NVIDIA RTX A5000": 0.5, "NVIDIA RTX A6000": 0.6, "NVIDIA RTX 4000 Ada Generation": 0.4,
     "NVIDIA RTX 6000 Ada Generation": 1.0, "NVIDIA L4": 0.35, "NVIDIA A40": 0.55, "NVIDIA L40S": 1.1,
     "NVIDIA A100 80GB PCIe": 1.3, "NVIDIA A100-SXM4-80GB": 1.5, "NVIDIA H100 PCIe": 1.9,
