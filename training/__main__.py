@@ -87,7 +87,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
     os.environ["HF_HOME"] = str(paths.hf_home)
     from training import checkpoints
     from training.export import export_lora
-    from training.lifecycle import Lifecycle
+    from training.lifecycle import Lifecycle, describe_failure, process_age_seconds
     from training.loop import make_accelerator, train
     from training.tracking import Reporter, update_status
 
@@ -98,13 +98,13 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
     reporter: Reporter | None = None
 
     def record_failure(error: BaseException) -> None:
-        message = f"{type(error).__name__}: {error}"
+        message = describe_failure(error, paths)
         if reporter is not None:
             reporter.finish("failed", message)
         else:
             update_status(paths, {"state": "failed", "message": message}, environ)
 
-    with Lifecycle(limits, paths, environ, on_failure=record_failure) as life:
+    with Lifecycle(limits, paths, environ, on_failure=record_failure, process_age_s=process_age_seconds()) as life:
         reporter = Reporter(
             paths, spec, limits, run_id, spec.steps, checkpoints.latest_step(paths), environ=environ
         )
@@ -158,14 +158,19 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         print("lorastack: the training configuration is invalid:", file=sys.stderr)
         for line in error.problems:
             print(f"  {line}", file=sys.stderr)
+        # RunPod would restart the container into the same error forever: record it and stop the pod
+        from training.lifecycle import fail_before_start
+
+        run = environ.get(ENV_RUN_ID)
+        fail_before_start(error.problems, RunPaths(workspace_root(dict(environ)), run) if run else None, environ)
         return EXIT_CONFIG
     paths = RunPaths(workspace_root(dict(environ)), run_id)
     if paths.done.exists():
         print(f"run {run_id} already finished ({paths.done} exists): nothing to train", flush=True)
         # The container came back after the run (RunPod restarts an exited entrypoint): stop the pod again.
-        from training.lifecycle import EXIT_STOP_FAILED, Lifecycle
+        from training.lifecycle import EXIT_STOP_FAILED, stop_own_pod
 
-        return 0 if Lifecycle(limits, paths, environ).stop_pod() else EXIT_STOP_FAILED
+        return 0 if stop_own_pod(environ) else EXIT_STOP_FAILED
     processes = _launched_processes()
     if processes > 1:
         relaunch_with_accelerate(processes)

@@ -5,8 +5,17 @@ run (success, failure, a limit, a stall) stops the pod through RunPod's API, and
 does not train again when the container comes back (`already_done`). When stopping fails even after the
 client's retries, the process exits non-zero and the reaper, outside, catches the pod.
 
-Time and money are counted from this process's start: a restarted container counts again, and the pod's
-total is the reaper's to enforce.
+Time and money count the run's whole life, not this process's: RunPod restarts an exited container and a
+lost pod is replaced by a new one on the same volume, and neither may reset the limits. The run's ledger lives
+in its status.json on the volume (`life`): seconds run by every earlier process of this run, the number of
+starts, and the first start. It is written every LEDGER_FLUSH_S seconds and at the end, so a process killed
+outright (preemption, OOM kill) loses at most that much of its count; time outside the trainer (image pull,
+provisioning) is not seen here and is the reaper's to catch, from the API's own startedAt and price.
+
+The stall watchdog arms at the first training step: before it (model download, dataset preparation, feature
+caching) only the longer setup allowance applies (LORASTACK_SETUP_MINUTES, default 60), so a slow first
+download is not taken for a hung GPU. A container that keeps dying before any step (a hard crash the process
+cannot report) is given up after MAX_STARTS_WITHOUT_PROGRESS starts on the same pod: failed, pod stopped.
 
     with Lifecycle(limits, paths) as life:          # SIGTERM handler + watchdog; failure -> status + stop
         for step in ...:
@@ -19,6 +28,7 @@ total is the reaper's to enforce.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -30,18 +40,86 @@ from collections.abc import Callable, Mapping
 from infra.runpod.client import RunpodClient
 from training.spec import RunLimits
 from training.tracking import redact, update_status, utc_now
-from training.workspace import RunPaths, atomic_write_json
+from training.workspace import RunPaths, atomic_write_json, read_json
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
+ENV_SETUP_MINUTES = "LORASTACK_SETUP_MINUTES"  # the watchdog's allowance before the first step
 EXIT_STOP_FAILED = 3  # the pod may still be running: the reaper must act
 EXIT_STALLED = 4
+EXIT_CRASH_LOOP = 5
+DEFAULT_SETUP_MINUTES = 60.0  # a 24 GB FLUX download on a slow link, plus dataset preparation and caching
+LEDGER_FLUSH_S = 10.0  # how often the run's ledger reaches the volume while training
+MAX_STARTS_WITHOUT_PROGRESS = 3
+LEDGER_KEY = "life"
 
 
 def already_done(paths: RunPaths) -> bool:
     """True when this run finished before: a restarted container must not train it again."""
     return paths.done.exists()
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere): imports count toward the limits too."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime_file:
+            fields = stat.read().rsplit(")", 1)[1].split()
+            uptime = float(uptime_file.read().split()[0])
+        started_ticks = int(fields[19])  # field 22 of stat, counted after the ")" that ends the command name
+        return max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def describe_failure(error: BaseException, paths: RunPaths) -> str:
+    """One line for status.json and the log; a full volume says what survived and what to do."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        from training.checkpoints import latest_step  # torch: only the trainer reaches this
+
+        newest = latest_step(paths)
+        kept = f"the newest complete checkpoint, step-{newest}, is intact" if newest else "no checkpoint was complete yet"
+        return (
+            f"the network volume is full (No space left on device) while writing {error.filename or 'a file'}; "
+            f"{kept}. Grow runpod.volume.sizeGb in the stack file (volumes only grow) and run `pulumi up` to resume"
+        )
+    return f"{type(error).__name__}: {error}"
+
+
+def fail_before_start(problems: list[str], paths: RunPaths | None, environ: Mapping[str, str]) -> bool:
+    """A configuration the trainer refuses: record it (when the run's directory is known) and stop the pod,
+    which RunPod would otherwise restart into the same error forever. True when the pod is stopped."""
+    message = "invalid training configuration: " + "; ".join(problems)
+    if paths is not None:
+        try:
+            update_status(paths, {"state": "failed", "message": message}, environ)
+        except OSError as error:
+            _log(f"could not write status.json: {error}", environ)
+    return stop_own_pod(environ)
+
+
+def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5) -> bool:
+    """POST /v2/pods/{RUNPOD_POD_ID}/action {"action": "stop"} with the pod-scoped key; True when stopped or
+    not on a pod."""
+    pod_id = environ.get(ENV_POD_ID)
+    if not pod_id:
+        _log(f"{ENV_POD_ID} is not set (a local run): no pod to stop", environ)
+        return True
+    try:
+        client = RunpodClient(
+            environ.get(ENV_POD_API_KEY, ""), base_url=environ.get(ENV_API_BASE_URL) or None,
+            retries=retries, backoff=backoff_s,
+        )
+        client.pod_action(pod_id, "stop")
+    except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+        _log(f"could not stop pod {pod_id}: {error}", environ)
+        return False
+    _log(f"stop requested for pod {pod_id}", environ)
+    return True
+
+
+def _log(line: str, environ: Mapping[str, str]) -> None:
+    print(f"lifecycle: {redact(line, environ)}", file=sys.stderr, flush=True)
 
 
 class Lifecycle:
@@ -56,16 +134,27 @@ class Lifecycle:
         exit_process: Callable[[int], None] = os._exit,
         stop_retries: int = 6,
         stop_backoff_s: float = 0.5,
+        process_age_s: float = 0.0,
+        setup_minutes: float | None = None,
     ):
+        """`process_age_s`: how long this process ran before the Lifecycle was made (imports), counted too.
+        `setup_minutes`: the watchdog's allowance before the first step (default: $LORASTACK_SETUP_MINUTES or 60)."""
         self.limits, self.paths, self.environ, self.clock = limits, paths, environ, clock
         self.stop_requested = threading.Event()
         self.reason: str | None = None
         self._on_failure = on_failure  # e.g. reporter.finish("failed", ...); else status.json is written here
         self._exit_process = exit_process  # the watchdog's way out of a hung process (injectable for tests)
         self._stop_retries, self._stop_backoff_s = stop_retries, stop_backoff_s
-        self._started = clock()
+        if setup_minutes is None:
+            setup_minutes = float(environ.get(ENV_SETUP_MINUTES) or DEFAULT_SETUP_MINUTES)
+        self.setup_seconds = max(setup_minutes * 60, limits.stall_minutes * 60)
+        self._started = clock() - process_age_s
         self._last_beat = self._started
         self._last_step: int | None = None
+        ledger = (read_json(paths.status) or {}).get(LEDGER_KEY) or {}
+        self._ledger = dict(ledger)
+        self.seconds_before = float(ledger.get("seconds", 0.0))  # earlier processes of this run
+        self._last_flush = float("-inf")
         self._finished = threading.Event()
         self._pod_stop_lock = threading.Lock()
         self._pod_stop_result: bool | None = None
@@ -74,7 +163,26 @@ class Lifecycle:
 
     # -- setup ----------------------------------------------------------------------------------------------
     def start(self) -> Lifecycle:
-        """Install the SIGTERM handler (main thread only) and start the stall watchdog."""
+        """Count this start in the run's ledger, install the SIGTERM handler (main thread only) and start the
+        stall watchdog. Gives up (failed, pod stopped, exit EXIT_CRASH_LOOP) on a container that keeps dying."""
+        pod_id = self.environ.get(ENV_POD_ID, "")
+        same_pod = self._ledger.get("pod_id") == pod_id  # a new pod (a fix, a replacement) gets fresh tries
+        barren = int(self._ledger.get("starts_without_progress", 0)) if same_pod else 0
+        self._ledger.update(
+            first_started_at=self._ledger.get("first_started_at") or utc_now(),
+            starts=int(self._ledger.get("starts", 0)) + 1,
+            starts_without_progress=barren + 1,
+            pod_id=pod_id,
+        )
+        self._flush_ledger()
+        if barren >= MAX_STARTS_WITHOUT_PROGRESS:
+            message = (f"gave up: the trainer started {barren} times on this pod without reaching a training step "
+                       "(see the pod log for the crash)")
+            self._log(message)
+            self._finished.set()
+            update_status(self.paths, {"state": "failed", "message": message}, self.environ)
+            self.stop_pod()
+            raise SystemExit(EXIT_CRASH_LOOP)
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._watchdog = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
         self._watchdog.start()
@@ -98,8 +206,13 @@ class Lifecycle:
     def beat(self, step: int) -> None:
         """After every step: liveness for the watchdog, then the time and money limits."""
         now = self.clock()
+        first = self._last_step is None
         self._last_beat, self._last_step = now, step
-        hours = (now - self._started) / 3600
+        if first:
+            self._ledger["starts_without_progress"] = 0
+        if first or now - self._last_flush >= LEDGER_FLUSH_S:
+            self._flush_ledger()
+        hours = self.run_seconds() / 3600
         if hours >= self.limits.max_hours:
             self.request_stop(f"time limit: {hours:.2f} h reached (maxHours {self.limits.max_hours:g})")
         elif self.limits.usd_per_hour > 0:
@@ -109,6 +222,19 @@ class Lifecycle:
                     f"money limit: ${cost:.2f} spent at ${self.limits.usd_per_hour:g}/h "
                     f"(maxCostUsd {self.limits.max_cost_usd:g})"
                 )
+
+    def run_seconds(self) -> float:
+        """The run's time so far: every earlier process of this run plus this one."""
+        return self.seconds_before + self.clock() - self._started
+
+    def _flush_ledger(self) -> None:
+        self._last_flush = self.clock()
+        self._ledger["seconds"] = round(self.run_seconds(), 3)
+        self._ledger["cost_usd"] = round(self._ledger["seconds"] / 3600 * self.limits.usd_per_hour, 6)
+        try:
+            update_status(self.paths, {LEDGER_KEY: dict(self._ledger)}, self.environ)
+        except OSError as error:  # a full volume must not hide the error that matters
+            self._log(f"could not record the run's time in status.json: {error}")
 
     def request_stop(self, reason: str) -> None:
         """Ask the training loop to checkpoint and leave; the first reason is kept."""
@@ -124,6 +250,7 @@ class Lifecycle:
     def finish(self, state: str) -> None:
         """Write DONE on success, then stop the pod. Exits non-zero when the pod could not be stopped."""
         self._finished.set()
+        self._flush_ledger()
         if state == "succeeded":
             atomic_write_json(self.paths.done, {"state": state, "finished_at": utc_now(), "step": self._last_step})
         if self._previous_sigterm is not None:
@@ -140,26 +267,10 @@ class Lifecycle:
             return self._pod_stop_result
 
     def _send_stop(self) -> bool:
-        pod_id = self.environ.get(ENV_POD_ID)
-        if not pod_id:
-            self._log(f"{ENV_POD_ID} is not set (a local run): no pod to stop")
-            return True
-        try:
-            client = RunpodClient(
-                self.environ.get(ENV_POD_API_KEY, ""),
-                base_url=self.environ.get(ENV_API_BASE_URL) or None,
-                retries=self._stop_retries,
-                backoff=self._stop_backoff_s,
-            )
-            client.pod_action(pod_id, "stop")
-        except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
-            self._log(f"could not stop pod {pod_id}: {error}")
-            return False
-        self._log(f"stop requested for pod {pod_id}")
-        return True
+        return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s)
 
     def _record_failure(self, exc: BaseException) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+        message = describe_failure(exc, self.paths)
         self._log("failed: " + "".join(traceback.format_exception(exc)).rstrip())
         try:
             if self._on_failure is not None:
@@ -175,13 +286,19 @@ class Lifecycle:
         poll = min(30.0, max(stall_seconds / 4, 0.05))
         while not self._finished.wait(poll):
             silent = self.clock() - self._last_beat
-            if silent < stall_seconds:
+            allowed = self.setup_seconds if self._last_step is None else stall_seconds
+            if silent < allowed:
                 continue
             # The main thread may be hung inside CUDA or I/O: this thread reports, stops the pod, and exits.
-            step = "before the first step" if self._last_step is None else f"after step {self._last_step}"
-            message = f"stalled: no progress for {silent / 60:.1f} min {step} (stallMinutes {self.limits.stall_minutes:g})"
+            if self._last_step is None:
+                message = (f"stalled: no training step after {silent / 60:.1f} min of setup "
+                           f"(setup allowance {self.setup_seconds / 60:g} min, ${ENV_SETUP_MINUTES})")
+            else:
+                message = (f"stalled: no progress for {silent / 60:.1f} min after step {self._last_step} "
+                           f"(stallMinutes {self.limits.stall_minutes:g})")
             self._log(message)
             try:
+                self._flush_ledger()
                 update_status(self.paths, {"state": "stalled", "message": message}, self.environ)
             except Exception as error:  # noqa: BLE001 - stopping the pod matters more
                 self._log(f"could not write status.json: {error}")
@@ -191,4 +308,4 @@ class Lifecycle:
             return
 
     def _log(self, line: str) -> None:
-        print(f"lifecycle: {redact(line, self.environ)}", file=sys.stderr, flush=True)
+        _log(line, self.environ)
