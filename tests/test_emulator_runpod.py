@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -308,12 +309,14 @@ def test_a_runtime_sees_each_transition_and_drives_the_pod():
 
 
 def test_provisioning_takes_the_configured_time():
-    api = RunpodApi(provisioning_seconds=0.3)
+    api = RunpodApi(provisioning_seconds=1.0)
     with serve(api) as base_url:
         headers = {"Authorization": "Bearer any-key-works"}
         pod = requests.post(f"{base_url}/v2/pods", json=pod_body(), headers=headers, timeout=5).json()
         assert requests.get(f"{base_url}/v2/pods/{pod['id']}", headers=headers, timeout=5).json()["status"] == "PROVISIONING"
-        threading.Event().wait(0.5)
+        deadline = time.monotonic() + 5
+        while api.pods[pod["id"]].status != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert requests.get(f"{base_url}/v2/pods/{pod['id']}", headers=headers, timeout=5).json()["status"] == "RUNNING"
 
 

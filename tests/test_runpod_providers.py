@@ -6,15 +6,23 @@ then `configure()`d with the stack config; the tests then drive check/create/rea
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import dill
+import grpc
 import pytest
+from google.protobuf import struct_pb2
 from pulumi.dynamic import Config, ConfigureRequest
 from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.output import Unknown
+from pulumi.runtime import rpc
+from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, serve
@@ -224,15 +232,15 @@ def test_create_retries_bursts_without_duplicates(api, status):
 
 def test_create_after_a_timeout_adopts_the_pod_instead_of_making_a_second(api):
     # the POST outlives the client's timeout but still creates the pod on the server
-    api.inject(Fault(0, method="POST", path_prefix="/v2/pods", delay=0.6))
-    created = pod_provider(timeout=0.2, backoff=0.6).create(pod_props())
+    api.inject(Fault(0, method="POST", path_prefix="/v2/pods", delay=0.5))
+    created = pod_provider(timeout=0.2, backoff=0.8).create(pod_props())
     assert list(api.pods) == [created.id]
     assert posts(api, "/v2/pods") == 1
 
 
 def test_volume_create_after_a_timeout_makes_no_duplicate(api):
-    api.inject(Fault(0, method="POST", path_prefix="/v2/network-volumes", delay=0.6))
-    created = volume_provider(timeout=0.2, backoff=0.6).create(volume_props())
+    api.inject(Fault(0, method="POST", path_prefix="/v2/network-volumes", delay=0.5))
+    created = volume_provider(timeout=0.2, backoff=0.8).create(volume_props())
     assert list(api.volumes) == [created.id]
 
 
@@ -260,3 +268,45 @@ def test_a_wrong_key_is_refused(api):
     with pytest.raises(RunpodError) as caught:
         hosted(NetworkVolumeProvider(backoff=0.01), api_key="wrong").create(volume_props())
     assert caught.value.status == 401
+
+
+# --- through the real provider host, as the Pulumi engine drives it ---
+
+
+@pytest.fixture
+def provider_host(api):
+    """`python -m pulumi.dynamic`, the process the engine starts for dynamic resources, spoken to over gRPC."""
+    environment = {key: value for key, value in os.environ.items() if key != "RUNPOD_API_KEY"}
+    process = subprocess.Popen([sys.executable, "-m", "pulumi.dynamic"], stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        port = int(process.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield provider_pb2_grpc.ResourceProviderStub(channel)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def struct(properties: dict) -> struct_pb2.Struct:
+    return asyncio.run(rpc.serialize_properties(properties, {}))
+
+
+def test_through_the_pulumi_provider_host(api, provider_host):
+    provider_host.Configure(provider_pb2.ConfigureRequest(args=struct({"lorastack:runpodApiKey": API_KEY})))
+    volume_inputs = {"__provider": serialize_provider(NetworkVolumeProvider(backoff=0.01)), **volume_props()}
+    checked = provider_host.Check(provider_pb2.CheckRequest(urn="urn:volume", olds=struct({}), news=struct(volume_inputs)))
+    assert list(checked.failures) == []  # sizeGb arrives as 20.0: numbers cross the wire as doubles
+    volume = provider_host.Create(provider_pb2.CreateRequest(urn="urn:volume", properties=checked.inputs))
+    assert api.volumes[volume.id].size == 20
+
+    pod_inputs = {"__provider": serialize_provider(PodProvider(backoff=0.01)), **pod_props(volume.id)}
+    checked = provider_host.Check(provider_pb2.CheckRequest(urn="urn:pod", olds=struct({}), news=struct(pod_inputs)))
+    pod = provider_host.Create(provider_pb2.CreateRequest(urn="urn:pod", properties=checked.inputs))
+    assert api.pods[pod.id].gpu_count == 1 and api.pods[pod.id].disk == 20
+    assert API_KEY not in str(rpc.deserialize_properties(pod.properties))
+
+    moved = struct({**pod_inputs, "gpuTypeId": "NVIDIA L40S"})
+    diff = provider_host.Diff(provider_pb2.DiffRequest(id=pod.id, urn="urn:pod", olds=pod.properties, news=moved))
+    assert list(diff.replaces) == ["gpuTypeId"]
+    provider_host.Delete(provider_pb2.DeleteRequest(id=pod.id, urn="urn:pod", properties=pod.properties))
+    assert api.pods == {}

@@ -21,11 +21,12 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.runpod.client import NotFound, RunpodClient
-from infra.runpod.volume import RunpodProvider, changed_keys, is_unknown
+from infra.runpod.volume import RunpodProvider, changed_keys, is_unknown, whole_numbers
 from training.spec import ENV_MANAGED, WORKSPACE_MOUNT
 
 POD_REPLACE_KEYS = ("gpuTypeId", "gpuCount", "cloud", "dataCenterIds", "networkVolumeId")
 POD_UPDATE_KEYS = ("name", "image", "env", "containerDiskGb", "volumeMountPath")
+POD_INTEGER_KEYS = ("gpuCount", "containerDiskGb")
 STOPPED_STATUSES = ("EXITED", "ERROR")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,6 +45,7 @@ class PodProvider(RunpodProvider):
     update or refresh; `make status` reads them live)."""
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        news = whole_numbers(news, POD_INTEGER_KEYS)
         failures: list[CheckFailure] = []
 
         def fail(key: str, reason: str) -> None:
@@ -82,11 +84,14 @@ class PodProvider(RunpodProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        olds, news = whole_numbers(olds, POD_INTEGER_KEYS), whole_numbers(news, POD_INTEGER_KEYS)
         replaces = changed_keys(olds, news, POD_REPLACE_KEYS)
         updates = changed_keys(olds, news, POD_UPDATE_KEYS)
         return DiffResult(changes=bool(replaces or updates), replaces=replaces)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
+        props = whole_numbers(props, POD_INTEGER_KEYS)
+
         def find(client: RunpodClient) -> dict | None:
             # this create's own pod from an earlier try: same name, the reaper's label, same fixed settings
             return next((pod for pod in client.list_pods() if _same_pod(pod, props)), None)
@@ -96,6 +101,7 @@ class PodProvider(RunpodProvider):
         return CreateResult(pod["id"], _pod_outputs(props, pod))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        props = whole_numbers(props, POD_INTEGER_KEYS)
         try:
             pod = self.client().get_pod(id_)
         except NotFound:
@@ -115,6 +121,7 @@ class PodProvider(RunpodProvider):
         return ReadResult(id_, _pod_outputs(live, pod))
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        news = whole_numbers(news, POD_INTEGER_KEYS)
         client = self.client()
         try:
             pod = client.get_pod(id_)

@@ -50,6 +50,14 @@ def changed_keys(olds: dict[str, Any], news: dict[str, Any], keys: tuple[str, ..
     return [key for key in keys if olds.get(key) != news.get(key)]
 
 
+def whole_numbers(props: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Pulumi hands a provider its numbers as protobuf doubles (10 arrives as 10.0); RunPod wants integers."""
+    return {
+        key: int(value) if key in keys and isinstance(value, float) and value.is_integer() else value
+        for key, value in props.items()
+    }
+
+
 class RunpodProvider(ResourceProvider):
     """Shared by the RunPod providers: the API key from `configure()` (never pickled) and retry-safe creates."""
 
@@ -98,12 +106,14 @@ class RunpodProvider(ResourceProvider):
 
 VOLUME_REPLACE_KEYS = ("dataCenter",)  # a volume is pinned to its data center
 VOLUME_UPDATE_KEYS = ("name", "sizeGb", "keepOnDestroy")  # keepOnDestroy changes state only
+VOLUME_INTEGER_KEYS = ("sizeGb", "size")
 
 
 class NetworkVolumeProvider(RunpodProvider):
     """Inputs: name, sizeGb, dataCenter, keepOnDestroy. Outputs add volumeId and size (what RunPod reports)."""
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
         failures = []
         name, size, data_center = news.get("name"), news.get("sizeGb"), news.get("dataCenter")
         if not is_unknown(name) and not (isinstance(name, str) and name):
@@ -126,11 +136,14 @@ class NetworkVolumeProvider(RunpodProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
         replaces = changed_keys(olds, news, VOLUME_REPLACE_KEYS)
         updates = changed_keys(olds, news, VOLUME_UPDATE_KEYS)
         return DiffResult(changes=bool(replaces or updates), replaces=replaces)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
+        props = whole_numbers(props, VOLUME_INTEGER_KEYS)
+
         def find(client: RunpodClient) -> dict | None:
             # same name in the same data center: an earlier try of this create, or a volume kept on destroy
             return next(
@@ -152,9 +165,11 @@ class NetworkVolumeProvider(RunpodProvider):
             volume = self.client().get_volume(id_)
         except NotFound:
             return ReadResult("", {})  # gone: the engine drops it from the state
+        props = whole_numbers(props, VOLUME_INTEGER_KEYS)
         return ReadResult(id_, _volume_outputs({**props, "name": volume["name"], "dataCenter": volume["dataCenter"]}, volume))
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
         body: dict[str, Any] = {}
         if news["name"] != olds.get("name"):
             body["name"] = news["name"]
