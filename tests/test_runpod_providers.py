@@ -288,7 +288,11 @@ def provider_host(api):
 
 
 def struct(properties: dict) -> struct_pb2.Struct:
-    return asyncio.run(rpc.serialize_properties(properties, {}))
+    loop = asyncio.new_event_loop()  # not asyncio.run: that unsets the current loop Pulumi's mocks use later
+    try:
+        return loop.run_until_complete(rpc.serialize_properties(properties, {}))
+    finally:
+        loop.close()
 
 
 def test_through_the_pulumi_provider_host(api, provider_host):
