@@ -201,7 +201,7 @@ def test_a_bad_value_fails_with_the_stack_file_and_key():
 
 
 def test_without_an_api_key_the_program_says_how_to_set_one():
-    with pytest.raises(ValueError, match="config set --secret runpodApiKey"):
+    with pytest.raises(pulumi.RunError, match="config set --secret runpodApiKey"):
         run("demo", RUNPOD_STACKS["demo"])
 
 

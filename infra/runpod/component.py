@@ -43,7 +43,8 @@ class RunpodTraining(pulumi.ComponentResource):
         if runpod is None:
             raise ValueError(f"stack {stack}: RunpodTraining needs the lorastack:runpod section")
         if args.secrets.get("runpodApiKey") is None:
-            raise ValueError("no RunPod API key: `pulumi config set --secret runpodApiKey ...` or export RUNPOD_API_KEY")
+            # the providers read the key themselves (configure()); without one, fail before anything is planned
+            raise pulumi.RunError("no RunPod API key: `pulumi config set --secret runpodApiKey ...` or export RUNPOD_API_KEY")
 
         self.volume = None
         if runpod.volume is not None:
@@ -56,7 +57,10 @@ class RunpodTraining(pulumi.ComponentResource):
                 # kept: `pulumi destroy` forgets the volume and says so, and never calls the provider's delete
                 pulumi.ResourceOptions(parent=self, retain_on_delete=kept),
             )
-        data_center = self.volume.dataCenter if self.volume else runpod.data_center
+        # The volume's `id`, not its volumeId output: an id stays known in the preview of an update, an output
+        # of a dynamic resource does not, and an unknown volume id would preview as a pod replacement.
+        volume_id = self.volume.id if self.volume else None
+        data_center = runpod.data_center  # with a volume: the volume's (config validation requires it)
 
         self.pod = Pod(
             f"{name}-pod",
@@ -66,10 +70,10 @@ class RunpodTraining(pulumi.ComponentResource):
                 gpu_type_id=runpod.gpu_type,
                 gpu_count=runpod.gpu_count,
                 cloud=runpod.cloud,
-                data_center_ids=pulumi.Output.from_input(data_center).apply(lambda dc: [dc] if dc else []),
+                data_center_ids=[data_center] if data_center else [],
                 container_disk_gb=runpod.container_disk_gb,
                 env=pod_env(stack, config, args.secrets),
-                network_volume_id=self.volume.volumeId if self.volume else None,
+                network_volume_id=volume_id,
                 volume_mount_path=WORKSPACE_MOUNT,
             ),
             pulumi.ResourceOptions(parent=self),
@@ -78,15 +82,22 @@ class RunpodTraining(pulumi.ComponentResource):
         gpu = runpod.gpu_type if runpod.gpu_count == 1 else f"{runpod.gpu_count}x {runpod.gpu_type}"
         self.exports = {
             "provider": "runpod",
-            "volumeId": self.volume.volumeId if self.volume else None,
-            "dataCenter": data_center if data_center else self.pod.dataCenterId,
-            "podId": self.pod.podId,
+            "volumeId": volume_id,
+            "dataCenter": data_center or self.pod.dataCenterId,  # unpinned: where RunPod placed the pod
+            "podId": self.pod.id,
             "gpu": f"{gpu} ({runpod.cloud})",
             **config.cost_estimate().as_outputs(),
             "runId": run_id(stack, config.train),
-            "consoleUrl": self.pod.podId.apply(lambda pod_id: CONSOLE_URL.format(pod_id=pod_id)),
+            "consoleUrl": self.pod.id.apply(lambda pod_id: CONSOLE_URL.format(pod_id=pod_id)),
             "logsCommand": f"make logs STACK={stack}",
         }
+        if config.wait:  # `up` follows the run to its end and downloads the LoRA (infra/runpod/follow.py)
+            from infra.runpod.follow import follow_in_program
+
+            self.exports["run"] = follow_in_program(
+                self, stack, run_id(stack, config.train), self.pod.podId, self.volume.volumeId if self.volume else None,
+                data_center, config.train.hf_repo, config.limits.max_hours,
+            )
         self.register_outputs(self.exports)
 
 
