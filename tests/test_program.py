@@ -211,6 +211,14 @@ def test_the_key_may_come_from_the_environment(monkeypatch):
     assert len(monitor.of_type(POD_TYPE)) == 1
 
 
+def test_a_replicate_stack_builds_the_replicate_component():
+    raw = stack_documents()["flux-replicate"]
+    monitor, outputs = run("flux-replicate", raw, {"replicateApiToken": "r8_program_test_token"})
+    types = {entry["type"] for entry in monitor.registered.values()}
+    assert "lorastack:replicate:Training" in types and not any("runpod" in type_ for type_ in types)
+    assert outputs["provider"] == "replicate" and "estimatedCostUsd" in outputs
+
+
 def test_the_directory_pulumi_runs_builds_the_stack(monkeypatch):
     """`main: infra/` runs infra/__main__.py as a script with infra/ on sys.path, as runpy.run_path does."""
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
