@@ -333,8 +333,9 @@ def load_from_pulumi(stack: str) -> StackConfig:
     config = pulumi.Config(NAMESPACE)
     raw: dict[str, object] = {}
     for field in StackConfig.model_fields.values():
-        value = config.get_object(field.alias)
-        if value is None:
+        try:
+            value = config.get_object(field.alias)
+        except pulumi.ConfigTypeError:  # the CLI hands plain scalars (provider: runpod) over as bare text
             value = config.get(field.alias)
         if value is not None:
             raw[f"{NAMESPACE}:{field.alias}"] = value

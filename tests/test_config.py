@@ -176,3 +176,18 @@ def test_check_imports_no_deep_learning_stack():
     code = "import sys, infra.check, infra.config; print(any(m in sys.modules for m in ('torch', 'diffusers')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_program_reads_config_as_the_pulumi_cli_hands_it_over():
+    # The CLI passes scalars as bare text (`runpod`) and mappings as JSON: both must validate.
+    import pulumi
+
+    from infra.config import load_from_pulumi
+
+    as_cli = {key: value if isinstance(value, str) else json.dumps(value) for key, value in SDXL.items()}
+    pulumi.runtime.set_all_config(as_cli)
+    try:
+        config = load_from_pulumi("sdxl-4090")
+    finally:
+        pulumi.runtime.set_all_config({})
+    assert config.provider == "runpod" and config.train.family == "sdxl"
