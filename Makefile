@@ -7,7 +7,7 @@ PULUMI ?= pulumi
 export PULUMI_CONFIG_PASSPHRASE ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test check demo cost preview train status logs fetch destroy reap image bench train-local cog-push
+.PHONY: help setup test check demo emulator cost preview train status logs fetch destroy reap image bench train-local cog-push
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ check: ## validate stack files offline: STACK=name, or every stack
 
 demo: ## the whole flow offline: emulator, stack up, pod trains a tiny model, destroy
 	$(PY) -m emulator.demo
+
+emulator: ## a local RunPod-compatible API on :8100 (point RUNPOD_API_BASE_URL at it)
+	$(PY) -m emulator.runpod --port 8100
 
 cost: ## price of a run: STACK=name
 	$(PY) -m infra.cost $(STACK)
