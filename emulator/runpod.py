@@ -376,6 +376,10 @@ class RunpodApi(JsonApi):
             pod.status = status
             self._log_changed.notify_all()
 
+    def terminate(self, pod_id: str) -> None:
+        """Terminate a pod from the emulator's side (a lost host); as DELETE /v2/pods/{id} does."""
+        self._terminate(pod_id)
+
     def pod_api_key(self, pod_id: str) -> str:
         with self.lock:
             return self._pod(pod_id).pod_api_key

@@ -161,8 +161,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         # RunPod would restart the container into the same error forever: record it and stop the pod
         from training.lifecycle import fail_before_start
 
-        run = environ.get(ENV_RUN_ID)
-        fail_before_start(error.problems, RunPaths(workspace_root(dict(environ)), run) if run else None, environ)
+        named = environ.get(ENV_RUN_ID)
+        fail_before_start(error.problems, RunPaths(workspace_root(dict(environ)), named) if named else None, environ)
         return EXIT_CONFIG
     paths = RunPaths(workspace_root(dict(environ)), run_id)
     if paths.done.exists():

@@ -37,7 +37,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 
-from infra.runpod.client import RunpodClient
+from infra.runpod.client import NotFound, RunpodClient, RunpodError
 from training.spec import RunLimits
 from training.tracking import redact, update_status, utc_now
 from training.workspace import RunPaths, atomic_write_json, read_json
@@ -111,6 +111,15 @@ def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float 
             retries=retries, backoff=backoff_s,
         )
         client.pod_action(pod_id, "stop")
+    except NotFound:
+        _log(f"pod {pod_id} is already terminated", environ)
+        return True
+    except RunpodError as error:
+        if error.status != 409:  # 409: not stoppable because it is stopped already (SIGTERM came from a stop)
+            _log(f"could not stop pod {pod_id}: {error}", environ)
+            return False
+        _log(f"pod {pod_id} is already stopped", environ)
+        return True
     except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
         _log(f"could not stop pod {pod_id}: {error}", environ)
         return False

@@ -95,8 +95,8 @@ class RunpodTraining(pulumi.ComponentResource):
             from infra.runpod.follow import follow_in_program
 
             self.exports["run"] = follow_in_program(
-                self, stack, run_id(stack, config.train), self.pod.podId, self.volume.volumeId if self.volume else None,
-                data_center, config.train.hf_repo, config.limits.max_hours,
+                self, stack, run_id(stack, config.train), self.pod.id, volume_id, data_center, config.train.hf_repo,
+                config.limits.max_hours,
             )
         self.register_outputs(self.exports)
 

@@ -1,0 +1,128 @@
+"""`make demo` (`python -m emulator.demo`): the whole flow on a laptop, no cloud account, no GPU.
+
+1. The RunPod emulator starts, with pods that run for real (emulator/pods.py).
+2. A tiny random-weight SD 1.5 and a few generated, captioned images are made and put on the demo volume
+   (standing in for the data a user uploads to a network volume before a run).
+3. The demo stack (stacks/Pulumi.demo.yaml, `wait: true`) goes up through the real program and providers:
+   with the Pulumi CLI when it is installed (local file backend), otherwise through emulator/stack_driver.py.
+   The emulated pod runs `python -m training`, trains, saves the LoRA on the volume and stops itself; `up`
+   follows it and downloads the LoRA to outputs/demo/.
+4. The demo prints where the LoRA is, steps, loss, billed seconds and cost, and the overhead ratio (billed
+   seconds / seconds the trainer process ran; asserted below 1.10), then destroys the stack and checks that
+   nothing is left running or billing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_OVERHEAD_RATIO = 1.10
+STACK = "demo"
+
+
+def make_seed(folder: Path) -> Path:
+    """The tiny model and dataset the demo stack names under /workspace (models/tiny-sd15, datasets/demo)."""
+    from training import tiny
+
+    tiny.make_model("sd15", folder / "models" / "tiny-sd15")
+    tiny.make_dataset(folder / "datasets" / "demo", 4)
+    return folder
+
+
+def overhead_ratio(bill) -> tuple[float, float]:
+    """(billed seconds / seconds the trainer processes ran, those seconds): all that is billed beyond the
+    trainer's own run (provisioning, a pod left running after the trainer, restarts) raises it."""
+    trained = sum(run.seconds(run.ended or time.monotonic()) for run in bill.containers)
+    return bill.closed_seconds / trained, trained
+
+
+def _save_pod_logs(api, path: Path) -> None:
+    """Every pod's log in one file, for a look after the demo (the trainer's output is not echoed)."""
+    with api.lock:
+        lines = [f"{pod.id} {line.ts} {line.source}: {line.line}" for pod in api.pods.values() for line in pod.logs]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emulator.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="keep the emulator's volumes and state here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorastack-demo-"))
+
+    from emulator.pods import ProcessRuntime
+    from emulator.runpod import RunpodApi
+    from emulator.server import serve
+    from emulator.stack_driver import StackDriver
+    from infra.runpod.follow import ENV_VOLUME_MOUNTS
+
+    print(f"lorastack demo: everything happens under {workdir}, offline", flush=True)
+    print("[1/4] making a tiny SD 1.5 and 4 captioned images ...", flush=True)
+    seed = make_seed(workdir / "seed")
+    runtime = ProcessRuntime(
+        workdir / "emulator",
+        seed_volume=lambda volume: shutil.copytree(seed, volume, dirs_exist_ok=True),
+        extra_env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )
+    api_key = "demo-" + secrets.token_hex(16)  # the emulator accepts only this key; never printed
+    api = RunpodApi(api_key=api_key, runtime=runtime)
+    with serve(api) as base_url:
+        runtime.base_url = base_url
+        os.environ.update({
+            "RUNPOD_API_BASE_URL": base_url,
+            "RUNPOD_API_KEY": api_key,
+            ENV_VOLUME_MOUNTS: str(runtime.root / "volumes"),
+        })
+        print(f"[2/4] RunPod emulator on {base_url}", flush=True)
+        driver = StackDriver(STACK, workdir / "state", secrets={"runpodApiKey": api_key})
+        if shutil.which("pulumi"):
+            print("      (the Pulumi CLI is installed, but the demo keeps to the offline driver so that it needs no "
+                  "login or backend; `make train STACK=demo` is the CLI path)", flush=True)
+        print("[3/4] pulumi up --stack demo (wait: true): volume, pod, training ...", flush=True)
+        try:
+            outputs, operations = driver.up()
+            run = outputs.get("run") or {}
+            pod_id = outputs["podId"]
+            runtime.wait_until_stopped(pod_id, timeout=60)
+            bill = runtime.bill(pod_id)
+            ratio, trained_seconds = overhead_ratio(bill)
+            print("", flush=True)
+            print(f"  run         {outputs['runId']}: {run.get('state')} ({run.get('message')})")
+            print(f"  LoRA        {run.get('lora')}")
+            print(f"  steps       {run.get('step')}/{run.get('total')}, final loss {run.get('loss')}")
+            print(f"  billed      {bill.closed_seconds} s on {bill.gpu_id} at ${bill.usd_per_hour:.2f}/h = "
+                  f"${bill.cost_usd(time.monotonic()):.4f} (emulated; the pod stopped itself)")
+            print(f"  overhead    {ratio:.3f} (billed {bill.closed_seconds} s / trainer ran {trained_seconds:.1f} s; "
+                  f"must stay below {MAX_OVERHEAD_RATIO})")
+            print(f"  resources   {dict(operations.counts)}", flush=True)
+        finally:
+            _save_pod_logs(api, workdir / "pod-logs.txt")
+            print("[4/4] pulumi destroy --stack demo ...", flush=True)
+            destroyed = driver.destroy()
+            runtime.shutdown()
+        left = {"pods": list(api.pods), "volumes": list(api.volumes), "billing": runtime.billing_pods()}
+        print(f"  destroyed   {dict(destroyed.counts)}; left: {left}")
+    problems = []
+    if run.get("state") != "succeeded" or not run.get("lora"):
+        problems.append("the run did not succeed with a downloaded LoRA")
+    if ratio >= MAX_OVERHEAD_RATIO:
+        problems.append(f"overhead ratio {ratio:.3f} is not below {MAX_OVERHEAD_RATIO}")
+    if any(left.values()):
+        problems.append(f"something is left after destroy: {left}")
+    elapsed = time.monotonic() - started
+    if problems:
+        print("DEMO FAILED: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print(f"demo done in {elapsed:.0f} s: nothing is running, nothing is billing. The LoRA is in {run['lora']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

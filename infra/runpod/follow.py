@@ -1,0 +1,184 @@
+"""`wait: true`: `pulumi up` follows the run to its end, then downloads the LoRA to outputs/<stack>/.
+
+The follower is a step of the RunpodTraining component, not a resource: it changes nothing in the cloud and
+leaves nothing in the state to diff, so a second `up` with no change creates, updates and replaces nothing (it
+only looks at the finished run again and refreshes outputs/<stack>/). It runs in the program's process during
+`up` (never in preview), off the event loop, and reports through `pulumi.log` (a progress line per change).
+
+Where the numbers come from, best first:
+- the run's status.json, when the network volume is reachable as a directory: LORASTACK_VOLUME_MOUNTS names a
+  folder holding each volume under its id (an `rclone mount` of RunPod's S3 API does that; the emulator lays
+  its volumes out the same way);
+- otherwise the trainer's progress lines in the pod's log (GET /v2/pods/{id}/logs).
+The run is over when the pod is no longer running (the trainer stops its pod on success, failure and limits).
+
+The LoRA comes from the mounted volume, else the Hugging Face Hub (train.hfRepo), else RunPod's S3 API
+(RUNPOD_S3_ACCESS_KEY / RUNPOD_S3_SECRET_KEY, through infra.ops); with none of these the output says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from infra import ops
+from infra.runpod.client import NotFound, RunpodClient, RunpodError
+from training.workspace import RunPaths, read_json
+
+ENV_VOLUME_MOUNTS = "LORASTACK_VOLUME_MOUNTS"
+LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
+POLL_S = 2.0
+AFTER_LIMIT_S = 15 * 60  # past the run's time limit the follower stops waiting: the reaper's turn
+
+
+@dataclass
+class RunOutcome:
+    state: str  # the trainer's final state (succeeded, failed, limit, stalled, interrupted), or lost / timeout
+    step: int | None
+    total: int | None
+    loss: float | None
+    message: str
+    lora: str | None  # where the LoRA was downloaded, when it was
+
+    def as_output(self) -> dict:
+        return asdict(self)
+
+
+def mounted_volume(volume_id: str | None, environ: dict[str, str]) -> Path | None:
+    root = environ.get(ENV_VOLUME_MOUNTS)
+    if not (root and volume_id):
+        return None
+    path = Path(root) / volume_id
+    return path if path.is_dir() else None
+
+
+def progress_line(progress: ops.Progress, pod_status: str) -> str:
+    parts = [f"step {progress.step}/{progress.total}" if progress.step is not None else "setting up"]
+    if progress.loss is not None:
+        parts.append(f"loss {progress.loss:.4f}")
+    if progress.eta:
+        parts.append(f"ETA {progress.eta}")
+    if progress.cost_usd is not None:
+        parts.append(f"cost ${progress.cost_usd:.2f}")
+    return " ".join(parts) + f" (pod {pod_status}, trainer {progress.state or 'starting'}, from {progress.source})"
+
+
+def follow_run(
+    client: RunpodClient,
+    pod_id: str,
+    stack: str,
+    run_id: str,
+    *,
+    volume_id: str | None,
+    data_center: str | None,
+    hf_repo: str | None,
+    max_hours: float,
+    report: Callable[[str], None],
+    environ: dict[str, str] | None = None,
+    outputs_dir: Path = ops.OUTPUTS_DIR,
+    poll_s: float = POLL_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunOutcome:
+    """Poll the pod and the run's progress until the pod stops; then fetch the LoRA when the run succeeded."""
+    environ = dict(os.environ if environ is None else environ)
+    volume = mounted_volume(volume_id, environ)
+    paths = RunPaths(volume, run_id) if volume else None
+    deadline = clock() + max_hours * 3600 + AFTER_LIMIT_S
+    last_line, progress = None, ops.Progress("nothing yet")
+    while True:
+        try:
+            pod_status = client.get_pod(pod_id)["status"]
+        except NotFound:
+            pod_status = "TERMINATED"
+        status_file = read_json(paths.status) if paths else None
+        if status_file is not None and "state" in status_file:
+            progress = ops.progress_from_status_file(status_file)
+        elif paths is None:
+            progress = ops.progress_from_logs(client, pod_id) or progress
+        line = progress_line(progress, pod_status)
+        if line != last_line:
+            report(line)
+            last_line = line
+        if pod_status not in LIVE_STATUSES:
+            break
+        if clock() > deadline:
+            message = (f"pod {pod_id} still {pod_status} {AFTER_LIMIT_S // 60} min past the run's time limit: "
+                       "not waiting longer (`make reap` terminates pods past their limits)")
+            report(message)
+            return RunOutcome("timeout", progress.step, progress.total, progress.loss, message, None)
+        time.sleep(poll_s)
+
+    state = progress.state if progress.state and progress.state != "running" else ("lost" if pod_status == "TERMINATED" else "unknown")
+    message = (status_file or {}).get("message") or f"pod {pod_id} is {pod_status}"
+    if state != "succeeded":
+        report(f"the run ended {state}: {message}")
+        return RunOutcome(state, progress.step, progress.total, progress.loss, message, None)
+    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir, report)
+    return RunOutcome(state, progress.step, progress.total, progress.loss, message, lora)
+
+
+def fetch_lora(
+    stack: str, run_id: str, paths: RunPaths | None, volume_id: str | None, data_center: str | None,
+    hf_repo: str | None, environ: dict[str, str], outputs_dir: Path, report: Callable[[str], None],
+) -> str | None:
+    destination = outputs_dir / stack
+    if paths is not None and paths.lora.is_dir():
+        shutil.copytree(paths.lora, destination, dirs_exist_ok=True)
+    elif hf_repo:
+        ops.fetch_from_hub(hf_repo, destination, environ)
+    elif volume_id and data_center and environ.get(ops.S3_ACCESS_KEY_ENV) and environ.get(ops.S3_SECRET_KEY_ENV):
+        lora_dir = f"runs/{run_id}/lora"
+        if not ops.fetch_from_s3(volume_id, data_center, lora_dir + "/", destination, environ):
+            report(f"nothing under {lora_dir}/ on volume {volume_id}")
+            return None
+    else:
+        report("the LoRA stays on the volume: " + ops.volume_steps(stack, f"runs/{run_id}/lora", {"id": volume_id} if volume_id else None, data_center))
+        return None
+    report(f"LoRA downloaded to {destination}")
+    return str(destination)
+
+
+def follow_in_program(
+    parent, stack: str, run_id: str, pod_id, volume_id, data_center, hf_repo: str | None, max_hours: float,
+):
+    """The follower as a step of `pulumi up`: an Output of the RunOutcome (None in preview)."""
+    import asyncio
+
+    import pulumi
+
+    def follow(values: list, loop: asyncio.AbstractEventLoop) -> dict | None:
+        def report(line: str) -> None:  # pulumi.log belongs to the program's event loop, not this thread
+            loop.call_soon_threadsafe(lambda: pulumi.log.info(line, resource=parent))
+
+        pod, volume, center = values
+        api_key = os.environ.get("RUNPOD_API_KEY") or pulumi.runtime.get_config("lorastack:runpodApiKey")
+        client = RunpodClient(api_key, timeout=ops.STATUS_READ_TIMEOUT_S)
+        try:
+            outcome = follow_run(client, pod, stack, run_id, volume_id=volume, data_center=center, hf_repo=hf_repo,
+                                 max_hours=max_hours, report=report)
+        except (RunpodError, ops.OpsError, OSError) as error:
+            report(f"could not follow the run: {error} (the pod goes on; `make status STACK={stack}`)")
+            return None
+        return outcome.as_output()
+
+    async def in_background(values: list) -> dict | None:
+        if pulumi.runtime.is_dry_run() or not _real_resources():
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, follow, values, loop)
+
+    return pulumi.Output.all(pod_id, volume_id, data_center).apply(in_background)
+
+
+def _real_resources() -> bool:
+    """False under Pulumi's plain mocks (unit tests: the pod id is made up, there is nothing to follow); the
+    offline driver (emulator/stack_driver.py), whose monitor creates real resources, says so."""
+    from pulumi.runtime import settings
+    from pulumi.runtime.mocks import MockMonitor
+
+    monitor = settings.get_monitor()
+    return not isinstance(monitor, MockMonitor) or getattr(monitor, "creates_real_resources", False)
