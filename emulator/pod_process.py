@@ -3,7 +3,8 @@
 ProcessRuntime runs this instead of `python -m training` only when a test asks for a fault (PodFaults); it
 installs the faults in this process, then runs the `training` module as `__main__`, unchanged:
 
-- LORASTACK_EMULATOR_QUOTA_BYTES (with LORASTACK_EMULATOR_VOLUME_DIR): the volume's size. After every checkpoint
+- LORASTACK_EMULATOR_QUOTA_FILE (with LORASTACK_EMULATOR_VOLUME_DIR): a file holding the volume's size in bytes,
+  read at every check (no file: no limit), so a test can fill the volume mid-run. After every checkpoint
   file write (safetensors and torch.save, the bulk of what a run writes), when the volume directory holds more
   than this, the file just written is removed and the write fails with ENOSPC, as a write to a full disk does.
   Simulated: small writes (status.json, the DONE marker) and caches are not checked; a real full volume would
@@ -22,7 +23,7 @@ import runpy
 import threading
 from pathlib import Path
 
-from emulator.pods import ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA, ENV_FAULT_VOLUME, PROBE_PREFIX
+from emulator.pods import ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA_FILE, ENV_FAULT_VOLUME, PROBE_PREFIX
 
 
 def _used_bytes(directory: Path) -> int:
@@ -36,7 +37,14 @@ def _used_bytes(directory: Path) -> int:
     return total
 
 
-def install_quota(quota: int, volume: Path) -> None:
+def _quota(quota_file: Path) -> int | None:
+    try:
+        return int(quota_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def install_quota(quota_file: Path, volume: Path) -> None:
     import torch
 
     from training import checkpoints
@@ -44,7 +52,8 @@ def install_quota(quota: int, volume: Path) -> None:
     def checked(write):
         def wrapper(obj, target, *args, **kwargs):
             result = write(obj, target, *args, **kwargs)
-            if isinstance(target, (str, os.PathLike)) and _used_bytes(volume) > quota:
+            quota = _quota(quota_file)
+            if quota is not None and isinstance(target, (str, os.PathLike)) and _used_bytes(volume) > quota:
                 Path(target).unlink(missing_ok=True)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
             return result
@@ -73,8 +82,8 @@ def install_step_hooks(hang_after: int | None, probe: bool) -> None:
 
 
 def main() -> None:
-    if os.environ.get(ENV_FAULT_QUOTA):
-        install_quota(int(os.environ[ENV_FAULT_QUOTA]), Path(os.environ[ENV_FAULT_VOLUME]))
+    if os.environ.get(ENV_FAULT_QUOTA_FILE):
+        install_quota(Path(os.environ[ENV_FAULT_QUOTA_FILE]), Path(os.environ[ENV_FAULT_VOLUME]))
     hang = os.environ.get(ENV_FAULT_HANG)
     probe = os.environ.get(ENV_FAULT_PROBE) == "1"
     if hang or probe:

@@ -18,8 +18,8 @@ from RUNNING until stopped or terminated, each billed stretch rounded up to a wh
 keeps the figures after the pod is gone, so a test can read what a run cost.
 
 Faults for tests (`PodFaults`), applied inside the trainer process by emulator/pod_process.py, which runs the
-same `training` module after installing them: a per-volume disk quota (ENOSPC when a checkpoint write takes
-the volume over it), a hang after step N (no more steps, the process alive: a hung GPU as the watchdog sees
+same `training` module after installing them: a per-volume disk quota that a test sets or lowers at any time
+(`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps, the process alive: a hung GPU as the watchdog sees
 it), and a probe line per completed step (so a test knows exactly how far a killed trainer got).
 Other images are only marked RUNNING, as the base PodRuntime does.
 """
@@ -46,7 +46,7 @@ from infra.config import DEFAULT_REPOSITORY
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 # Variables of this machine a container would also have; everything else comes from the pod's env.
 HOST_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-ENV_FAULT_QUOTA = "LORASTACK_EMULATOR_QUOTA_BYTES"
+ENV_FAULT_QUOTA_FILE = "LORASTACK_EMULATOR_QUOTA_FILE"
 ENV_FAULT_VOLUME = "LORASTACK_EMULATOR_VOLUME_DIR"
 ENV_FAULT_HANG = "LORASTACK_EMULATOR_HANG_AFTER_STEP"
 ENV_FAULT_PROBE = "LORASTACK_EMULATOR_PROBE"
@@ -56,13 +56,13 @@ SIGTERM_DELAY_S = 0.5
 
 @dataclass
 class PodFaults:
-    quota_bytes: int | None = None  # the volume is full past this many bytes (checked at checkpoint writes)
+    volume_quotas: bool = False  # enforce `set_volume_quota` (checked at checkpoint writes)
     hang_after_step: int | None = None  # the trainer stops making steps after this one, process alive
     probe_steps: bool = False  # log `emulator-probe: step N` after every completed step
 
     @property
     def any(self) -> bool:
-        return self.quota_bytes is not None or self.hang_after_step is not None or self.probe_steps
+        return self.volume_quotas or self.hang_after_step is not None or self.probe_steps
 
 
 @dataclass
@@ -165,6 +165,15 @@ class ProcessRuntime(PodRuntime):
         path = (mounts.get("persistent") or {}).get("path", "/workspace")
         return path, self.container_dir(pod["id"])
 
+    def quota_file(self, directory: Path) -> Path:
+        return self.root / "quotas" / directory.name
+
+    def set_volume_quota(self, volume_id: str, size_bytes: int) -> None:
+        """From now on the volume is full past `size_bytes` (read by the trainer at each checkpoint write)."""
+        path = self.quota_file(self.volume_dir(volume_id))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(size_bytes))
+
     def is_trainer(self, image: str) -> bool:
         reference = image.split("@", 1)[0]  # without the digest
         if ":" in reference.rsplit("/", 1)[-1]:  # a tag, not a registry port
@@ -240,9 +249,9 @@ class ProcessRuntime(PodRuntime):
         if container is not None and container.process.poll() is None:
             os.killpg(container.process.pid, signal.SIGKILL)
 
-    def lose_host(self, pod_id: str) -> None:
+    def lose_host(self, pod_id: str) -> list[str]:
         """The machine is gone (preemption, host failure): the trainer dies without a signal it could act on,
-        and the pod with it."""
+        and the pod with it. Returns the pod's log as it was when the trainer died."""
         with self._lock:
             self._generation[pod_id] = self._generation.get(pod_id, 0) + 1  # nothing restarts it
         container = self._containers.get(pod_id)
@@ -250,7 +259,11 @@ class ProcessRuntime(PodRuntime):
             if container.process.poll() is None:
                 os.killpg(container.process.pid, signal.SIGKILL)
             container.done.wait(10)
+        with self.api.lock:
+            record = self.api.pods.get(pod_id)
+            last_log = [line.line for line in record.logs] if record else []
         self.api.terminate(pod_id)
+        return last_log
 
     def wait_until_stopped(self, pod_id: str, timeout: float) -> bool:
         """True once the pod is no longer RUNNING and its trainer process has ended."""
@@ -288,8 +301,8 @@ class ProcessRuntime(PodRuntime):
             "RUNPOD_API_BASE_URL": self.base_url,
         })
         faults = self.faults
-        if faults.quota_bytes is not None:
-            env[ENV_FAULT_QUOTA] = str(faults.quota_bytes)
+        if faults.volume_quotas:
+            env[ENV_FAULT_QUOTA_FILE] = str(self.quota_file(directory))
             env[ENV_FAULT_VOLUME] = str(directory)
         if faults.hang_after_step is not None:
             env[ENV_FAULT_HANG] = str(faults.hang_after_step)

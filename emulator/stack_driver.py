@@ -8,7 +8,7 @@ forgetting what is retained (retainOnDelete) instead of deleting it. The state i
 local file backend keeps one. Every operation is counted (`Operations`), so a test can assert that a second
 `up` with no change creates, updates and replaces nothing.
 
-What it does not do: previews, refresh, imports, parallel resources, or the CLI's checkpointing of partial
+`refresh()` reads every resource back, as `pulumi refresh` does. What it does not do: previews, imports, parallel resources, or the CLI's checkpointing of partial
 updates. The providers are unpickled from the program's registration exactly as the CLI's provider host does.
 """
 
@@ -182,6 +182,20 @@ class StackDriver:
             state["outputs"] = _plain(outputs)
             self._save(state)
         return state["outputs"], operations
+
+    def refresh(self) -> Operations:
+        """`pulumi refresh`: read every resource back; one gone outside Pulumi leaves the state."""
+        state = self._load()
+        operations = Operations()
+        for name, resource in list(state["resources"].items()):
+            read = _provider(resource["provider"]).read(resource["id"], resource["outputs"])
+            if not read.id:
+                del state["resources"][name]
+                operations.record("gone", name)
+            else:
+                resource["outputs"] = read.outs
+        self._save(state)
+        return operations
 
     def destroy(self) -> Operations:
         state = self._load()

@@ -79,7 +79,7 @@ def follow_run(
     max_hours: float,
     report: Callable[[str], None],
     environ: dict[str, str] | None = None,
-    outputs_dir: Path = ops.OUTPUTS_DIR,
+    outputs_dir: Path | None = None,
     poll_s: float = POLL_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunOutcome:
@@ -117,7 +117,7 @@ def follow_run(
     if state != "succeeded":
         report(f"the run ended {state}: {message}")
         return RunOutcome(state, progress.step, progress.total, progress.loss, message, None)
-    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir, report)
+    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir or ops.OUTPUTS_DIR, report)
     return RunOutcome(state, progress.step, progress.total, progress.loss, message, lora)
 
 

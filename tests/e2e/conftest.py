@@ -1,0 +1,156 @@
+"""The whole flow on this machine: the RunPod emulator whose pods run the real trainer as processes
+(emulator/pods.py), stacks brought up and down by the offline driver over the real program and providers.
+
+Budget: the e2e suite must stay within a few minutes on two cores, so every run trains the tiny SD 1.5 for a
+handful of steps, and only the tests about the trainer start trainer processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emulator.pods import PROBE_PREFIX, PodFaults, ProcessRuntime
+from emulator.runpod import PodRuntime, RunpodApi
+from emulator.server import serve
+from emulator.stack_driver import StackDriver
+from infra import ops
+from infra.config import stack_file
+from infra.runpod.client import RunpodClient
+from infra.runpod.follow import ENV_VOLUME_MOUNTS
+from training import tiny
+from training.workspace import RunPaths, read_json
+
+STACK = "demo"
+
+
+@pytest.fixture(scope="session")
+def seed(tmp_path_factory) -> Path:
+    """What the demo stack expects on its volume: models/tiny-sd15 and datasets/demo."""
+    folder = tmp_path_factory.mktemp("seed")
+    tiny.make_model("sd15", folder / "models" / "tiny-sd15")
+    tiny.make_dataset(folder / "datasets" / "demo", 4)
+    return folder
+
+
+def demo_config() -> dict:
+    return (yaml.safe_load(stack_file(STACK).read_text()) or {})["config"]
+
+
+def overrides(wait: bool = False, train: dict | None = None, limits: dict | None = None, keep_volume: bool | None = None) -> dict:
+    """`lorastack:*` values replacing the demo stack's."""
+    config = copy.deepcopy(demo_config())
+    changed = {"lorastack:wait": wait}
+    if train:
+        changed["lorastack:train"] = {**config["lorastack:train"], **train}
+    if limits:
+        changed["lorastack:limits"] = {**config["lorastack:limits"], **limits}
+    if keep_volume is not None:
+        runpod = config["lorastack:runpod"]
+        runpod["volume"]["keepOnDestroy"] = keep_volume
+        changed["lorastack:runpod"] = runpod
+    return changed
+
+
+@dataclass
+class Emulated:
+    api: RunpodApi
+    runtime: PodRuntime
+    url: str
+    api_key: str
+    state_dir: Path
+
+    @property
+    def client(self) -> RunpodClient:
+        return RunpodClient(self.api_key, base_url=self.url, backoff=0.05)
+
+    def driver(self, **changes) -> StackDriver:
+        return StackDriver(STACK, self.state_dir, secrets={"runpodApiKey": self.api_key}, overrides=overrides(**changes))
+
+    def logs(self, pod_id: str) -> list[str]:
+        with self.api.lock:
+            pod = self.api.pods.get(pod_id)
+            return [line.line for line in pod.logs] if pod else []
+
+    def wait_for_log(self, pod_id: str, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        compiled = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in self.logs(pod_id):
+                match = compiled.search(line)
+                if match:
+                    return match
+            time.sleep(0.05)
+        raise AssertionError(f"no log line like {pattern!r} in {timeout} s; log tail: {self.logs(pod_id)[-15:]}")
+
+    def volume_paths(self, volume_id: str, run_id: str) -> RunPaths:
+        return RunPaths(self.runtime.volume_dir(volume_id), run_id)
+
+    def status(self, volume_id: str, run_id: str) -> dict:
+        return read_json(self.volume_paths(volume_id, run_id).status) or {}
+
+
+def probe_steps(lines: list[str]) -> list[int]:
+    return [int(line[len(PROBE_PREFIX):]) for line in lines if line.startswith(PROBE_PREFIX)]
+
+
+def start_emulator(tmp_path, monkeypatch, runtime: PodRuntime):
+    api_key = "e2e-" + secrets.token_hex(8)
+    api = RunpodApi(api_key=api_key, runtime=runtime)
+    server = serve(api)
+    url = server.__enter__()
+    if isinstance(runtime, ProcessRuntime):
+        runtime.base_url = url
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", url)
+    monkeypatch.setenv("RUNPOD_API_KEY", api_key)
+    monkeypatch.setattr(ops, "OUTPUTS_DIR", tmp_path / "outputs")
+    if isinstance(runtime, ProcessRuntime):
+        monkeypatch.setenv(ENV_VOLUME_MOUNTS, str(runtime.root / "volumes"))
+    return Emulated(api, runtime, url, api_key, tmp_path / "state"), server
+
+
+@pytest.fixture
+def faults() -> PodFaults:
+    """Set before the first pod starts; read by every trainer process the runtime starts."""
+    return PodFaults()
+
+
+@pytest.fixture
+def emulated(tmp_path, monkeypatch, seed, faults):
+    """The emulator with pods that run `python -m training` on this machine."""
+    runtime = ProcessRuntime(
+        tmp_path / "emulator",
+        seed_volume=lambda volume: shutil.copytree(seed, volume, dirs_exist_ok=True),
+        extra_env={"OMP_NUM_THREADS": "2"},
+        stop_grace_s=10,
+        faults=faults,
+    )
+    emulated, server = start_emulator(tmp_path, monkeypatch, runtime)
+    try:
+        yield emulated
+    finally:
+        runtime.shutdown()
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def api_only(tmp_path, monkeypatch):
+    """The emulator with pods that only report RUNNING (no trainer): for what is about the API alone."""
+    emulated, server = start_emulator(tmp_path, monkeypatch, PodRuntime())
+    try:
+        yield emulated
+    finally:
+        server.__exit__(None, None, None)
+
+
+def json_env(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"))
