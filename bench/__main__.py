@@ -48,8 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-search", dest="search", action="store_false", help="no largest-batch search")
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 10 on cuda, 2 on cpu)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3 on cuda, 1 on cpu)")
-    parser.add_argument("--search-limit", type=int, help=f"largest batch tried (default: {harness.MAX_BATCH_SIZE} on cuda, 2 on cpu)")
-    parser.add_argument("--resolution", type=int, help=f"default: each stack's own at full size, {TINY_RESOLUTION} for tiny")
+    parser.add_argument(
+        "--search-limit", type=int, help=f"largest batch tried (default: {harness.MAX_BATCH_SIZE} on cuda, 2 on cpu)"
+    )
+    parser.add_argument(
+        "--resolution", type=int, help=f"default: each stack's own at full size, {TINY_RESOLUTION} for tiny"
+    )
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU the built-in table lacks")
     parser.add_argument(
         "--per-image-flops", action=argparse.BooleanOptionalAction, default=True,

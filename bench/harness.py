@@ -79,7 +79,10 @@ OPTIONS = (
     Variant("fp32", "fp32 weights, no autocast", {"precision": "fp32"}, cuda_only=True),
     Variant("sdpa-math", "attention as matmuls and softmax, no fused kernel", attention=("MATH",)),
     Variant("sdpa-flash", "SDPA restricted to FlashAttention-2", attention=("FLASH_ATTENTION",), cuda_only=True),
-    Variant("sdpa-efficient", "SDPA restricted to the memory-efficient kernel", attention=("EFFICIENT_ATTENTION",), cuda_only=True),
+    Variant(
+        "sdpa-efficient", "SDPA restricted to the memory-efficient kernel", attention=("EFFICIENT_ATTENTION",),
+        cuda_only=True,
+    ),
     Variant("sdpa-cudnn", "SDPA restricted to cuDNN attention", attention=("CUDNN_ATTENTION",), cuda_only=True),
     Variant("foreach-adamw", "AdamW without the fused kernel (foreach)", fused_optimizer=False, cuda_only=True),
     Variant("channels-last", "the UNet in channels-last memory layout", channels_last=True, unet_only=True),
@@ -260,7 +263,9 @@ def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
     return low
 
 
-def search_largest_batch(setup: Setup, stack: Stack, variant: Variant, limit: int, steps: int, warmup: int) -> list[dict]:
+def search_largest_batch(
+    setup: Setup, stack: Stack, variant: Variant, limit: int, steps: int, warmup: int
+) -> list[dict]:
     """Rows for every batch size tried on the way to the largest that fits; that one is marked."""
     tried: dict[int, dict] = {}
 

@@ -144,8 +144,8 @@ def flops_table(document: dict) -> list[str]:
     lines = [
         f"FLOPs per image, counted on the meta device ({document['method']}). Quoted: the issue's figures.",
         "",
-        "| family | stack | resolution | rank | settings | forward (frozen model) | forward with LoRA | forward + backward "
-        "| quoted forward | quoted total | total vs quoted |",
+        "| family | stack | resolution | rank | settings | forward (frozen model) | forward with LoRA "
+        "| forward + backward | quoted forward | quoted total | total vs quoted |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in document["counts"]:
@@ -163,8 +163,8 @@ def flops_table(document: dict) -> list[str]:
 def timing_table(document: dict) -> list[str]:
     env = document["environment"]
     lines = [
-        f"### {env['gpu']} ({env['gpu_memory_gib']} GiB), driver {env['driver']}, CUDA {env['cuda']}, torch {env['torch']}, "
-        f"diffusers {env['diffusers']}, peft {env['peft']}, {env['date']}",
+        f"### {env['gpu']} ({env['gpu_memory_gib']} GiB), driver {env['driver']}, CUDA {env['cuda']}, "
+        f"torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}, {env['date']}",
         "",
         "| stack | variant | batch | checkpointing | s/step (median) | images/s | peak GiB | TFLOP/step | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -178,7 +178,8 @@ def timing_table(document: dict) -> list[str]:
         lines.append(
             f"| {row['stack']} | {row['variant']} | {row['batch_size']}{largest} "
             f"| {'on' if row['gradient_checkpointing'] else 'off'} | {row['seconds_per_step']:.3f} "
-            f"| {row['images_per_second']:.2f} | {row['peak_memory_gib']:.1f} | {_tflop(row['flops_per_step'])} | {mfu} |"
+            f"| {row['images_per_second']:.2f} | {row['peak_memory_gib']:.1f} | {_tflop(row['flops_per_step'])} "
+            f"| {mfu} |"
         )
     for check in document["checks"]:
         lines.append(f"\n- {'met' if check['met'] else 'NOT met'}: {check['target']}: {check['value']}")
@@ -193,7 +194,8 @@ def render_readme(results_dir: Path = RESULTS_DIR, readme: Path = README) -> Non
         lines += flops_table(json.loads(flops.read_text()))
     for path in sorted(results_dir.glob("*.json")):
         document = json.loads(path.read_text())
-        if path.name != FLOPS_FILE and document["environment"]["device"] == "cuda" and document["environment"]["size"] == "full":
+        environment = document.get("environment", {})
+        if environment.get("device") == "cuda" and environment.get("size") == "full":
             lines += ["", *timing_table(document)]
     if not any(line.startswith("### ") for line in lines):
         lines += ["", "No GPU measurements yet: run `make bench` on a GPU machine."]

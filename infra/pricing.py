@@ -7,7 +7,10 @@ stack outputs prefer live prices from the API when reachable and say which sourc
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 RUNPOD_PRICES_SOURCE = "RunPod public pricing (runpod.io/pricing), list $/GPU/hour, copied 2026-11-24"
 REPLICATE_PRICES_SOURCE = "Replicate public pricing (replicate.com/pricing), $/second, undated copy (shared/reference)"
@@ -94,12 +97,43 @@ REFERENCE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 
 
-def seconds_per_step(family: str, gpu_id: str, resolution: int, batch_size: int) -> float:
+BENCH_RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+@functools.cache
+def measured_seconds_per_step(results_dir: Path = BENCH_RESULTS_DIR) -> dict[tuple[str, str, int, int], float]:
+    """(family, GPU id, resolution, batch size) -> seconds per micro-batch that `make bench` measured on a GPU.
+
+    Only full-size rows at a stack's own settings (variant "baseline") count; the GPU id is the name CUDA
+    reports, which is RunPod's id for the same card. Smoke runs on tiny models are not measurements.
+    """
+    measured = {}
+    for path in sorted(results_dir.glob("*.json")):
+        document = json.loads(path.read_text())
+        environment = document.get("environment", {})
+        if environment.get("device") != "cuda" or environment.get("size") != "full":
+            continue
+        for row in document["rows"]:
+            if row["variant"] == "baseline" and row["status"] == "ok":
+                key = (row["family"], environment["gpu"], row["resolution"], row["batch_size"])
+                measured[key] = row["seconds_per_step"] / row["gradient_accumulation"]
+    return measured
+
+
+def seconds_per_step(
+    family: str, gpu_id: str, resolution: int, batch_size: int, results_dir: Path = BENCH_RESULTS_DIR
+) -> float:
     """Measured or estimated time of one step; scaled by pixels and batch from the nearest known row."""
+    measured = measured_seconds_per_step(results_dir)
+    exact = measured.get((family, gpu_id, resolution, batch_size))
+    if exact is not None:
+        return exact
     reference = REFERENCE_RESOLUTION[family]
-    known = SECONDS_PER_STEP.get((family, gpu_id, reference))
+    # measured batch-1 rows take the place of the estimates
+    table = {**SECONDS_PER_STEP, **{(f, g, r): s for (f, g, r, b), s in measured.items() if b == 1}}
+    known = table.get((family, gpu_id, reference))
     if known is None:
-        anchor_gpu, anchor = next((g, s) for (f, g, r), s in SECONDS_PER_STEP.items() if f == family and r == reference)
+        anchor_gpu, anchor = next((g, s) for (f, g, r), s in table.items() if f == family and r == reference)
         known = anchor * RELATIVE_SPEED.get(anchor_gpu, 1.0) / RELATIVE_SPEED.get(gpu_id, 1.0)
     return known * (resolution / reference) ** 2 * batch_size
 
