@@ -3,7 +3,9 @@
 Two users: infra refuses a stack whose settings cannot fit the chosen GPU before anything is billed, and
 the trainer decides `gradientCheckpointing: auto` with the same numbers. The per-family figures are
 bf16 measurements' orders of magnitude (frozen base weights, SDPA attention, activations linear in pixels);
-`bench/` keeps them honest.
+`bench/` keeps them honest. They are not measurements yet: `make bench` on a GPU records the peak memory of
+each stack's settings with checkpointing off and on (bench/results/<gpu>.json, `peak_memory_gib`), the
+figures to put here.
 """
 
 from __future__ import annotations
