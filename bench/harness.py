@@ -32,6 +32,7 @@ from training.workspace import RunPaths
 STACKS = ("sdxl-4090", "sd15-3090", "flux-h100")
 DATASET_IMAGES = 4
 MAX_BATCH_SIZE = 64  # TrainSpec's own limit
+NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def _gib(count: int) -> float:
     return round(count / 2**30, 3)
 
 
-def _timed(setup: Setup, stack: Stack, variant: Variant, spec: TrainSpec, steps: int, warmup: int) -> dict:
+def _timed(setup: Setup, variant: Variant, spec: TrainSpec, steps: int, warmup: int) -> dict:
     device = setup.device
     paths = RunPaths(setup.work, "bench")
     # accelerate fixes mixed precision once per process; each measurement starts from a fresh state
@@ -225,9 +226,14 @@ def measure(
     if setup.device.type == "cuda":
         row["memory_before_gib"] = _gib(torch.cuda.memory_allocated(setup.device))  # a leak would show here
     try:
-        row.update(_timed(setup, stack, variant, spec, steps, warmup))
+        row.update(_timed(setup, variant, spec, steps, warmup))
     except torch.OutOfMemoryError:
         row["status"] = "out of memory"
+    except RuntimeError as error:
+        # SDPA restricted to one kernel raises one of these (CUDA, CPU) when it cannot take the shapes or dtype
+        if variant.attention is None or not any(text in str(error) for text in NO_SDPA_KERNEL):
+            raise
+        row["status"] = "no such attention kernel for these shapes"
     _release(setup.device)
     if "status" in row:
         return row

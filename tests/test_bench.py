@@ -202,3 +202,11 @@ def test_pricing_uses_measured_rows_of_the_stacks_settings_only(tmp_path):
     assert pricing.seconds_per_step("sdxl", gpu, 1024, 2, tmp_path) == pytest.approx(0.62)  # scaled from batch 1
     # the tiny smoke run is no measurement: FLUX keeps its estimate
     assert pricing.seconds_per_step("flux", gpu, 1024, 1, tmp_path) == pricing.SECONDS_PER_STEP[("flux", gpu, 1024)]
+
+
+def test_an_attention_kernel_that_cannot_run_is_recorded_not_fatal(setup):
+    # CPU has no memory-efficient kernel: the same refusal a GPU kernel gives for shapes it cannot take
+    stack = harness.load_bench_stack("flux-h100")
+    only_efficient = harness.Variant("sdpa-efficient", "", attention=("EFFICIENT_ATTENTION",))
+    row = harness.measure(setup, stack, only_efficient, batch_size=1)
+    assert row["status"] == "no such attention kernel for these shapes"
