@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.models import Architecture, built_in_memory
+from bench.models import Architecture, in_memory_source
 from training.latents import Batch
 from training.loop import TrainState, compute_loss
 from training.models import load_models
@@ -79,8 +79,7 @@ def _by_op(counter: FlopCounterMode) -> dict[str, int]:
 def count_step_flops(model: Architecture, spec: TrainSpec, batch_size: int) -> StepFlops:
     """Forward and backward FLOPs of one micro-batch of `batch_size` at `spec`'s settings."""
     spec = spec.model_copy(update={"gradient_checkpointing": "off", "batch_size": batch_size})
-    with built_in_memory(model, META):
-        models = load_models(spec, META)
+    models = load_models(spec, META, source=in_memory_source(model, META))
     state = TrainState(
         spec=spec,
         paths=None,

@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.flops import count_step_flops
-from bench.models import Architecture, built_in_memory
+from bench.models import Architecture, in_memory_source
 from infra.config import load_stack
 from training import memory
 from training.loop import build_state, next_micro_batches, train_step
@@ -172,8 +172,7 @@ def _timed(setup: Setup, variant: Variant, spec: TrainSpec, steps: int, warmup: 
     paths = RunPaths(setup.work, "bench")
     # accelerate fixes mixed precision once per process; each measurement starts from a fresh state
     AcceleratorState._reset_state()
-    with built_in_memory(setup.architectures[spec.family], device):
-        state = build_state(spec, paths)
+    state = build_state(spec, paths, source=in_memory_source(setup.architectures[spec.family], device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _apply(state, variant)

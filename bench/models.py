@@ -2,7 +2,7 @@
 
 Speed and FLOPs depend on the architecture, not on the weights, so nothing is downloaded: the published
 configs (bench/configs/<family>.json) or the tiny test models' configs (training.tiny) are instantiated
-directly on the device. `built_in_memory()` makes the trainer's own `training.models.load_models` use these
+directly on the device. `in_memory_source()` hands these to the trainer's own `training.models.load_models`
 components in place of a checkpoint; freezing, LoRA, dtype casting and gradient checkpointing stay the
 trainer's.
 """
@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-import training.models
+from training.models import ComponentSource
+from training.spec import TrainSpec
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -31,7 +32,7 @@ from training import tiny
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Size = Literal["full", "tiny"]
-# The components a model folder of each family holds (what training.models._load_components returns).
+# The components a model folder of each family holds (what training.models.read_components returns).
 COMPONENTS = {
     "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
@@ -102,13 +103,13 @@ def _text_encoder(name: str, family: str, config: dict[str, Any]) -> torch.nn.Mo
 def build_components(
     model: Architecture, device: torch.device, weight_dtype: torch.dtype, seed: int = 0
 ) -> dict[str, Any]:
-    """Random-weight components on `device`, in the classes and dtypes training.models._load_components uses."""
+    """Random-weight components on `device`, in the classes and dtypes training.models.read_components uses."""
     family, configs = model.family, model.configs
     torch.manual_seed(seed)
     # Built outside the dtype context: a scheduler's noise tables must stay fp32.
     scheduler_class = FlowMatchEulerDiscreteScheduler if family == "flux" else DDPMScheduler
     components: dict[str, Any] = {"scheduler": scheduler_class.from_config(configs["scheduler"])}
-    # As _load_components: SDXL's VAE stays fp32 (it overflows in fp16), every other component is in weight_dtype.
+    # As read_components: SDXL's VAE stays fp32 (it overflows in fp16), every other component is in weight_dtype.
     vae_dtype = torch.float32 if family == "sdxl" else weight_dtype
     with torch.device(device):
         with _default_dtype(vae_dtype):
@@ -126,22 +127,16 @@ def build_components(
     return components
 
 
-@contextlib.contextmanager
-def built_in_memory(model: Architecture, device: torch.device) -> Iterator[None]:
-    """Within this block, training.models.load_models builds `model` on `device` instead of reading a checkpoint.
+def in_memory_source(model: Architecture, device: torch.device) -> ComponentSource:
+    """A component source for the trainer's own load_models/build_state: `model` built on `device`, no checkpoint.
 
     Only the source of the components changes: the rest of load_models (and build_state around it) runs as
     in a training run.
     """
 
-    def load_components(spec, cache_dir, weight_dtype):
+    def build(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict:
         if spec.family != model.family:
             raise ValueError(f"spec is for {spec.family}, the benchmark built {model.family}")
         return build_components(model, device, weight_dtype, seed=spec.seed)
 
-    original = training.models._load_components
-    training.models._load_components = load_components
-    try:
-        yield
-    finally:
-        training.models._load_components = original
+    return build

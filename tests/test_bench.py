@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import __main__ as bench_main
 from bench import harness, report
 from bench.flops import META, count_step_flops
-from bench.models import architecture, build_components
+from bench.models import architecture, build_components, in_memory_source
 from infra import pricing
 from training import tiny
 from training.loop import build_state, next_micro_batches, train_step
@@ -100,8 +100,8 @@ def test_meta_count_equals_the_real_steps_count(setup, stack_name):
     stack = harness.load_bench_stack(stack_name)
     off = harness.Variant("checkpointing-off", "", {"gradient_checkpointing": "off"})
     spec = harness.run_spec(setup, stack, off, batch_size=2)
-    with harness.built_in_memory(setup.architectures[spec.family], setup.device):
-        state = build_state(spec, RunPaths(setup.work, "flops"))
+    source = in_memory_source(setup.architectures[spec.family], setup.device)
+    state = build_state(spec, RunPaths(setup.work, "flops"), source=source)
     # the meta device has no fused attention kernel: on both sides SDPA is its two matmuls
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as real:
         train_step(state, next_micro_batches(state))

@@ -29,7 +29,14 @@ from diffusers.training_utils import compute_snr
 from training import checkpoints
 from training.data import BucketBatchSampler, PreparedDataset, prepare_dataset
 from training.latents import Batch, FeatureCache, build_feature_cache, collate
-from training.models import ModelBundle, load_models, mixed_precision_name, weight_dtype_for
+from training.models import (
+    ComponentSource,
+    ModelBundle,
+    load_models,
+    mixed_precision_name,
+    read_components,
+    weight_dtype_for,
+)
 from training.spec import TrainSpec
 from training.workspace import RunPaths
 
@@ -76,13 +83,15 @@ def make_accelerator(spec: TrainSpec) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision_name(weight_dtype_for(spec, device)))
 
 
-def build_state(spec: TrainSpec, paths: RunPaths, accelerator: Accelerator | None = None) -> TrainState:
+def build_state(
+    spec: TrainSpec, paths: RunPaths, accelerator: Accelerator | None = None, source: ComponentSource = read_components
+) -> TrainState:
     """Everything a run needs, at step 0: data prepared, model loaded with fresh LoRA, features cached."""
     accelerator = accelerator or make_accelerator(spec)
     set_seed(spec.seed)
     with accelerator.main_process_first():  # one process prepares, the others find it on the volume
         dataset = prepare_dataset(spec, paths)
-    models = load_models(spec, accelerator.device, cache_dir=paths.hf_home / "hub")
+    models = load_models(spec, accelerator.device, cache_dir=paths.hf_home / "hub", source=source)
 
     features = None
     if spec.cache_latents:

@@ -9,6 +9,7 @@ GPU has it, fp32 on CPU); only the LoRA parameters are trained, in fp32.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class ModelBundle:
         )
 
 
-def _load_components(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
+def read_components(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
     """Each component read straight into its dtype: FLUX in fp32 would not even fit in the pod's RAM."""
     source = spec.base_model
     common = {"revision": spec.revision, "cache_dir": cache_dir}
@@ -249,13 +250,19 @@ def _load_components(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torc
     return components
 
 
-def load_models(spec: TrainSpec, device: torch.device, cache_dir: Path | None = None) -> ModelBundle:
+ComponentSource = Callable[[TrainSpec, Path | None, torch.dtype], dict[str, Any]]
+
+
+def load_models(
+    spec: TrainSpec, device: torch.device, cache_dir: Path | None = None, source: ComponentSource = read_components
+) -> ModelBundle:
     """Load the base model, freeze it, add LoRA adapters (seeded by spec.seed) and place it on `device`.
 
     `cache_dir`: where hub downloads go (the volume's HF_HOME/hub in a pod); local paths ignore it.
+    `source`: where the components come from; the benchmark builds random-weight ones in memory instead.
     """
     weight_dtype = weight_dtype_for(spec, device)
-    components = _load_components(spec, cache_dir, weight_dtype)
+    components = source(spec, cache_dir, weight_dtype)
     denoiser = components["transformer" if spec.family == "flux" else "unet"]
     text_encoders = {name: components[name] for name in ("text_encoder", "text_encoder_2") if name in components}
     tokenizers = {name: components[name] for name in ("tokenizer", "tokenizer_2") if name in components}
