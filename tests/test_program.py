@@ -17,12 +17,13 @@ import pulumi
 import pytest
 import yaml
 from pulumi.runtime import rpc
-from pulumi.runtime.mocks import MockMonitor
 
 from infra.config import STACKS_DIR, parse_stack
 from infra.program import build
 from infra.runpod.pod import PodProvider
 from training.spec import RunLimits, TrainSpec
+
+from tests.pulumi_mocks import RecordingMonitor, run_mocked
 
 API_KEY = "rpa_program_test_key_feedface"
 HF_TOKEN = "hf_program_test_token_c0ffee"
@@ -59,44 +60,11 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-class RecordingMonitor(MockMonitor):
-    """A MockMonitor that also keeps each registration's type, inputs and resource options."""
-
-    def __init__(self, mocks: Mocks):
-        super().__init__(mocks)
-        self.registered: dict[str, dict] = {}
-
-    def RegisterResource(self, request):
-        self.registered[request.name] = {
-            "type": request.type,
-            "inputs": rpc.deserialize_properties(request.object),
-            "retainOnDelete": request.retainOnDelete,
-            "deleteBeforeReplace": request.deleteBeforeReplace,
-            "additionalSecretOutputs": list(request.additionalSecretOutputs),
-        }
-        return super().RegisterResource(request)
-
-    def of_type(self, type_: str) -> list[dict]:
-        return [entry for entry in self.registered.values() if entry["type"] == type_]
-
-
 def run(stack: str, config: dict, secrets: dict[str, str] | None = None) -> tuple[RecordingMonitor, dict]:
     """Run build(stack) with `config` as the stack's config; every value JSON-encoded, as get_object reads it."""
-    mocks = Mocks()
-    monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="lorastack", stack=stack, preview=False, monitor=monitor)
     values = {key: json.dumps(value) for key, value in config.items()}
     values.update({f"lorastack:{name}": value for name, value in (secrets or {}).items()})
-    pulumi.runtime.set_all_config(values, [f"lorastack:{name}" for name in secrets or {}])
-    outputs: dict = {}
-
-    @pulumi.runtime.test
-    def program():
-        exports = build(stack)
-        return pulumi.Output.all(**{key: pulumi.Output.from_input(value) for key, value in exports.items()}).apply(outputs.update)
-
-    program()
-    return monitor, outputs
+    return run_mocked(Mocks(), stack, lambda: build(stack), values, [f"lorastack:{name}" for name in secrets or {}])
 
 
 def unwrap(value):

@@ -15,11 +15,12 @@ import pulumi
 import pytest
 import yaml
 from pulumi.runtime import rpc
-from pulumi.runtime.mocks import MockMonitor
 
 from infra.config import STACKS_DIR, parse_stack
 from infra.replicate.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
 from infra.replicate.training import TrainingProvider
+
+from tests.pulumi_mocks import RecordingMonitor, run_mocked
 
 STACK = "flux-replicate"
 TOKEN = "r8_program_test_token_facade"
@@ -55,45 +56,15 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-class RecordingMonitor(MockMonitor):
-    def __init__(self, mocks: Mocks):
-        super().__init__(mocks)
-        self.registered: dict[str, dict] = {}
-
-    def RegisterResource(self, request):
-        self.registered[request.name] = {
-            "type": request.type,
-            "inputs": rpc.deserialize_properties(request.object),
-            "retainOnDelete": request.retainOnDelete,
-            "additionalSecretOutputs": list(request.additionalSecretOutputs),
-        }
-        return super().RegisterResource(request)
-
-    def one(self, type_: str) -> dict:
-        (entry,) = [entry for entry in self.registered.values() if entry["type"] == type_]
-        return entry
-
-    def count(self, type_: str) -> int:
-        return sum(entry["type"] == type_ for entry in self.registered.values())
-
-
 def run(raw: dict, secrets: dict[str, str]) -> tuple[RecordingMonitor, dict]:
     """Build the component for `raw` (the stack file's config) with `secrets` as secret Outputs."""
     config = parse_stack(raw, f"Pulumi.{STACK}.yaml")
-    mocks = Mocks()
-    monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="lorastack", stack=STACK, preview=False, monitor=monitor)
-    outputs: dict = {}
 
-    @pulumi.runtime.test
-    def program():
+    def declare() -> dict:
         secret_outputs = {name: pulumi.Output.secret(value) for name, value in secrets.items()}
-        component = ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secret_outputs))
-        exports = component.exports
-        return pulumi.Output.all(**{k: pulumi.Output.from_input(v) for k, v in exports.items()}).apply(outputs.update)
+        return ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secret_outputs)).exports
 
-    program()
-    return monitor, outputs
+    return run_mocked(Mocks(), STACK, declare)
 
 
 def with_changes(**sections) -> dict:
