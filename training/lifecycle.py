@@ -13,7 +13,7 @@ outright (preemption, OOM kill) loses at most that much of its count; time outsi
 provisioning) is not seen here and is the reaper's to catch, from the API's own startedAt and price.
 
 The stall watchdog arms at the first training step: before it (model download, dataset preparation, feature
-caching) only the longer setup allowance applies (LORASTACK_SETUP_MINUTES, default 60), so a slow first
+caching) only the longer setup allowance applies (limits.setupMinutes, default 60), so a slow first
 download is not taken for a hung GPU. A container that keeps dying before any step (a hard crash the process
 cannot report) is given up after MAX_STARTS_WITHOUT_PROGRESS starts on the same pod: failed, pod stopped.
 
@@ -45,11 +45,9 @@ from training.workspace import RunPaths, atomic_write_json, read_json
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
-ENV_SETUP_MINUTES = "LORASTACK_SETUP_MINUTES"  # the watchdog's allowance before the first step
 EXIT_STOP_FAILED = 3  # the pod may still be running: the reaper must act
 EXIT_STALLED = 4
 EXIT_CRASH_LOOP = 5
-DEFAULT_SETUP_MINUTES = 60.0  # a 24 GB FLUX download on a slow link, plus dataset preparation and caching
 LEDGER_FLUSH_S = 10.0  # how often the run's ledger reaches the volume while training
 MAX_STARTS_WITHOUT_PROGRESS = 3
 LEDGER_KEY = "life"
@@ -144,19 +142,15 @@ class Lifecycle:
         stop_retries: int = 6,
         stop_backoff_s: float = 0.5,
         process_age_s: float = 0.0,
-        setup_minutes: float | None = None,
     ):
-        """`process_age_s`: how long this process ran before the Lifecycle was made (imports), counted too.
-        `setup_minutes`: the watchdog's allowance before the first step (default: $LORASTACK_SETUP_MINUTES or 60)."""
+        """`process_age_s`: how long this process ran before the Lifecycle was made (imports), counted too."""
         self.limits, self.paths, self.environ, self.clock = limits, paths, environ, clock
         self.stop_requested = threading.Event()
         self.reason: str | None = None
         self._on_failure = on_failure  # e.g. reporter.finish("failed", ...); else status.json is written here
         self._exit_process = exit_process  # the watchdog's way out of a hung process (injectable for tests)
         self._stop_retries, self._stop_backoff_s = stop_retries, stop_backoff_s
-        if setup_minutes is None:
-            setup_minutes = float(environ.get(ENV_SETUP_MINUTES) or DEFAULT_SETUP_MINUTES)
-        self.setup_seconds = max(setup_minutes * 60, limits.stall_minutes * 60)
+        self.setup_seconds = max(limits.setup_minutes * 60, limits.stall_minutes * 60)
         self._started = clock() - process_age_s
         self._last_beat = self._started
         self._last_step: int | None = None
@@ -301,7 +295,7 @@ class Lifecycle:
             # The main thread may be hung inside CUDA or I/O: this thread reports, stops the pod, and exits.
             if self._last_step is None:
                 message = (f"stalled: no training step after {silent / 60:.1f} min of setup "
-                           f"(setup allowance {self.setup_seconds / 60:g} min, ${ENV_SETUP_MINUTES})")
+                           f"(setup allowance {self.setup_seconds / 60:g} min, limits.setupMinutes)")
             else:
                 message = (f"stalled: no progress for {silent / 60:.1f} min after step {self._last_step} "
                            f"(stallMinutes {self.limits.stall_minutes:g})")

@@ -130,6 +130,8 @@ class RunLimits(_Schema):
     max_hours: float = Field(gt=0, le=168)
     max_cost_usd: float = Field(gt=0, le=10_000)
     stall_minutes: float = Field(default=20, gt=0, le=24 * 60)  # no step for this long: the watchdog stops the pod
+    # before the first step (model download, dataset preparation, latent caching) the watchdog allows this long
+    setup_minutes: float = Field(default=60, gt=0, le=24 * 60)
     usd_per_hour: float = Field(default=0.0, ge=0)  # filled in by infra from the price of the chosen GPU
 
 

@@ -66,8 +66,9 @@ def test_the_watchdog_allows_a_long_setup_then_arms_at_the_first_step(runpod, pa
         codes.append(code)
         fired.set()
 
-    limits = RunLimits(max_hours=1, max_cost_usd=10, stall_minutes=0.005)  # 0.3 s without a step
-    life = Lifecycle(limits, paths, environ, exit_process=exit_process, setup_minutes=0.03)  # 1.8 s of setup
+    # 0.3 s without a step, 1.8 s of setup
+    limits = RunLimits(max_hours=1, max_cost_usd=10, stall_minutes=0.005, setup_minutes=0.03)
+    life = Lifecycle(limits, paths, environ, exit_process=exit_process)
     life.start()
     try:
         assert not fired.wait(1.0), "the watchdog fired during setup, within the setup allowance"
