@@ -2,7 +2,7 @@
 
 Its inputs are those of ostris/flux-dev-lora-trainer that lorastack maps a TrainSpec onto (infra/replicate/
 training.py `trainer_input`), plus family and base_model, so a stack can name either trainer. The TrainSpec
-built from them is validated like a stack's; the run is `training.loop.train` and `training.export.export_lora`,
+built from them is validated like a stack's; the run is `training.loop.train` and `training.export.export_trained`,
 as in a pod. The output is `trained_model.tar`: the diffusers-format LoRA (plus the kohya file for SDXL/SD 1.5)
 with its model card, what `cog_predict.Predictor.setup(weights=...)` loads.
 """
@@ -70,18 +70,14 @@ def train(
             os.environ[variable] = secret.get_secret_value()
     paths = RunPaths(work, f"cog-{spec.fingerprint()}")
 
-    from training.export import export_lora
+    from training.export import export_trained
     from training.loop import train as train_loop
     from training.tracking import Reporter
 
     # Replicate bills the training itself, and enforces its own deadline: no limits of ours apply here
     reporter = Reporter(paths, spec, RunLimits(max_hours=168, max_cost_usd=10_000), paths.run_id, spec.steps)
     result = train_loop(spec, paths, on_step=reporter.step, on_samples=reporter.samples)
-    models = result.state.models
-    files = export_lora(
-        models.denoiser, models.text_encoders if spec.train_text_encoder else None, spec, paths,
-        result.state.dataset.data_hash, spec.family,
-    )
+    files = export_trained(result.state)
     reporter.finish("succeeded", f"trained {result.step} steps", files)
     output = work / OUTPUT_NAME
     with tarfile.open(output, "w") as archive:

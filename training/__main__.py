@@ -86,7 +86,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
     # The hub libraries read HF_HOME when imported: set it before anything imports them.
     os.environ["HF_HOME"] = str(paths.hf_home)
     from training import checkpoints
-    from training.export import export_lora
+    from training.export import export_trained
     from training.lifecycle import Lifecycle, describe_failure, process_age_seconds
     from training.loop import make_accelerator, train
     from training.tracking import Reporter, update_status
@@ -122,16 +122,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
             reporter.finish(state, f"{reason}; stopped at step {result.step} with a checkpoint to resume from")
             life.finish(state)
             return EXIT_STOPPED
-        models = result.state.models
-        outputs = export_lora(
-            models.denoiser,
-            models.text_encoders if spec.train_text_encoder else None,
-            spec,
-            paths,
-            result.state.dataset.data_hash,
-            spec.family,
-            environ=dict(environ),
-        )
+        outputs = export_trained(result.state, environ=dict(environ))
         reporter.finish("succeeded", f"trained {result.step} steps", outputs)
         life.finish("succeeded")
     return 0

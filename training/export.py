@@ -471,3 +471,17 @@ __all__ = [
     "push_to_hub",
     "unet_block_prefixes",
 ]
+
+
+def export_trained(state, environ: dict[str, str] | None = None) -> dict[str, Path]:
+    """export_lora for a finished run (a training.loop.TrainState): its adapters, data hash and spec."""
+    spec, models = state.spec, state.models
+    return export_lora(
+        models.denoiser,
+        models.text_encoders if spec.train_text_encoder else None,
+        spec,
+        state.paths,
+        state.dataset.data_hash,
+        spec.family,
+        environ=environ,
+    )

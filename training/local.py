@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = RunPaths(args.out.resolve(), f"local-{spec.fingerprint()}")
 
-    from training.export import export_lora
+    from training.export import export_trained
     from training.loop import train
 
     report_every = max(1, spec.steps // 50)
@@ -71,15 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}/{spec.steps}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
 
     result = train(spec, paths, on_step=on_step)
-    models = result.state.models
-    files = export_lora(
-        models.denoiser,
-        models.text_encoders if spec.train_text_encoder else None,
-        spec,
-        paths,
-        result.state.dataset.data_hash,
-        spec.family,
-    )
+    files = export_trained(result.state)
     for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from training.export import export_lora
+from training.export import export_trained
 from training.loop import train
 from training.workspace import RunPaths
 
@@ -30,8 +30,7 @@ def test_exported_lora_loads_into_the_pipeline_and_changes_its_output(tiny_model
     spec = make_spec(family, tiny_model(family), toy_images, steps=3, learningRate=5e-3)
     paths = RunPaths(workspace, "run")
     result = train(spec, paths)
-    models = result.state.models
-    files = export_lora(models.denoiser, None, spec, paths, result.state.dataset.data_hash, family, environ={})
+    files = export_trained(result.state, environ={})
 
     pipeline = PIPELINES[family].from_pretrained(tiny_model(family))
     pipeline.set_progress_bar_config(disable=True)
