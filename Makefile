@@ -62,8 +62,8 @@ logs: ## follow the pod's logs: STACK=name
 fetch: ## download the trained LoRA to outputs/STACK/: STACK=name
 	$(PY) -m infra.ops fetch $(STACK)
 
-reap: ## terminate lorastack pods past their limits or without a live stack
-	$(PY) -m infra.reaper
+reap: ## terminate lorastack pods past their limits or without a live stack (ARGS=--dry-run to list only)
+	$(PY) -m infra.reaper $(ARGS)
 
 image: ## build and push the trainer image: VERSION=x.y.z (default: training/version.py)
 	$(PY) -m infra.image $(if $(VERSION),--version $(VERSION))
