@@ -28,7 +28,8 @@ from emulator.runpod import RunpodApi
 from emulator.server import Fault, serve
 from infra.runpod.client import RunpodError
 from infra.runpod.pod import PodProvider
-from infra.runpod.volume import NetworkVolumeProvider, RunpodProvider
+from infra.runpod.provider import RunpodProvider
+from infra.runpod.volume import NetworkVolumeProvider
 
 API_KEY = "rpa_test_key_0123456789abcdef"
 GPU = "NVIDIA GeForce RTX 4090"

@@ -24,15 +24,11 @@ from typing import Any
 import httpx
 import replicate
 from replicate.exceptions import ReplicateError
-from pulumi.dynamic import ConfigureRequest, ResourceProvider
 from pulumi.dynamic.dynamic import PROVIDER_KEY
-from pulumi.output import Unknown
-from pulumi.runtime import rpc
 from replicate.version import Versions
 
-from infra.config import NAMESPACE, SECRETS
+from infra.dynamic import CredentialedProvider
 
-API_TOKEN_CONFIG = f"{NAMESPACE}:replicateApiToken"
 WRITE_METHODS = frozenset({"POST", "PATCH"})
 # Rejected before any work was done: safe to send again whatever the request.
 UNPROCESSED_STATUSES = frozenset({429, 503})
@@ -181,29 +177,17 @@ class ReplicateClient:
 # ------------------------------------------------------------------------------- the providers' shared base
 
 
-def is_unknown(value: Any) -> bool:
-    """During preview an input computed from another resource is not known yet."""
-    return isinstance(value, Unknown) or value == rpc.UNKNOWN
-
-
-def changed_keys(olds: dict[str, Any], news: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    return [key for key in keys if olds.get(key) != news.get(key)]
-
-
 def plain_inputs(props: dict[str, Any], secret_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """The inputs worth keeping as outputs: not the serialized provider, never a secret."""
     return {key: value for key, value in props.items() if key != PROVIDER_KEY and key not in secret_keys}
 
 
-class ReplicateProvider(ResourceProvider):
-    """Base of the Replicate providers: a client per call, with the token from `configure()`, never pickled.
+class ReplicateProvider(CredentialedProvider):
+    """Base of the Replicate providers: a client per call, with the token `lorastack:replicateApiToken` or
+    REPLICATE_API_TOKEN (kept out of state: infra.dynamic). The base URL is read from REPLICATE_BASE_URL
+    when a client is made (the emulator in tests)."""
 
-    Pulumi pickles the provider object into the state (`__provider`), so the token must never be an attribute
-    when that happens. The dynamic-provider host unpickles the provider in its own process and then calls
-    `configure()` with the stack config, secrets decrypted: the token is `lorastack:replicateApiToken`, or
-    failing that REPLICATE_API_TOKEN. `__getstate__` drops it should a configured provider be pickled again.
-    The base URL is read from REPLICATE_BASE_URL when a client is made (the emulator in tests).
-    """
+    credential = "replicateApiToken"
 
     def __init__(self, retries: int = 5, backoff: float = 1.0, max_wait: float = 60.0):
         super().__init__()
@@ -211,14 +195,5 @@ class ReplicateProvider(ResourceProvider):
         self.backoff = backoff
         self.max_wait = max_wait
 
-    def configure(self, req: ConfigureRequest) -> None:
-        token = req.config.get(API_TOKEN_CONFIG)
-        if token:
-            self._api_token = token
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name != "_api_token"}
-
     def client(self) -> ReplicateClient:
-        token = self.__dict__.get("_api_token") or os.environ.get(SECRETS["replicateApiToken"], "")
-        return ReplicateClient(token, retries=self.retries, backoff=self.backoff, max_wait=self.max_wait)
+        return ReplicateClient(self.credential_value(), retries=self.retries, backoff=self.backoff, max_wait=self.max_wait)

@@ -19,7 +19,8 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra import pricing
-from infra.replicate.client import ReplicateClient, ReplicateProvider, changed_keys, is_unknown, plain_inputs
+from infra.dynamic import changed_keys, is_unknown
+from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 
 DEPLOYMENT_REPLACE_KEYS = ("name", "model")
 DEPLOYMENT_UPDATE_KEYS = ("version", "hardware", "minInstances", "maxInstances")

@@ -24,7 +24,8 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra import pricing
-from infra.replicate.client import ReplicateClient, ReplicateProvider, changed_keys, is_unknown, plain_inputs
+from infra.dynamic import changed_keys, is_unknown
+from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 
 MODEL_REPLACE_KEYS = ("owner", "name")
 MODEL_UPDATE_KEYS = ("description", "visibility", "hardware", "keepOnDestroy")

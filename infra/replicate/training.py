@@ -36,7 +36,8 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.replicate.client import ReplicateClient, ReplicateProvider, changed_keys, is_unknown, plain_inputs
+from infra.dynamic import changed_keys, is_unknown
+from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 from training.spec import TrainSpec
 
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"

@@ -21,7 +21,8 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.runpod.client import NotFound, RunpodClient
-from infra.runpod.volume import RunpodProvider, changed_keys, is_unknown, whole_numbers
+from infra.dynamic import changed_keys, is_unknown, whole_numbers
+from infra.runpod.provider import RunpodProvider
 from training.spec import ENV_MANAGED, WORKSPACE_MOUNT
 
 POD_REPLACE_KEYS = ("gpuTypeId", "gpuCount", "cloud", "dataCenterIds", "networkVolumeId")

@@ -1,13 +1,6 @@
 """NetworkVolume: a RunPod network volume as a Pulumi dynamic resource (REST v2 through RunpodClient).
 
-Also home of `RunpodProvider`, the base both RunPod providers share (the Pod provider is in pod.py): how a
-provider gets its API key without it ever entering Pulumi state, and how a create is made safe to retry.
-
-The API key. Pulumi pickles the provider object into the state (`__provider`), so the key must never be an
-attribute when that happens. The provider reads it in `configure()`, which the dynamic-provider host calls
-after unpickling, in its own process, with the whole stack config (secrets decrypted): `lorastack:runpodApiKey`,
-or failing that the RUNPOD_API_KEY environment variable. `__getstate__` drops it again should a configured
-provider ever be pickled. The base URL is read at call time from RUNPOD_API_BASE_URL.
+The API key and retry-safe creates: infra/runpod/provider.py.
 
 Kept volumes. A dynamic provider cannot log (its `delete` runs in the provider host, with no engine logger),
 so "the volume is kept" is said by the engine: the component gives a kept volume the `retain_on_delete`
@@ -19,87 +12,21 @@ A later `pulumi up` adopts a kept volume again (same name, same data center), da
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
 from pulumi.dynamic import (
-    CheckFailure, CheckResult, ConfigureRequest, CreateResult, DiffResult, ReadResult, ResourceProvider, UpdateResult,
+    CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult,
 )
 from pulumi.dynamic.dynamic import PROVIDER_KEY
-from pulumi.output import Unknown
-from pulumi.runtime import rpc
 
 from infra import pricing
-from infra.config import NAMESPACE, SECRETS
-from infra.runpod.client import RETRY_STATUSES, NotFound, RunpodClient, RunpodError
+from infra.dynamic import changed_keys, is_unknown, whole_numbers
+from infra.runpod.client import NotFound, RunpodClient
+from infra.runpod.provider import RunpodProvider
 
-API_KEY_CONFIG = f"{NAMESPACE}:runpodApiKey"
 MIN_VOLUME_GB, MAX_VOLUME_GB = 10, 4096
-
-
-def is_unknown(value: Any) -> bool:
-    """During preview an input computed from another resource is not known yet."""
-    return isinstance(value, Unknown) or value == rpc.UNKNOWN
-
-
-def changed_keys(olds: dict[str, Any], news: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    return [key for key in keys if olds.get(key) != news.get(key)]
-
-
-def whole_numbers(props: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """Pulumi hands a provider its numbers as protobuf doubles (10 arrives as 10.0); RunPod wants integers."""
-    return {
-        key: int(value) if key in keys and isinstance(value, float) and value.is_integer() else value
-        for key, value in props.items()
-    }
-
-
-class RunpodProvider(ResourceProvider):
-    """Shared by the RunPod providers: the API key from `configure()` (never pickled) and retry-safe creates."""
-
-    def __init__(self, retries: int = 6, backoff: float = 0.5, timeout: float = 30.0):
-        super().__init__()
-        self.retries = retries
-        self.backoff = backoff
-        self.timeout = timeout
-
-    def configure(self, req: ConfigureRequest) -> None:
-        api_key = req.config.get(API_KEY_CONFIG)
-        if api_key:
-            self._api_key = api_key
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pulumi pickles the provider into the state: the key stays in the process that configured it.
-        return {name: value for name, value in self.__dict__.items() if name != "_api_key"}
-
-    def client(self, retries: int | None = None) -> RunpodClient:
-        api_key = self.__dict__.get("_api_key") or os.environ.get(SECRETS["runpodApiKey"], "")
-        return RunpodClient(api_key, retries=self.retries if retries is None else retries, backoff=self.backoff, timeout=self.timeout)
-
-    def create_once(self, find: Callable[[RunpodClient], dict | None], post: Callable[[RunpodClient], dict]) -> dict:
-        """POST without blind retries: before every try, look for what an earlier try may have created.
-
-        RunPod's creates take no idempotency key, and a POST that timed out may still have created the thing.
-        So the POST goes through a client that does not retry, and each retry first lists what exists (`find`).
-        The wait before that look grows with each try, to let a slow create land first.
-        """
-        lookup, once = self.client(), self.client(retries=0)
-        for attempt in range(self.retries + 1):
-            existing = find(lookup)
-            if existing is not None:
-                return existing
-            try:
-                return post(once)
-            except RunpodError as error:
-                transient = error.status == 0 or error.status in RETRY_STATUSES
-                if not transient or attempt == self.retries:
-                    raise
-            time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
 
 
 # --- NetworkVolume ---

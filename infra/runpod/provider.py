@@ -1,0 +1,50 @@
+"""The base of the RunPod dynamic providers: the API key kept out of state, REST v2 clients, retry-safe creates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from infra.dynamic import CredentialedProvider
+from infra.runpod.client import RETRY_STATUSES, RunpodClient, RunpodError
+
+
+class RunpodProvider(CredentialedProvider):
+    """The key: `lorastack:runpodApiKey` or RUNPOD_API_KEY (infra.dynamic); the base URL: RUNPOD_API_BASE_URL."""
+
+    credential = "runpodApiKey"
+
+    def __init__(self, retries: int = 6, backoff: float = 0.5, timeout: float = 30.0):
+        super().__init__()
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+
+    def client(self, retries: int | None = None) -> RunpodClient:
+        return RunpodClient(
+            self.credential_value(),
+            retries=self.retries if retries is None else retries,
+            backoff=self.backoff,
+            timeout=self.timeout,
+        )
+
+    def create_once(self, find: Callable[[RunpodClient], dict | None], post: Callable[[RunpodClient], dict]) -> dict:
+        """POST without blind retries: before every try, look for what an earlier try may have created.
+
+        RunPod's creates take no idempotency key, and a POST that timed out may still have created the thing.
+        So the POST goes through a client that does not retry, and each retry first lists what exists (`find`).
+        The wait before that look grows with each try, to let a slow create land first.
+        """
+        lookup, once = self.client(), self.client(retries=0)
+        for attempt in range(self.retries + 1):
+            existing = find(lookup)
+            if existing is not None:
+                return existing
+            try:
+                return post(once)
+            except RunpodError as error:
+                transient = error.status == 0 or error.status in RETRY_STATUSES
+                if not transient or attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
