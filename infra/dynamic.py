@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pulumi.dynamic import ConfigureRequest, ResourceProvider
+from pulumi.dynamic import ConfigureRequest, DiffResult, ResourceProvider
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
@@ -28,6 +28,23 @@ def is_unknown(value: Any) -> bool:
 
 def changed_keys(olds: dict[str, Any], news: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
     return [key for key in keys if olds.get(key) != news.get(key)]
+
+
+def keyed_diff(
+    olds: dict[str, Any],
+    news: dict[str, Any],
+    replace_keys: tuple[str, ...],
+    update_keys: tuple[str, ...],
+    delete_before_replace: bool = False,
+) -> DiffResult:
+    """A change to one of `replace_keys` replaces the resource; to one of `update_keys`, updates it in place."""
+    replaces = changed_keys(olds, news, replace_keys)
+    updates = changed_keys(olds, news, update_keys)
+    return DiffResult(
+        changes=bool(replaces or updates),
+        replaces=replaces,
+        delete_before_replace=delete_before_replace and bool(replaces),
+    )
 
 
 def whole_numbers(props: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

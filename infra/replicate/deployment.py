@@ -19,7 +19,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra import pricing
-from infra.dynamic import changed_keys, is_unknown
+from infra.dynamic import is_unknown, keyed_diff
 from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 
 DEPLOYMENT_REPLACE_KEYS = ("name", "model")
@@ -62,10 +62,8 @@ class DeploymentProvider(ReplicateProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        replaces = changed_keys(olds, news, DEPLOYMENT_REPLACE_KEYS)
-        updates = changed_keys(olds, news, DEPLOYMENT_UPDATE_KEYS)
         # same name: the old one must go before the new one can be created
-        return DiffResult(changes=bool(replaces or updates), replaces=replaces, delete_before_replace=bool(replaces))
+        return keyed_diff(olds, news, DEPLOYMENT_REPLACE_KEYS, DEPLOYMENT_UPDATE_KEYS, delete_before_replace=True)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         client = self.client()

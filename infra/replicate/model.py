@@ -24,7 +24,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra import pricing
-from infra.dynamic import changed_keys, is_unknown
+from infra.dynamic import is_unknown, keyed_diff
 from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 
 MODEL_REPLACE_KEYS = ("owner", "name")
@@ -60,9 +60,7 @@ class ModelProvider(ReplicateProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        replaces = changed_keys(olds, news, MODEL_REPLACE_KEYS)
-        updates = changed_keys(olds, news, MODEL_UPDATE_KEYS)
-        return DiffResult(changes=bool(replaces or updates), replaces=replaces)
+        return keyed_diff(olds, news, MODEL_REPLACE_KEYS, MODEL_UPDATE_KEYS)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         client = self.client()

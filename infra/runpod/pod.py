@@ -21,7 +21,7 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.runpod.client import NotFound, RunpodClient
-from infra.dynamic import changed_keys, is_unknown, whole_numbers
+from infra.dynamic import is_unknown, keyed_diff, whole_numbers
 from infra.runpod.provider import RunpodProvider
 from training.spec import ENV_MANAGED, WORKSPACE_MOUNT
 
@@ -86,9 +86,7 @@ class PodProvider(RunpodProvider):
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         olds, news = whole_numbers(olds, POD_INTEGER_KEYS), whole_numbers(news, POD_INTEGER_KEYS)
-        replaces = changed_keys(olds, news, POD_REPLACE_KEYS)
-        updates = changed_keys(olds, news, POD_UPDATE_KEYS)
-        return DiffResult(changes=bool(replaces or updates), replaces=replaces)
+        return keyed_diff(olds, news, POD_REPLACE_KEYS, POD_UPDATE_KEYS)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         props = whole_numbers(props, POD_INTEGER_KEYS)

@@ -22,7 +22,7 @@ from pulumi.dynamic import (
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
-from infra.dynamic import changed_keys, is_unknown, whole_numbers
+from infra.dynamic import is_unknown, keyed_diff, whole_numbers
 from infra.runpod.client import NotFound, RunpodClient
 from infra.runpod.provider import RunpodProvider
 
@@ -64,9 +64,7 @@ class NetworkVolumeProvider(RunpodProvider):
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
-        replaces = changed_keys(olds, news, VOLUME_REPLACE_KEYS)
-        updates = changed_keys(olds, news, VOLUME_UPDATE_KEYS)
-        return DiffResult(changes=bool(replaces or updates), replaces=replaces)
+        return keyed_diff(olds, news, VOLUME_REPLACE_KEYS, VOLUME_UPDATE_KEYS)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         props = whole_numbers(props, VOLUME_INTEGER_KEYS)
