@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 from training.spec import DatasetSpec, TrainSpec
-from training.workspace import RunPaths, atomic_write_json, read_json
+from training.workspace import RunPaths, atomic_file, atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 BUCKET_STEP = 64  # bucket sides are multiples of this (VAE 8x, FLUX packing 2x, UNet down-blocks)
@@ -107,20 +107,11 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Im
 def _download(url: str, destination: Path) -> None:
     import requests
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out, requests.get(url, stream=True, timeout=60) as response:
-            if response.status_code != 200:
-                raise DatasetError(f"dataset.source {url}: download failed with HTTP {response.status_code}")
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, destination)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(destination) as out, requests.get(url, stream=True, timeout=60) as response:
+        if response.status_code != 200:
+            raise DatasetError(f"dataset.source {url}: download failed with HTTP {response.status_code}")
+        for chunk in response.iter_content(chunk_size=1 << 20):
+            out.write(chunk)
 
 
 def safe_extract(archive: Path, destination: Path) -> None:
