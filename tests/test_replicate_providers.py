@@ -378,3 +378,38 @@ def test_token_never_in_the_pickled_provider_or_outputs(api, monkeypatch):
     with pytest.raises(ReplicateError) as error:
         hosted(ModelProvider(**FAST), token="r8_wrong").read("alice/lora", outs)
     assert error.value.status == 401 and "r8_wrong" not in str(error.value)
+
+
+# ------------------------------------------------------------------ numbers as the Pulumi engine hands them over
+
+
+def as_engine_sends(props: dict) -> dict:
+    """Pulumi passes a provider its inputs through protobuf Structs: every number arrives as a float (1 -> 1.0)."""
+    def floats(value):
+        if isinstance(value, dict):
+            return {key: floats(item) for key, item in value.items()}
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    return floats(props)
+
+
+def test_deployment_takes_whole_numbers_as_floats_and_sends_integers(api):
+    version = trained_version(api)
+    provider = hosted(DeploymentProvider(**FAST))
+    props = as_engine_sends(deployment_props(version, maxInstances=2))
+    assert not provider.check({}, props).failures
+    created = provider.create(props)
+    live = api.deployments["alice/lora"]
+    assert (live.min_instances, live.max_instances) == (0, 2)
+    updated = provider.update(created.id, created.outs, as_engine_sends(deployment_props(version, minInstances=1, maxInstances=3)))
+    assert (live.min_instances, live.max_instances, updated.outs["release"]) == (1, 3, 2)
+
+
+def test_training_sends_integer_trainer_inputs_when_the_engine_hands_floats(api):
+    create_model(api)
+    provider = training_provider()
+    created = provider.create(as_engine_sends(checked(provider, training_props("https://example.com/data.zip"))))
+    sent = api.trainings[created.id].input
+    assert (sent["steps"], sent["lora_rank"], sent["batch_size"]) == (100, 16, 1)
+    assert all(type(sent[key]) is int for key in ("steps", "lora_rank", "batch_size"))

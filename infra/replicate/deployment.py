@@ -19,7 +19,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra import pricing
-from infra.dynamic import is_unknown, keyed_diff
+from infra.dynamic import is_unknown, keyed_diff, whole_numbers
 from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 
 DEPLOYMENT_REPLACE_KEYS = ("name", "model")
@@ -27,6 +27,8 @@ DEPLOYMENT_UPDATE_KEYS = ("version", "hardware", "minInstances", "maxInstances")
 API_FIELDS = {"version": "version", "hardware": "hardware", "minInstances": "min_instances", "maxInstances": "max_instances"}
 OFFLINE_BEFORE_DELETE = timedelta(minutes=15)
 MAX_MIN_INSTANCES, MAX_MAX_INSTANCES = 5, 20  # the API's bounds
+# Pulumi hands a provider its numbers as floats (1 arrives as 1.0); the API takes integers
+DEPLOYMENT_INTEGER_KEYS = ("minInstances", "maxInstances")
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -36,6 +38,7 @@ class DeploymentProvider(ReplicateProvider):
     Outputs add deploymentId (owner/name), owner, release (its number) and url."""
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        news = whole_numbers(news, DEPLOYMENT_INTEGER_KEYS)
         failures = []
         known = {key: value for key, value in news.items() if not is_unknown(value)}
 
@@ -62,10 +65,12 @@ class DeploymentProvider(ReplicateProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        olds, news = whole_numbers(olds, DEPLOYMENT_INTEGER_KEYS), whole_numbers(news, DEPLOYMENT_INTEGER_KEYS)
         # same name: the old one must go before the new one can be created
         return keyed_diff(olds, news, DEPLOYMENT_REPLACE_KEYS, DEPLOYMENT_UPDATE_KEYS, delete_before_replace=True)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
+        props = whole_numbers(props, DEPLOYMENT_INTEGER_KEYS)
         client = self.client()
         body = {"name": props["name"], "model": props["model"],
                 **{api: props[key] for key, api in API_FIELDS.items()}}
@@ -89,6 +94,7 @@ class DeploymentProvider(ReplicateProvider):
         return ReadResult(id_, _outputs(live, deployment))
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        news = whole_numbers(news, DEPLOYMENT_INTEGER_KEYS)
         client = self.client()
         deployment = _get(client, id_)
         if deployment is None:

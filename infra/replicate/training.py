@@ -36,7 +36,7 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.dynamic import changed_keys, is_unknown
+from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
 from training.spec import TrainSpec
 
@@ -48,6 +48,9 @@ SECRET_INPUTS = {"hfToken": "hf_token", "wandbApiKey": "wandb_api_key"}
 TRAINING_REPLACE_KEYS = ("destination", "trainer", "trainerInput", "datasetFingerprint")
 TRAINING_OUTPUT_KEYS = ("trainingId", "status", "version", "versionRef", "weights", "error", "trainingUrl")
 TRAINING_STATE_KEYS = ("wait", "maxSeconds", "maxCostUsd", "usdPerSecond", "datasetSource")  # no API call needed
+# the trainer's integer inputs: Pulumi hands a provider every number as a float (1000 arrives as 1000.0), and
+# the trainer's input schema refuses 1000.0 for an integer
+INTEGER_INPUTS = ("steps", "lora_rank", "batch_size", "wandb_sample_interval", "wandb_save_interval")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # the files API's limit
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: no clock in the bytes
@@ -172,7 +175,7 @@ class TrainingProvider(ReplicateProvider):
         trainer = props.get("trainer") or DEFAULT_TRAINER
         trainer_version = props.get("trainerVersion") or _latest_version(client, trainer)
         images_url = self._images_url(client, props)
-        training_input = {**(props.get("trainerInput") or {}), "input_images": images_url}
+        training_input = {**whole_numbers(props.get("trainerInput") or {}, INTEGER_INPUTS), "input_images": images_url}
         for key, name in SECRET_INPUTS.items():
             if props.get(key):
                 training_input[name] = props[key]
