@@ -181,9 +181,11 @@ def validate_scale_to_zero(args: ResourceValidationArgs, report_violation: Repor
     if not is_replicate_deployment(args):
         return
     minimum = _first(args.props, "minInstances", "min_instances")
-    if isinstance(minimum, int) and minimum > 0 and not _config(args, "allowWarmDeployments", False):
+    # numbers reach a policy as floats (2 arrives as 2.0): any number above zero is a warm deployment
+    warm = isinstance(minimum, (int, float)) and not isinstance(minimum, bool) and minimum > 0
+    if warm and not _config(args, "allowWarmDeployments", False):
         report_violation(
-            f"deployment {args.props.get('name')!r} keeps {minimum} instance(s) running (min instances > 0), billed "
+            f"deployment {args.props.get('name')!r} keeps {minimum:g} instance(s) running (min instances > 0), billed "
             "around the clock. Set minInstances: 0, or allowWarmDeployments: true in the policy pack's config"
         )
 

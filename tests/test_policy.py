@@ -247,3 +247,11 @@ def test_the_pack_declares_a_python_runtime_on_the_projects_venv():
     pack = yaml.safe_load((Path(policies.__file__).parent / "PulumiPolicy.yaml").read_text())
     assert pack["runtime"]["name"] == "python" and pack["runtime"]["options"]["virtualenv"] == "../.venv"
     assert len(POLICY) == len(policies.POLICIES)  # names are unique
+
+
+def test_a_warm_deployment_is_caught_with_the_engines_float_numbers():
+    # the analyzer gets inputs through a protobuf Struct: minInstances 2 arrives as 2.0
+    warm = {**DEPLOYMENT, "minInstances": 2.0, "maxInstances": 3.0}
+    found = violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, warm)
+    assert found and "2 instance(s)" in found[0]
+    assert violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, {**DEPLOYMENT, "minInstances": 0.0}) == []
