@@ -129,8 +129,9 @@ class RunpodConfig(_Schema):
 
 class DeploymentConfig(_Schema):
     hardware: str = "gpu-l40s"
-    min_instances: int = Field(default=0, ge=0, le=100)  # 0: scale to zero, no idle billing
-    max_instances: int = Field(default=1, ge=1, le=100)
+    # Replicate's bounds (deployments.create/update): min_instances 0..5, max_instances up to 20
+    min_instances: int = Field(default=0, ge=0, le=5)  # 0: scale to zero, no idle billing
+    max_instances: int = Field(default=1, ge=1, le=20)
 
     @field_validator("hardware")
     @classmethod

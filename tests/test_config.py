@@ -191,3 +191,19 @@ def test_program_reads_config_as_the_pulumi_cli_hands_it_over():
     finally:
         pulumi.runtime.set_all_config({})
     assert config.provider == "runpod" and config.train.family == "sdxl"
+
+
+def test_replicate_deployment_instances_within_the_apis_bounds():
+    # Replicate takes min_instances 0..5 and max_instances 0..20: more passes make check but fails pulumi up
+    def deployment(**counts):
+        replicate = {"owner": "me", "model": "lora", "hardware": "gpu-h100", "monthlyBudgetUsd": 100000,
+                     "deployment": {"hardware": "gpu-t4", **counts}}
+        try:
+            parse_stack(edited(provider="replicate", replicate=replicate, **{"train.family": "flux"}), SOURCE)
+        except StackError as error:
+            return error.problems
+        return []
+
+    assert any("replicate.deployment.maxInstances" in line for line in deployment(maxInstances=21))
+    assert any("replicate.deployment.minInstances" in line for line in deployment(minInstances=6, maxInstances=20))
+    assert deployment(minInstances=5, maxInstances=20) == []
