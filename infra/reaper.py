@@ -8,8 +8,8 @@ A pod is ours when its name starts with `lorastack-` and its env has LORASTACK_M
 never touched. One of ours is terminated when
 - its stack is not live: not among `--stacks` (CI passes the stacks that have Pulumi state, e.g. from
   `pulumi stack ls --json`), or, without `--stacks`, its stack file stacks/Pulumi.<stack>.yaml is gone;
-- it is running past its limits (LORASTACK_LIMITS in its env) by more than `--grace-minutes`: hours since
-  the API's startedAt (createdAt when absent) over maxHours, or those hours at the pod's price over maxCostUsd;
+- it is running (or in ERROR, which RunPod bills too) past its limits (LORASTACK_LIMITS in its env) by more
+  than `--grace-minutes`: hours since the API's startedAt (createdAt when absent) over maxHours, or those hours at the pod's price over maxCostUsd;
 - it is running with no readable limits (every lorastack pod must carry them).
 A stopped pod of a live stack is left alone: it bills no GPU, and it is in its stack's state.
 `--dry-run` lists the decisions and terminates nothing.
@@ -33,6 +33,9 @@ from training.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
 
 POD_PREFIX = "lorastack-"
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
+# What RunPod bills: a pod's cost is 0.0 only when EXITED or TERMINATED. An ERROR pod is billed, and no trainer
+# runs in it to stop it: the limits hold for it as for a running one.
+BILLED_STATUSES = (*LIVE_STATUSES, "ERROR")
 DEFAULT_GRACE_MINUTES = 10.0  # the trainer's own stop (checkpoint, upload) gets this long past a limit
 
 
@@ -69,7 +72,7 @@ def _hours_running(pod: dict, now: datetime) -> float | None:
 
 def decide(pod: dict, live_stacks: set[str], now: datetime, grace_minutes: float = DEFAULT_GRACE_MINUTES) -> Decision:
     stack, status = stack_of(pod), pod.get("status", "?")
-    running = status in LIVE_STATUSES
+    running = status in BILLED_STATUSES
     hours = _hours_running(pod, now) if running else None
     usd_per_hour = float(pod.get("cost") or 0.0)
     cost = hours * usd_per_hour if hours is not None else None
