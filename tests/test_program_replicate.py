@@ -166,3 +166,36 @@ def test_missing_secrets_fail_early_with_the_command(monkeypatch, changes, secre
     monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
     with pytest.raises(ValueError, match=message):
         run(with_changes(train=changes), secrets)
+
+
+class PreviewOfAModelUpdate(Mocks):
+    """What the engine reports for a Model being updated (its description changed) during a preview: the id
+    is kept, the dynamic provider's outputs (modelId, url) are not known yet."""
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        if not all(isinstance(value, (str, type(None), bool, int, float, dict, list)) for value in args.inputs.values()):
+            return f"{args.name}-id", dict(args.inputs)  # an input not known in this preview
+        id_, state = super().new_resource(args)
+        if args.typ == MODEL_TYPE:
+            state = {key: value for key, value in state.items() if key not in ("modelId", "url", "latestVersion")}
+        return id_, state
+
+
+def test_a_model_update_does_not_preview_as_retraining():
+    # the training's destination and the deployment's model come from the model's id, known in the preview of an
+    # update; its modelId output is not, and an unknown destination would preview as a replaced (re-billed) training
+    config = parse_stack(RAW, f"Pulumi.{STACK}.yaml")
+    monitor = RecordingMonitor(PreviewOfAModelUpdate())
+    pulumi.runtime.set_mocks(PreviewOfAModelUpdate(), project="lorastack", stack=STACK, preview=True, monitor=monitor)
+    pulumi.runtime.set_all_config({}, [])
+
+    @pulumi.runtime.test
+    def program():
+        secrets = {"replicateApiToken": pulumi.Output.secret(TOKEN)}
+        ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secrets))
+        return pulumi.Output.from_input(None)
+
+    program()
+    model = f"{config.replicate.owner}/{config.replicate.model}"
+    assert monitor.one(TRAINING_TYPE)["inputs"]["destination"] == model
+    assert monitor.one(DEPLOYMENT_TYPE)["inputs"]["model"] == model

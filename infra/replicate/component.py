@@ -61,11 +61,16 @@ class ReplicateTraining(pulumi.ComponentResource):
             pulumi.ResourceOptions(parent=self, retain_on_delete=kept),
         )
 
+        # The model's `id` (owner/name, the same as its modelId output): an id stays known in the preview of an
+        # update, an output of a dynamic resource does not, and an unknown destination would preview as a replaced
+        # training (a new, billed run) whenever only the model's description changes.
+        model_ref = self.model.id
+
         usd_per_second = pricing.REPLICATE_HARDWARE_USD_PER_SECOND[replicate.hardware]
         self.training = Training(
             f"{name}-training",
             TrainingArgs(
-                destination=self.model.modelId,
+                destination=model_ref,
                 trainer_input=trainer_input(spec, replicate.autocaption),
                 dataset_source=dataset_source(spec.dataset.source),
                 trainer=replicate.trainer,
@@ -88,7 +93,7 @@ class ReplicateTraining(pulumi.ComponentResource):
                 f"{name}-deployment",
                 DeploymentArgs(
                     name=replicate.model,
-                    model=self.model.modelId,
+                    model=model_ref,
                     version=self.training.version,
                     hardware=replicate.deployment.hardware,
                     min_instances=replicate.deployment.min_instances,
