@@ -279,13 +279,22 @@ def load_models(
         LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
     )
     if spec.train_text_encoder:
-        for encoder in text_encoders.values():
+        for name, encoder in text_encoders.items():
+            layers = {}
+            if spec.family == "sdxl" and name == "text_encoder":
+                # SDXL reads the first encoder's penultimate layer: its last layer never reaches the loss (or an
+                # image), and an adapter there gets no gradient, which DistributedDataParallel refuses.
+                layers = {
+                    "layers_to_transform": list(range(encoder.config.num_hidden_layers - 1)),
+                    "layers_pattern": "layers",
+                }
             encoder.add_adapter(
                 LoraConfig(
                     r=spec.rank,
                     lora_alpha=spec.lora_alpha,
                     init_lora_weights="gaussian",
                     target_modules=TEXT_ENCODER_LORA_TARGETS,
+                    **layers,
                 )
             )
     trained = [denoiser, *(text_encoders.values() if spec.train_text_encoder else [])]
