@@ -115,7 +115,10 @@ class ModelBundle:
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the denoiser's latent space (scaled, and shifted for FLUX)."""
         pixels = pixels.to(self.vae.device, dtype=self.vae.dtype)
-        distribution = self.vae.encode(pixels).latent_dist
+        # In the VAE's own dtype even inside the training step's autocast (cacheLatents: false): SDXL's VAE is
+        # kept in fp32 because it overflows in fp16, and autocast would run its convolutions in fp16/bf16.
+        with torch.autocast(self.vae.device.type, enabled=False):
+            distribution = self.vae.encode(pixels).latent_dist
         # Sample on the CPU generator, so the draw does not depend on the device (resume is exact).
         noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32)
         latents = distribution.mean + distribution.std * noise.to(distribution.mean)

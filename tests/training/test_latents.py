@@ -57,3 +57,15 @@ def test_second_build_encodes_nothing_and_a_trained_text_encoder_caches_latents_
     assert set(latents_only.get(dataset.samples[0].id)) == {"latents"}
     batch = collate(dataset, [0], latents_only)  # sample 0 is square: 256x256 -> 32x32 latents
     assert batch.text is None and batch.latents.shape == (1, 4, 32, 32)
+
+
+def test_sdxl_latents_encoded_during_a_step_keep_the_fp32_vae_out_of_autocast(tiny_model):
+    """SDXL's VAE is kept in fp32 (it overflows in fp16); the training step runs under the mixed-precision
+    autocast, and latents encoded there (cacheLatents: false) must still come from the fp32 VAE."""
+    spec = make_spec("sdxl", tiny_model("sdxl"), tiny_model("sdxl"))
+    models = load_models(spec, torch.device("cpu"))
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    expected = models.encode_images(pixels, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        during_step = models.encode_images(pixels, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(during_step, expected)
