@@ -209,16 +209,27 @@ def lorastack_metadata(spec: TrainSpec, data_hash: str, family: str) -> dict[str
     }
 
 
-def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str) -> dict[str, str]:
-    """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read."""
+def is_sd2_unet(family: str, config) -> bool:
+    """SD 2.x runs through the sd15 path; its UNet attends to OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
+    return family == "sd15" and getattr(config, "cross_attention_dim", None) == 1024
+
+
+def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str, sd2: bool = False) -> dict[str, str]:
+    """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read.
+
+    `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
+    default hides the ones that do not match the loaded checkpoint."""
     now = datetime.now(timezone.utc)
+    architecture = MODELSPEC_ARCHITECTURE[family]
+    if sd2:  # kohya: 768-v for the v-prediction 768 models, 512 for the base
+        architecture = f"stable-diffusion-v2-{'768-v' if spec.resolution >= 768 else '512'}/lora"
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": _number(spec.lora_alpha),
-        "ss_base_model_version": KOHYA_BASE_MODEL_VERSION[family],
+        "ss_base_model_version": "sd_v2" if sd2 else KOHYA_BASE_MODEL_VERSION[family],
         "ss_sd_model_name": spec.base_model,
-        "ss_v2": "False",
+        "ss_v2": str(sd2),
         "ss_resolution": f"({spec.resolution}, {spec.resolution})",
         "ss_steps": str(spec.steps),
         "ss_max_train_steps": str(spec.steps),
@@ -243,7 +254,7 @@ def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str) -> d
         "ss_training_comment": f"lorastack {__version__}, data {data_hash}",
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.architecture": architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": name,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -369,7 +380,8 @@ def write_kohya_file(
     data_hash: str,
 ) -> Path:
     tensors = kohya_state_dict(denoiser, text_encoders, family)
-    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem), **metadata}
+    sd2 = is_sd2_unet(family, _unwrap(denoiser).config)
+    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem, sd2=sd2), **metadata}
     file_metadata.update(_tensor_data_hashes(tensors, file_metadata))
     atomic_write_bytes(target, _serialize(tensors, file_metadata))
     return target

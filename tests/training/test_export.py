@@ -368,3 +368,20 @@ def test_hub_push_failure_is_reported_without_the_token(tmp_path):
     assert calls[1] == ("create_repo", {"repo_id": "me/my-lora", "repo_type": "model", "private": True, "exist_ok": True})
     assert calls[2][1]["folder_path"] == str(tmp_path)
     assert not export.push_to_hub(tmp_path, "me/my-lora", None).ok  # no token: skipped, reported
+
+
+def test_sd2_base_is_labelled_sd2_in_the_kohya_file(tmp_path):
+    """SD 2.x trains through the sd15 path; A1111 files LoRAs under SD1/SD2 by ss_v2 and ss_base_model_version
+    and by default hides those that do not match the loaded checkpoint, so an SD 2.x LoRA must not say sd_v1."""
+    torch.manual_seed(0)
+    sd2_shaped = sd15_unet()
+    sd2_shaped.register_to_config(cross_attention_dim=1024)  # OpenCLIP ViT-H's width: what tells SD 2.x apart
+    unet = add_trained_lora(sd2_shaped, UNET_TARGETS, seed=6)
+    files = export.export_lora(unet, None, make_spec("sd15").model_copy(update={"resolution": 768}), RunPaths(tmp_path, "r"), "h", "sd15", environ={})
+    _, metadata = kohya_tensors(files["kohya"])
+    assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == ("True", "sd_v2")
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+    files = export.export_lora(add_trained_lora(sd15_unet(), UNET_TARGETS, seed=6), None, make_spec("sd15"), RunPaths(tmp_path, "s"), "h", "sd15", environ={})
+    _, metadata = kohya_tensors(files["kohya"])
+    assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == ("False", "sd_v1")
