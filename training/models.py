@@ -8,6 +8,7 @@ GPU has it, fp32 on CPU); only the LoRA parameters are trained, in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,13 @@ class ModelBundle:
         pixels = pixels.to(self.vae.device, dtype=self.vae.dtype)
         # In the VAE's own dtype even inside the training step's autocast (cacheLatents: false): SDXL's VAE is
         # kept in fp32 because it overflows in fp16, and autocast would run its convolutions in fp16/bf16.
-        with torch.autocast(self.vae.device.type, enabled=False):
+        device_type = self.vae.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()  # the meta device (the benchmark's FLOP count) has no autocast
+        )
+        with no_autocast:
             distribution = self.vae.encode(pixels).latent_dist
         # Sample on the CPU generator, so the draw does not depend on the device (resume is exact).
         noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32)
