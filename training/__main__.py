@@ -165,7 +165,9 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     processes = _launched_processes()
     if processes > 1:
         relaunch_with_accelerate(processes)
-    return run(spec, limits, paths, run_id, environ)
+    from training.lifecycle import with_billed_rate
+
+    return run(spec, with_billed_rate(limits, environ), paths, run_id, environ)
 
 
 if __name__ == "__main__":

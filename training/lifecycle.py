@@ -125,6 +125,31 @@ def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float 
     return True
 
 
+def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
+    """The limits with the rate RunPod bills this pod at (`cost` of GET /v2/pods/{id}), when it can be read.
+
+    Infra fills usdPerHour from its dated price table; the pod's own `cost` is what is actually billed, so a
+    price change since the stack was written does not make the money limit count short.
+    """
+    pod_id = environ.get(ENV_POD_ID)
+    if not pod_id:
+        return limits
+    try:
+        client = RunpodClient(
+            environ.get(ENV_POD_API_KEY, ""), base_url=environ.get(ENV_API_BASE_URL) or None, retries=2, backoff=0.5
+        )
+        billed = float(client.get_pod(pod_id).get("cost") or 0)
+    except Exception as error:  # noqa: BLE001 - the table's rate still applies; say why the live one did not
+        _log(f"could not read pod {pod_id}'s billed rate, using ${limits.usd_per_hour:g}/h: {error}", environ)
+        return limits
+    if billed <= 0:
+        return limits
+    if abs(billed - limits.usd_per_hour) > 1e-9:
+        _log(f"pod {pod_id} is billed ${billed:g}/h (the stack estimated ${limits.usd_per_hour:g}/h): limits use it",
+             environ)
+    return limits.model_copy(update={"usd_per_hour": billed})
+
+
 def _log(line: str, environ: Mapping[str, str]) -> None:
     print(f"lifecycle: {redact(line, environ)}", file=sys.stderr, flush=True)
 
