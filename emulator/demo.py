@@ -4,7 +4,8 @@
 2. A tiny random-weight SD 1.5 and a few generated, captioned images are made and put on the demo volume
    (standing in for the data a user uploads to a network volume before a run).
 3. The demo stack (stacks/Pulumi.demo.yaml, `wait: true`) goes up through the real program and providers:
-   with the Pulumi CLI when it is installed (local file backend), otherwise through emulator/stack_driver.py.
+   through emulator/stack_driver.py (the real program and providers over Pulumi's mock runtime; a path
+   through the Pulumi CLI with a local file backend is not wired yet).
    The emulated pod runs `python -m training`, trains, saves the LoRA on the volume and stops itself; `up`
    follows it and downloads the LoRA to outputs/demo/.
 4. The demo prints where the LoRA is, steps, loss, billed seconds and cost, and the overhead ratio (billed
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[2/4] RunPod emulator on {base_url}", flush=True)
         driver = StackDriver(STACK, workdir / "state", secrets={"runpodApiKey": api_key})
         if shutil.which("pulumi"):
-            print("      (the Pulumi CLI is installed, but the demo keeps to the offline driver so that it needs no "
-                  "login or backend; `make train STACK=demo` is the CLI path)", flush=True)
+            # The CLI path (a local file backend) is not wired: it could not be run where this was built.
+            print("      (the Pulumi CLI is installed; the demo still drives the program through its offline "
+                  "driver over Pulumi's mock runtime)", flush=True)
         print("[3/4] pulumi up --stack demo (wait: true): volume, pod, training ...", flush=True)
         try:
             outputs, operations = driver.up()
