@@ -149,7 +149,9 @@ class ReplicateConfig(_Schema):
     owner: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     visibility: Literal["private", "public"] = "private"
-    hardware: str = "gpu-h100"  # the destination model's SKU and the training's
+    hardware: str = "gpu-h100"  # the destination model's SKU (what predictions run on)
+    # what the trainer runs on, and what Replicate bills the training at (ostris/flux-dev-lora-trainer: an H100)
+    training_hardware: str = "gpu-h100"
     description: str = "LoRA trained with lorastack"
     trainer: str = Field(default="ostris/flux-dev-lora-trainer", pattern=r"^[\w.-]+/[\w.-]+$")
     trainer_version: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # None: resolve latest at up
@@ -159,7 +161,7 @@ class ReplicateConfig(_Schema):
     deployment: DeploymentConfig | None = None
     monthly_budget_usd: float | None = Field(default=None, gt=0)  # needed for deployment.minInstances > 0
 
-    @field_validator("hardware")
+    @field_validator("hardware", "training_hardware")
     @classmethod
     def _sku(cls, value: str) -> str:
         return _replicate_sku(value)
@@ -226,14 +228,17 @@ class StackConfig(_Schema):
     def usd_per_hour(self, live: dict[str, dict] | None = None) -> tuple[float, str]:
         if self.provider == "runpod":
             return pricing.runpod_usd_per_hour(self.runpod.gpu_type, self.runpod.gpu_count, self.runpod.cloud, live)
-        return pricing.REPLICATE_HARDWARE_USD_PER_SECOND[self.replicate.hardware] * 3600, pricing.REPLICATE_PRICES_SOURCE
+        return (
+            pricing.REPLICATE_HARDWARE_USD_PER_SECOND[self.replicate.training_hardware] * 3600,
+            pricing.REPLICATE_PRICES_SOURCE,
+        )
 
     def cost_estimate(self, live: dict[str, dict] | None = None) -> pricing.CostEstimate:
         usd_per_hour, source = self.usd_per_hour(live)
         if self.provider == "runpod":
             gpu_id = self.runpod.gpu_type
         else:
-            gpu_id = pricing.REPLICATE_SKU_GPU[self.replicate.hardware]
+            gpu_id = pricing.REPLICATE_SKU_GPU[self.replicate.training_hardware]
         count = self.runpod.gpu_count if self.provider == "runpod" else 1
         return pricing.estimate_run(
             usd_per_hour, source, self.train.family, gpu_id, self.train.resolution, self.train.batch_size,

@@ -123,9 +123,10 @@ def cost_row(stack: str, config: StackConfig, live: LivePrices) -> CostRow:
         runpod = config.runpod
         hardware = f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
     else:
-        hardware = config.replicate.hardware
-        if live.replicate_skus is not None and hardware not in live.replicate_skus:
-            warnings.append(f"Replicate no longer lists hardware {hardware!r} (GET /v1/hardware); pick another SKU")
+        hardware = config.replicate.training_hardware
+        for sku in {config.replicate.hardware, hardware}:
+            if live.replicate_skus is not None and sku not in live.replicate_skus:
+                warnings.append(f"Replicate no longer lists hardware {sku!r} (GET /v1/hardware); pick another SKU")
     return CostRow(stack, config, estimate, hardware, warnings)
 
 

@@ -207,3 +207,17 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
     assert any("replicate.deployment.maxInstances" in line for line in deployment(maxInstances=21))
     assert any("replicate.deployment.minInstances" in line for line in deployment(minInstances=6, maxInstances=20))
     assert deployment(minInstances=5, maxInstances=20) == []
+
+
+def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
+    from infra.pricing import REPLICATE_HARDWARE_USD_PER_SECOND
+
+    replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
+    config = parse_stack(edited(provider="replicate", replicate=replicate, **{"train.family": "flux"}), SOURCE)
+    estimate = config.cost_estimate()
+    assert estimate.usd_per_hour == pytest.approx(REPLICATE_HARDWARE_USD_PER_SECOND["gpu-h100"] * 3600)
+    cheaper = parse_stack(
+        edited(provider="replicate", replicate=replicate | {"trainingHardware": "gpu-l40s"}, **{"train.family": "flux"}),
+        SOURCE,
+    ).cost_estimate()
+    assert cheaper.seconds_per_step > estimate.seconds_per_step  # an L40S is slower per step than an H100

@@ -66,7 +66,7 @@ class ReplicateTraining(pulumi.ComponentResource):
         # training (a new, billed run) whenever only the model's description changes.
         model_ref = self.model.id
 
-        usd_per_second = pricing.REPLICATE_HARDWARE_USD_PER_SECOND[replicate.hardware]
+        usd_per_second = pricing.REPLICATE_HARDWARE_USD_PER_SECOND[replicate.training_hardware]
         self.training = Training(
             f"{name}-training",
             TrainingArgs(
