@@ -144,6 +144,24 @@ def test_volume_deleted_when_not_kept_and_delete_is_idempotent(api):
     assert provider.read(created.id, created.outs).id == ""
 
 
+def test_volume_delete_waits_for_a_terminated_pod_to_release_it(api):
+    provider = volume_provider()
+    created = provider.create(volume_props(keepOnDestroy=False))
+    api.inject(Fault(409, count=2, method="DELETE", path_prefix="/v2/network-volumes"))  # still mounted, twice
+    provider.delete(created.id, created.outs)
+    assert created.id not in api.volumes
+
+
+def test_volume_delete_gives_up_on_a_volume_a_live_pod_still_mounts(api):
+    provider = volume_provider()
+    volume = provider.create(volume_props(keepOnDestroy=False))
+    pod_provider().create(pod_props(volume.id))
+    provider.release_wait_s = 0.2
+    with pytest.raises(RunpodError) as caught:
+        provider.delete(volume.id, volume.outs)
+    assert caught.value.status == 409 and volume.id in api.volumes
+
+
 def test_volume_create_adopts_a_kept_volume_and_grows_it(api):
     provider = volume_provider()
     kept = provider.create(volume_props(sizeGb=10))

@@ -12,6 +12,7 @@ A later `pulumi up` adopts a kept volume again (same name, same data center), da
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.dynamic import is_unknown, keyed_diff, whole_numbers
-from infra.runpod.client import NotFound, RunpodClient
+from infra.runpod.client import NotFound, RunpodClient, RunpodError
 from infra.runpod.provider import RunpodProvider
 
 MIN_VOLUME_GB, MAX_VOLUME_GB = 10, 4096
@@ -37,6 +38,7 @@ VOLUME_INTEGER_KEYS = ("sizeGb", "size")
 
 
 class NetworkVolumeProvider(RunpodProvider):
+    release_wait_s = 180.0  # how long a delete waits for a terminated pod to release the volume
     """Inputs: name, sizeGb, dataCenter, keepOnDestroy. Outputs add volumeId and size (what RunPod reports)."""
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
@@ -106,7 +108,17 @@ class NetworkVolumeProvider(RunpodProvider):
     def delete(self, id_: str, props: dict[str, Any]) -> None:
         if props.get("keepOnDestroy", True):
             return  # kept: the engine forgets it, RunPod keeps it (see the module docstring)
-        self.client().delete_volume(id_)
+        # `destroy` terminates the pod first, but RunPod releases its mount a little later: until then the
+        # volume answers 409 (mounted). Wait for the release rather than fail the destroy.
+        client, deadline = self.client(), time.monotonic() + self.release_wait_s
+        while True:
+            try:
+                client.delete_volume(id_)
+                return
+            except RunpodError as error:
+                if error.status != 409 or time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(self.backoff * 4, 5.0))
 
 
 def _volume_outputs(props: dict[str, Any], volume: dict) -> dict[str, Any]:
