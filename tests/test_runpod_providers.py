@@ -257,6 +257,14 @@ def test_create_after_a_timeout_adopts_the_pod_instead_of_making_a_second(api):
     assert posts(api, "/v2/pods") == 1
 
 
+def test_a_create_that_lands_well_after_the_timeout_is_still_adopted(api):
+    # the server answers after the client gave up, and later than the next retry's backoff
+    api.inject(Fault(0, method="POST", path_prefix="/v2/pods", delay=0.5))
+    created = pod_provider(timeout=0.3, backoff=0.01).create(pod_props())
+    assert list(api.pods) == [created.id]
+    assert posts(api, "/v2/pods") == 1
+
+
 def test_volume_create_after_a_timeout_makes_no_duplicate(api):
     api.inject(Fault(0, method="POST", path_prefix="/v2/network-volumes", delay=0.5))
     created = volume_provider(timeout=0.2, backoff=0.8).create(volume_props())

@@ -46,5 +46,20 @@ class RunpodProvider(CredentialedProvider):
                 transient = error.status == 0 or error.status in RETRY_STATUSES
                 if not transient or attempt == self.retries:
                     raise
+                if error.status == 0:
+                    # no answer: the POST may still be creating on the server; watch for it (twice as long
+                    # as we waited for the answer) before posting again
+                    landed = self._await_landing(find, lookup)
+                    if landed is not None:
+                        return landed
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _await_landing(self, find: Callable[[RunpodClient], dict | None], lookup: RunpodClient) -> dict | None:
+        deadline = time.monotonic() + 2 * self.timeout
+        while time.monotonic() < deadline:
+            existing = find(lookup)
+            if existing is not None:
+                return existing
+            time.sleep(min(1.0, max(self.timeout / 10, 0.05)))
+        return None
