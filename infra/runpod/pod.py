@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
-from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
+from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.runpod.client import NotFound, RunpodClient
-from infra.dynamic import is_unknown, keyed_diff, whole_numbers
+from infra.dynamic import is_unknown, whole_numbers
 from infra.runpod.provider import RunpodProvider
 from training.spec import ENV_MANAGED, WORKSPACE_MOUNT
 
@@ -44,6 +44,8 @@ class PodProvider(RunpodProvider):
     """Inputs: name, image, gpuTypeId, gpuCount, cloud, dataCenterIds, containerDiskGb, env, networkVolumeId,
     volumeMountPath. Outputs add podId, status, dataCenterId, costPerHour, createdAt (as of the last create,
     update or refresh; `make status` reads them live)."""
+
+    replace_keys, update_keys, integer_keys = POD_REPLACE_KEYS, POD_UPDATE_KEYS, POD_INTEGER_KEYS
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         news = whole_numbers(news, POD_INTEGER_KEYS)
@@ -83,10 +85,6 @@ class PodProvider(RunpodProvider):
         if not (isinstance(path, str) and path.startswith("/")):
             fail("volumeMountPath", f"must be an absolute path (got {path!r})")
         return CheckResult(news, failures)
-
-    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        olds, news = whole_numbers(olds, POD_INTEGER_KEYS), whole_numbers(news, POD_INTEGER_KEYS)
-        return keyed_diff(olds, news, POD_REPLACE_KEYS, POD_UPDATE_KEYS)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         props = whole_numbers(props, POD_INTEGER_KEYS)

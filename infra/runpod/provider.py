@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
-from infra.dynamic import CredentialedProvider
+from pulumi.dynamic import DiffResult
+
+from infra.dynamic import CredentialedProvider, keyed_diff, whole_numbers
 from infra.runpod.client import RETRY_STATUSES, RunpodClient, RunpodError
 
 
@@ -13,12 +16,21 @@ class RunpodProvider(CredentialedProvider):
     """The key: `lorastack:runpodApiKey` or RUNPOD_API_KEY (infra.dynamic); the base URL: RUNPOD_API_BASE_URL."""
 
     credential = "runpodApiKey"
+    # each provider's: a change to replace_keys replaces, to update_keys updates in place; integer_keys arrive
+    # from Pulumi as floats
+    replace_keys: tuple[str, ...]
+    update_keys: tuple[str, ...]
+    integer_keys: tuple[str, ...]
 
     def __init__(self, retries: int = 6, backoff: float = 0.5, timeout: float = 30.0):
         super().__init__()
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        olds, news = whole_numbers(olds, self.integer_keys), whole_numbers(news, self.integer_keys)
+        return keyed_diff(olds, news, self.replace_keys, self.update_keys)
 
     def client(self, retries: int | None = None) -> RunpodClient:
         return RunpodClient(

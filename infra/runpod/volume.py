@@ -18,12 +18,12 @@ from typing import Any
 
 import pulumi
 from pulumi.dynamic import (
-    CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult,
+    CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult,
 )
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
-from infra.dynamic import is_unknown, keyed_diff, whole_numbers
+from infra.dynamic import is_unknown, whole_numbers
 from infra.runpod.client import NotFound, RunpodClient, RunpodError
 from infra.runpod.provider import RunpodProvider
 
@@ -38,8 +38,10 @@ VOLUME_INTEGER_KEYS = ("sizeGb", "size")
 
 
 class NetworkVolumeProvider(RunpodProvider):
-    release_wait_s = 180.0  # how long a delete waits for a terminated pod to release the volume
     """Inputs: name, sizeGb, dataCenter, keepOnDestroy. Outputs add volumeId and size (what RunPod reports)."""
+
+    replace_keys, update_keys, integer_keys = VOLUME_REPLACE_KEYS, VOLUME_UPDATE_KEYS, VOLUME_INTEGER_KEYS
+    release_wait_s = 180.0  # how long a delete waits for a terminated pod to release the volume
 
     def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
@@ -63,10 +65,6 @@ class NetworkVolumeProvider(RunpodProvider):
         if not is_unknown(news.get("keepOnDestroy")) and not isinstance(news.get("keepOnDestroy"), bool):
             failures.append(CheckFailure("keepOnDestroy", "must be true or false"))
         return CheckResult(news, failures)
-
-    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        olds, news = whole_numbers(olds, VOLUME_INTEGER_KEYS), whole_numbers(news, VOLUME_INTEGER_KEYS)
-        return keyed_diff(olds, news, VOLUME_REPLACE_KEYS, VOLUME_UPDATE_KEYS)
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         props = whole_numbers(props, VOLUME_INTEGER_KEYS)
