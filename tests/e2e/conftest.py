@@ -27,7 +27,7 @@ from infra import ops
 from infra.config import stack_file
 from infra.runpod.client import RunpodClient
 from infra.runpod.follow import ENV_VOLUME_MOUNTS
-from training import tiny
+from training import checkpoints, tiny
 from training.workspace import RunPaths, read_json
 
 STACK = "demo"
@@ -97,6 +97,13 @@ class Emulated:
 
     def status(self, volume_id: str, run_id: str) -> dict:
         return read_json(self.volume_paths(volume_id, run_id).status) or {}
+
+    @staticmethod
+    def wait_for_checkpoint(paths: RunPaths, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while checkpoints.latest(paths) is None:
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
 
 
 def probe_steps(lines: list[str]) -> list[int]:

@@ -3,7 +3,6 @@ checkpoints are intact (the trainer checkpoints on SIGTERM on its way out)."""
 
 from __future__ import annotations
 
-import time
 
 from safetensors.torch import load_file
 
@@ -15,10 +14,7 @@ def test_destroy_while_training_keeps_the_volume_and_its_checkpoints(emulated):
     outputs, _ = driver.up()
     pod_id, volume_id = outputs["podId"], outputs["volumeId"]
     paths = emulated.volume_paths(volume_id, outputs["runId"])
-    deadline = time.monotonic() + 60
-    while checkpoints.latest(paths) is None:
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.1)
+    emulated.wait_for_checkpoint(paths)
 
     assert driver.destroy().counts == {"delete": 1, "retain": 1}
     assert emulated.api.pods == {} and emulated.runtime.billing_pods() == []

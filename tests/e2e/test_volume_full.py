@@ -9,7 +9,6 @@ the volume then. Small writes such as status.json are not checked.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -32,10 +31,7 @@ def test_a_full_volume_fails_clearly_and_keeps_the_newest_checkpoint(emulated):
     outputs, _ = driver.up()
     pod_id, volume_id = outputs["podId"], outputs["volumeId"]
     paths = emulated.volume_paths(volume_id, outputs["runId"])
-    deadline = time.monotonic() + 60
-    while checkpoints.latest(paths) is None:
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.05)
+    emulated.wait_for_checkpoint(paths)
     volume = emulated.runtime.volume_dir(volume_id)
     emulated.runtime.set_volume_quota(volume_id, used_bytes(volume) + 1024)  # full from here on
 
