@@ -24,7 +24,7 @@ from bench.models import Architecture, in_memory_source
 from training.latents import Batch
 from training.loop import TrainState, compute_loss
 from training.models import load_models
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 
 META = torch.device("meta")
 LORA_LEAVES = (".lora_A.default", ".lora_B.default")  # peft's module names for the default adapter

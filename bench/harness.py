@@ -26,8 +26,8 @@ from bench.models import Architecture, in_memory_source
 from infra.config import load_stack
 from training import memory
 from training.loop import build_state, next_micro_batches, train_step
-from training.spec import TrainSpec
-from training.workspace import RunPaths
+from contract.spec import TrainSpec
+from contract.workspace import RunPaths
 
 STACKS = ("sdxl-4090", "sd15-3090", "flux-h100")
 DATASET_IMAGES = 4

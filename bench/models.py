@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from training.models import ComponentSource
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,

@@ -1,6 +1,6 @@
 """lorastack's trainer as a Replicate trainer (cog.yaml `train:`): a zip of captioned images in, the LoRA out.
 
-Its inputs are those of ostris/flux-dev-lora-trainer that lorastack maps a TrainSpec onto (infra/replicate/
+Its inputs are those of ostris/flux-dev-lora-trainer that lorastack maps a TrainSpec onto (infra/replicate_backend/
 training.py `trainer_input`), plus family and base_model, so a stack can name either trainer. The TrainSpec
 built from them is validated like a stack's; the run is `training.loop.train` and `training.export.export_trained`,
 as in a pod. The output is `trained_model.tar`: the diffusers-format LoRA (plus the kohya file for SDXL/SD 1.5)
@@ -18,8 +18,8 @@ from pathlib import Path as LocalPath
 
 from cog import BaseModel, Input, Path, Secret
 
-from training.spec import RunLimits, parse_spec
-from training.workspace import RunPaths
+from contract.spec import RunLimits, parse_spec
+from contract.workspace import RunPaths
 
 OUTPUT_NAME = "trained_model.tar"
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from emulator.runpod import RunpodApi
     from emulator.server import serve
     from emulator.stack_driver import StackDriver
-    from infra.runpod.follow import ENV_VOLUME_MOUNTS
+    from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
 
     print(f"lorastack demo: everything happens under {workdir}, offline", flush=True)
     print("[1/4] making a tiny SD 1.5 and 4 captioned images ...", flush=True)

@@ -111,7 +111,7 @@ class _Engine(Mocks):
 
 
 class _Monitor(MockMonitor):
-    creates_real_resources = True  # read by infra/runpod/follow.py: these pods are real, follow them
+    creates_real_resources = True  # read by infra/runpod_backend/follow.py: these pods are real, follow them
 
     def __init__(self, engine: _Engine):
         super().__init__(engine)

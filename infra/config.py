@@ -1,4 +1,4 @@
-"""StackConfig: where and how a run happens. Embeds training.spec.TrainSpec (what to train).
+"""StackConfig: where and how a run happens. Embeds contract.spec.TrainSpec (what to train).
 
 A stack file (`stacks/Pulumi.<stack>.yaml`) holds `lorastack:<key>` entries. The same `parse_stack()`
 validates them offline (`make check`, no Pulumi CLI, no credentials) and inside the Pulumi program, so a
@@ -20,7 +20,7 @@ from pydantic.alias_generators import to_camel
 
 from infra import pricing
 from training import memory
-from training.spec import ENV_MANAGED, RunLimits, SpecError, TrainSpec, describe_errors
+from contract.spec import ENV_MANAGED, RunLimits, SpecError, TrainSpec, describe_errors
 from training.version import __version__
 
 NAMESPACE = "lorastack"

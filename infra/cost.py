@@ -23,7 +23,7 @@ import requests
 
 from infra import pricing
 from infra.config import SECRETS, STACKS_DIR, StackConfig, StackError, load_stack
-from infra.runpod.client import RunpodClient, RunpodError
+from cloudapi.runpod_rest import RunpodClient, RunpodError
 
 LIVE_TIMEOUT_S = 5.0  # a cost estimate must not hang on a slow API: the dated table is a fine answer
 REPLICATE_DEFAULT_BASE_URL = "https://api.replicate.com"

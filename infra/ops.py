@@ -27,9 +27,9 @@ from typing import TextIO
 import requests
 
 from infra.config import SECRETS, STACKS_DIR, StackConfig, StackError, load_stack, pod_name, run_id
-from infra.runpod.client import RunpodClient, RunpodError
-from training.spec import ENV_WORKSPACE
-from training.workspace import RunPaths, read_json, workspace_root
+from cloudapi.runpod_rest import RunpodClient, RunpodError
+from contract.spec import ENV_WORKSPACE
+from contract.workspace import RunPaths, read_json, workspace_root
 
 OUTPUTS_DIR = STACKS_DIR.parent / "outputs"
 LIVE_STATES = ("PROVISIONING", "STARTING", "RUNNING")

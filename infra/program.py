@@ -21,13 +21,13 @@ def build(stack: str) -> dict[str, pulumi.Output | object]:
     secrets = {name: secret(name, pulumi_config) for name in SECRETS}
 
     if config.provider == "runpod":
-        from infra.runpod.component import RunpodTraining, RunpodTrainingArgs
+        from infra.runpod_backend.component import RunpodTraining, RunpodTrainingArgs
 
         args = RunpodTrainingArgs(stack=stack, config=config, image_ref=image_ref(stack, config), secrets=secrets)
         return dict(RunpodTraining(stack, args).exports)
 
     # another backend's package: imported only by the stacks that use it
-    from infra.replicate.component import ReplicateTraining, ReplicateTrainingArgs
+    from infra.replicate_backend.component import ReplicateTraining, ReplicateTrainingArgs
 
     return dict(ReplicateTraining(stack, ReplicateTrainingArgs(stack=stack, config=config, secrets=secrets)).exports)
 

@@ -28,8 +28,8 @@ from typing import TextIO
 from pydantic import ValidationError
 
 from infra.config import SECRETS, STACKS_DIR
-from infra.runpod.client import RunpodClient, RunpodError
-from training.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
+from cloudapi.runpod_rest import RunpodClient, RunpodError
+from contract.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
 
 POD_PREFIX = "lorastack-"
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")

@@ -3,7 +3,7 @@
 Every lorastack provider is a Python dynamic provider, so resource types all start with
 `pulumi-python:dynamic` (`pulumi-python:dynamic/runpod:Pod` where the class names a module, plain
 `pulumi-python:dynamic:Resource` where it does not). A resource is therefore recognised by its inputs, the
-ones infra/runpod/pod.py, infra/runpod/volume.py and infra/replicate/ declare.
+ones infra/runpod_backend/pod.py, infra/runpod_backend/volume.py and infra/replicate_backend/ declare.
 
 Secrets: in `validate`, the Python policy SDK hands over secret inputs already unwrapped, so a validation
 cannot tell a secret from a plain value. Only `remediate` sees the secret markers; the secrets policy is

@@ -19,7 +19,7 @@ from bench.models import architecture, build_components, in_memory_source
 from infra import pricing
 from training import tiny
 from training.loop import build_state, next_micro_batches, train_step
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 torch.set_num_threads(2)
 

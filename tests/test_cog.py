@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from infra.replicate.training import dataset_zip
+from infra.replicate_backend.training import dataset_zip
 from training import tiny
 from training.export import DIFFUSERS_WEIGHT_NAME
 

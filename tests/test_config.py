@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from infra.config import STACKS_DIR, StackError, load_stack, parse_stack, run_id
-from training.spec import SpecError, TrainSpec, spec_from_environment
+from contract.spec import SpecError, TrainSpec, spec_from_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 SDXL = yaml.safe_load((STACKS_DIR / "Pulumi.sdxl-4090.yaml").read_text())["config"]

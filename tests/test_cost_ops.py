@@ -16,8 +16,8 @@ from emulator.runpod import RunpodApi
 from emulator.server import Fault, JsonApi, serve
 from infra import affected, cost, ops
 from infra.config import load_stack, parse_stack, pod_name, run_id
-from infra.runpod.client import RunpodClient
-from training.workspace import RunPaths, atomic_write_json
+from cloudapi.runpod_rest import RunpodClient
+from contract.workspace import RunPaths, atomic_write_json
 
 API_KEY = "rp-test-key-4f1c9a"
 

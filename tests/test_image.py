@@ -31,8 +31,9 @@ def tree(tmp_path) -> Path:
         "training/__pycache__/loop.cpython-312.pyc": "bytecode",
         "infra/__init__.py": "",
         "infra/config.py": "STACK = 1\n",
-        "infra/runpod/__init__.py": "",
-        "infra/runpod/client.py": "API = 1\n",
+        "infra/runpod_backend/__init__.py": "",
+        "contract/spec.py": "SPEC = 1\n",
+        "cloudapi/runpod_rest.py": "API = 1\n",
         "tests/test_x.py": "",
     }
     for name, text in files.items():
@@ -43,10 +44,9 @@ def tree(tmp_path) -> Path:
 
 def test_context_is_what_the_image_is_built_from(tree):
     assert image.context_files(tree) == [
+        "cloudapi/runpod_rest.py",
         "container/Dockerfile",
-        "infra/__init__.py",
-        "infra/runpod/__init__.py",
-        "infra/runpod/client.py",
+        "contract/spec.py",
         "pyproject.toml",
         "training/__init__.py",
         "training/loop.py",
@@ -59,7 +59,9 @@ def test_context_is_what_the_image_is_built_from(tree):
         ("training/loop.py", True),
         ("container/Dockerfile", True),
         ("pyproject.toml", True),
-        ("infra/runpod/client.py", True),
+        ("cloudapi/runpod_rest.py", True),
+        ("contract/spec.py", True),
+        ("infra/runpod_backend/__init__.py", False),
         ("training/__pycache__/loop.cpython-312.pyc", False),
         ("README.md", False),
         ("infra/config.py", False),

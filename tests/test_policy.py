@@ -15,7 +15,7 @@ from pulumi_policy.deserialize import SPECIAL_SECRET_SIG, SPECIAL_SIG_KEY, deser
 from pulumi_policy.proxy import unknown_checking_proxy
 
 from infra.config import load_stack, pod_name
-from infra.runpod.component import pod_env
+from infra.runpod_backend.component import pod_env
 from policy import lorastack_policies as policies
 
 POD_TYPE = "pulumi-python:dynamic/runpod:Pod"
@@ -57,7 +57,7 @@ def all_violations(resource_type: str, props: dict) -> list[str]:
 
 
 def pod_props(stack: str, **changes: Any) -> dict:
-    """The inputs infra/runpod/component.py gives the Pod of `stack` (PodArgs -> Pod props)."""
+    """The inputs infra/runpod_backend/component.py gives the Pod of `stack` (PodArgs -> Pod props)."""
     config = load_stack(stack)
     runpod = config.runpod
     props = {
@@ -153,7 +153,7 @@ def test_pinned_images_pass(image):
 
 # --- Replicate ----------------------------------------------------------------------------------------------------
 
-# the inputs infra/replicate/model.py and deployment.py declare
+# the inputs infra/replicate_backend/model.py and deployment.py declare
 MODEL_TYPE, DEPLOYMENT_TYPE = "pulumi-python:dynamic/replicate:Model", "pulumi-python:dynamic/replicate:Deployment"
 MODEL = {"owner": "acme", "name": "flux-style", "visibility": "private", "hardware": "gpu-h100", "description": "x",
          "keepOnDestroy": True, "modelId": None, "url": None, "latestVersion": None}
@@ -226,7 +226,7 @@ def test_an_env_that_is_secret_as_a_whole_is_left_alone():
 
 
 def test_plain_token_inputs_of_a_replicate_training_are_made_secret():
-    # the inputs infra/replicate/training.py declares, with the tokens given as plain strings by mistake
+    # the inputs infra/replicate_backend/training.py declares, with the tokens given as plain strings by mistake
     training = {"destination": "acme/flux-style", "trainer": "ostris/flux-dev-lora-trainer", "trainerVersion": None,
                 "trainerInput": {"steps": 1000, "lora_rank": 16, "hf_repo_id": "acme/lora"},
                 "datasetSource": "https://example.com/d.zip", "hfToken": "hf_plain", "wandbApiKey": Secret("wb_secret"),

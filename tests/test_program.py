@@ -20,8 +20,8 @@ from pulumi.runtime import rpc
 
 from infra.config import STACKS_DIR, parse_stack
 from infra.program import build
-from infra.runpod.pod import PodProvider
-from training.spec import RunLimits, TrainSpec
+from infra.runpod_backend.pod import PodProvider
+from contract.spec import RunLimits, TrainSpec
 
 from tests.pulumi_mocks import RecordingMonitor, run_mocked
 

@@ -17,8 +17,8 @@ import yaml
 from pulumi.runtime import rpc
 
 from infra.config import STACKS_DIR, parse_stack
-from infra.replicate.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
-from infra.replicate.training import TrainingProvider
+from infra.replicate_backend.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
+from infra.replicate_backend.training import TrainingProvider
 
 from tests.pulumi_mocks import RecordingMonitor, run_mocked
 

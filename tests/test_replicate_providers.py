@@ -21,10 +21,10 @@ from replicate.exceptions import ReplicateError
 
 from emulator.replicate import TRAINER, TRAINER_VERSION, FakeClock, ReplicateApi
 from emulator.server import Fault, serve
-from infra.replicate.client import ReplicateClient, ReplicateProvider, retry_after_seconds
-from infra.replicate.deployment import DeploymentProvider
-from infra.replicate.model import ModelProvider
-from infra.replicate.training import TrainingProvider, dataset_zip
+from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, retry_after_seconds
+from infra.replicate_backend.deployment import DeploymentProvider
+from infra.replicate_backend.model import ModelProvider
+from infra.replicate_backend.training import TrainingProvider, dataset_zip
 
 TOKEN = "r8_provider_test_token_0123456789"
 HF_TOKEN = "hf_secret_value_never_in_outputs"

@@ -26,10 +26,10 @@ from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, serve
-from infra.runpod.client import RunpodError
-from infra.runpod.pod import PodProvider
-from infra.runpod.provider import RunpodProvider
-from infra.runpod.volume import NetworkVolumeProvider
+from cloudapi.runpod_rest import RunpodError
+from infra.runpod_backend.pod import PodProvider
+from infra.runpod_backend.provider import RunpodProvider
+from infra.runpod_backend.volume import NetworkVolumeProvider
 
 API_KEY = "rpa_test_key_0123456789abcdef"
 GPU = "NVIDIA GeForce RTX 4090"

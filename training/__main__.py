@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from training.spec import (
+from contract.spec import (
     ENV_LIMITS,
     ENV_RUN_ID,
     RunLimits,
@@ -25,7 +25,7 @@ from training.spec import (
     describe_errors,
     spec_from_environment,
 )
-from training.workspace import RunPaths, workspace_root
+from contract.workspace import RunPaths, workspace_root
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, resumable

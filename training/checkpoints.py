@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 if TYPE_CHECKING:
     from training.loop import TrainState

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from training.spec import DatasetSpec, TrainSpec
-from training.workspace import RunPaths, atomic_file, atomic_write_json, read_json
+from contract.spec import DatasetSpec, TrainSpec
+from contract.workspace import RunPaths, atomic_file, atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 BUCKET_STEP = 64  # bucket sides are multiples of this (VAE 8x, FLUX packing 2x, UNet down-blocks)

@@ -27,9 +27,9 @@ import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # the key diffusers' loader reads the LoraConfig from
 
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 from training.version import __version__
-from training.workspace import RunPaths, atomic_write_bytes
+from contract.workspace import RunPaths, atomic_write_bytes
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ENV_HF_TOKEN = "HF_TOKEN"

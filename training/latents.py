@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save
 
 from training.data import PreparedDataset, Sample
 from training.models import ModelBundle
-from training.spec import TrainSpec
-from training.workspace import RunPaths, atomic_write_bytes
+from contract.spec import TrainSpec
+from contract.workspace import RunPaths, atomic_write_bytes
 
 FEATURES_VERSION = 1  # bump when what is cached, or how, changes: old caches are then not re-used
 

@@ -37,10 +37,10 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 
-from infra.runpod.client import NotFound, RunpodClient, RunpodError
-from training.spec import RunLimits
+from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from contract.spec import RunLimits
 from training.tracking import redact, update_status, utc_now
-from training.workspace import RunPaths, atomic_write_json, read_json
+from contract.workspace import RunPaths, atomic_write_json, read_json
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.spec import SpecError, TrainSpec, parse_spec
-from training.workspace import RunPaths
+from contract.spec import SpecError, TrainSpec, parse_spec
+from contract.workspace import RunPaths
 
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 

@@ -37,8 +37,8 @@ from training.models import (
     read_components,
     weight_dtype_for,
 )
-from training.spec import TrainSpec
-from training.workspace import RunPaths
+from contract.spec import TrainSpec
+from contract.workspace import RunPaths
 
 # train_dreambooth_lora_flux.py's default: FLUX.1-dev is guidance-distilled and trains with this embedding.
 FLUX_TRAINING_GUIDANCE = 3.5

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 
 
 @dataclass(frozen=True)

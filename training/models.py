@@ -32,7 +32,7 @@ from diffusers import (
 )
 from diffusers.training_utils import cast_training_params
 from training import memory
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 
 # The attention projections diffusers' LoRA training examples adapt (train_text_to_image_lora*.py).
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]

@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
-from training.spec import RunLimits, TrainSpec
-from training.workspace import RunPaths, atomic_write_bytes, atomic_write_json, read_json
+from contract.spec import RunLimits, TrainSpec
+from contract.workspace import RunPaths, atomic_write_bytes, atomic_write_json, read_json
 
 TERMINAL_STATES = ("succeeded", "failed", "limit", "stalled", "interrupted")
 ENV_WANDB_API_KEY = "WANDB_API_KEY"

@@ -25,10 +25,10 @@ from emulator.server import serve
 from emulator.stack_driver import StackDriver
 from infra import ops
 from infra.config import stack_file
-from infra.runpod.client import RunpodClient
-from infra.runpod.follow import ENV_VOLUME_MOUNTS
+from cloudapi.runpod_rest import RunpodClient
+from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
 from training import checkpoints, tiny
-from training.workspace import RunPaths, read_json
+from contract.workspace import RunPaths, read_json
 
 STACK = "demo"
 

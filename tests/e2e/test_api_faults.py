@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from emulator.server import Fault
-from infra.runpod.provider import RunpodProvider
+from infra.runpod_backend.provider import RunpodProvider
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import time
 
 from infra.config import load_stack, run_id
-from infra.runpod.component import pod_env
+from infra.runpod_backend.component import pod_env
 
 STOPPED_WITHIN_S = 30  # from create to stopped, on two shared cores (the trainer's imports take most of it)
 

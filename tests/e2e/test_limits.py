@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from infra import pricing
-from training.workspace import read_json
+from contract.workspace import read_json
 
 LIMIT_SECONDS = 20
 

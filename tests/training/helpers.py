@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.spec import TrainSpec
+from contract.spec import TrainSpec
 
 
 def make_spec(family: str, model: Path, data: Path, **overrides) -> TrainSpec:

@@ -21,7 +21,7 @@ from training.data import (
     prepare_dataset,
     safe_extract,
 )
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

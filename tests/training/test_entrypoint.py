@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from training.__main__ import main
-from training.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_WORKSPACE
-from training.workspace import RunPaths, read_json
+from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_WORKSPACE
+from contract.workspace import RunPaths, read_json
 
 from .helpers import make_spec
 

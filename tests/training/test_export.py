@@ -16,8 +16,8 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training import export
-from training.spec import TrainSpec
-from training.workspace import RunPaths
+from contract.spec import TrainSpec
+from contract.workspace import RunPaths
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

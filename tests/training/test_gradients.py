@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from training.loop import build_state, compute_loss, next_micro_batches
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

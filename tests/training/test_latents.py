@@ -7,7 +7,7 @@ import torch
 from training.data import BucketBatchSampler, prepare_dataset
 from training.latents import _sample_generator, build_feature_cache, collate
 from training.models import load_models
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

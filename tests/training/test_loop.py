@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from training import checkpoints
 from training.loop import train
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

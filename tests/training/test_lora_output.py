@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from training.export import export_trained
 from training.loop import train
-from training.workspace import RunPaths
+from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

@@ -13,9 +13,9 @@ import pytest
 
 from emulator.server import ApiError, Fault, JsonApi, Request, serve
 from training.lifecycle import EXIT_STALLED, EXIT_STOP_FAILED, Lifecycle, already_done
-from training.spec import RunLimits, TrainSpec
+from contract.spec import RunLimits, TrainSpec
 from training.tracking import Reporter, redact
-from training.workspace import RunPaths, read_json
+from contract.workspace import RunPaths, read_json
 
 POD_KEY = "rpa_pod_scoped_secret_123"
 HF_TOKEN = "hf_very_secret_token_456"

@@ -9,7 +9,7 @@ from typing import Any
 from pulumi.dynamic import DiffResult
 
 from infra.dynamic import CredentialedProvider, keyed_diff, whole_numbers
-from infra.runpod.client import RETRY_STATUSES, RunpodClient, RunpodError
+from cloudapi.runpod_rest import RETRY_STATUSES, RunpodClient, RunpodError
 
 
 class RunpodProvider(CredentialedProvider):

@@ -16,9 +16,9 @@ import pulumi
 
 from infra import pricing
 from infra.config import STACKS_DIR, StackConfig
-from infra.replicate.deployment import Deployment, DeploymentArgs
-from infra.replicate.model import Model, ModelArgs
-from infra.replicate.training import Training, TrainingArgs, is_url, trainer_input
+from infra.replicate_backend.deployment import Deployment, DeploymentArgs
+from infra.replicate_backend.model import Model, ModelArgs
+from infra.replicate_backend.training import Training, TrainingArgs, is_url, trainer_input
 
 PROJECT_ROOT = STACKS_DIR.parent  # a stack's relative dataset path is relative to the project, not the cwd
 

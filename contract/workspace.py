@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from training.spec import ENV_WORKSPACE, WORKSPACE_MOUNT
+from contract.spec import ENV_WORKSPACE, WORKSPACE_MOUNT
 
 
 def workspace_root(environ: dict[str, str] | None = None) -> Path:

@@ -37,8 +37,8 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
-from infra.replicate.client import ReplicateClient, ReplicateProvider, plain_inputs
-from training.spec import TrainSpec
+from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from contract.spec import TrainSpec
 
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"
 RUNNING = ("starting", "processing")

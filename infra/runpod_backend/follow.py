@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from infra import ops
-from infra.runpod.client import NotFound, RunpodClient, RunpodError
-from training.workspace import RunPaths, read_json
+from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from contract.workspace import RunPaths, read_json
 
 ENV_VOLUME_MOUNTS = "LORASTACK_VOLUME_MOUNTS"
 LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")

@@ -20,10 +20,10 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, 
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
-from infra.runpod.client import NotFound, RunpodClient
+from cloudapi.runpod_rest import NotFound, RunpodClient
 from infra.dynamic import is_unknown, whole_numbers
-from infra.runpod.provider import RunpodProvider
-from training.spec import ENV_MANAGED, WORKSPACE_MOUNT
+from infra.runpod_backend.provider import RunpodProvider
+from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
 
 POD_REPLACE_KEYS = ("gpuTypeId", "gpuCount", "cloud", "dataCenterIds", "networkVolumeId")
 POD_UPDATE_KEYS = ("name", "image", "env", "containerDiskGb", "volumeMountPath")

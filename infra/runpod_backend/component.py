@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import pulumi
 
 from infra.config import MANAGED_LABEL, StackConfig, pod_name, run_id
-from infra.runpod.pod import Pod, PodArgs
-from infra.runpod.volume import NetworkVolume, NetworkVolumeArgs
-from training.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
+from infra.runpod_backend.pod import Pod, PodArgs
+from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
+from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
 
 # secret config key -> the pod's variable
 POD_SECRET_ENV = {"hfToken": "HF_TOKEN", "wandbApiKey": "WANDB_API_KEY"}
@@ -91,8 +91,8 @@ class RunpodTraining(pulumi.ComponentResource):
             "consoleUrl": self.pod.id.apply(lambda pod_id: CONSOLE_URL.format(pod_id=pod_id)),
             "logsCommand": f"make logs STACK={stack}",
         }
-        if config.wait:  # `up` follows the run to its end and downloads the LoRA (infra/runpod/follow.py)
-            from infra.runpod.follow import follow_in_program
+        if config.wait:  # `up` follows the run to its end and downloads the LoRA (infra/runpod_backend/follow.py)
+            from infra.runpod_backend.follow import follow_in_program
 
             self.exports["run"] = follow_in_program(
                 self, stack, run_id(stack, config.train), self.pod.id, volume_id, data_center, config.train.hf_repo,

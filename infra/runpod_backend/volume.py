@@ -1,6 +1,6 @@
 """NetworkVolume: a RunPod network volume as a Pulumi dynamic resource (REST v2 through RunpodClient).
 
-The API key and retry-safe creates: infra/runpod/provider.py.
+The API key and retry-safe creates: infra/runpod_backend/provider.py.
 
 Kept volumes. A dynamic provider cannot log (its `delete` runs in the provider host, with no engine logger),
 so "the volume is kept" is said by the engine: the component gives a kept volume the `retain_on_delete`
@@ -24,8 +24,8 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from infra import pricing
 from infra.dynamic import is_unknown, whole_numbers
-from infra.runpod.client import NotFound, RunpodClient, RunpodError
-from infra.runpod.provider import RunpodProvider
+from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from infra.runpod_backend.provider import RunpodProvider
 
 MIN_VOLUME_GB, MAX_VOLUME_GB = 10, 4096
 

@@ -1,0 +1,1 @@
+"""Vendor HTTP clients shared by infra (providers, tools) and the trainer (stopping its own machine)."""
