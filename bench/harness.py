@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.flops import count_step_flops
 from bench.models import Architecture, in_memory_source
-from infra.config import load_stack
+from infra.stack_files import load_stack
 from training import memory
 from training.loop import build_state, next_micro_batches, train_step
 from contract.spec import TrainSpec

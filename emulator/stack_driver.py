@@ -30,7 +30,8 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 from pulumi.runtime import rpc
 from pulumi.runtime.mocks import MockMonitor, Mocks
 
-from infra.config import NAMESPACE, stack_file
+from infra.config import NAMESPACE
+from infra.stack_files import stack_file
 
 
 @dataclass

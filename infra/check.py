@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from infra.config import STACKS_DIR, StackError, load_stack_file, stack_file
+from infra.stack_files import STACKS_DIR, StackError, load_stack_file, stack_file
 
 
 def main(argv: list[str]) -> int:

@@ -9,30 +9,19 @@ so they never land in a plain object that could be logged or pickled.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from infra import pricing
 from training import memory
-from contract.spec import ENV_MANAGED, RunLimits, SpecError, TrainSpec, describe_errors
+from contract.spec import RunLimits, TrainSpec
 from training.version import __version__
 
 NAMESPACE = "lorastack"
-STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
 DEFAULT_REPOSITORY = "ghcr.io/lorastack/trainer"
-# Secret config keys and the environment variables that stand in for them (CI, local shells).
-SECRETS = {
-    "runpodApiKey": "RUNPOD_API_KEY",
-    "replicateApiToken": "REPLICATE_API_TOKEN",
-    "hfToken": "HF_TOKEN",
-    "wandbApiKey": "WANDB_API_KEY",
-}
 _SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -248,101 +237,3 @@ class StackConfig(_Schema):
     def run_limits(self) -> RunLimits:
         """The limits the pod enforces, with the price it is billed at filled in."""
         return self.limits.model_copy(update={"usd_per_hour": self.usd_per_hour()[0]})
-
-
-class StackError(SpecError):
-    pass
-
-
-def stack_file(stack: str) -> Path:
-    return STACKS_DIR / f"Pulumi.{stack}.yaml"
-
-
-def run_id(stack: str, spec: TrainSpec) -> str:
-    """A run is a stack plus a spec: a changed spec trains into a fresh directory on the volume."""
-    return f"{stack}-{spec.fingerprint()}"
-
-
-def pod_name(stack: str) -> str:
-    """Every lorastack pod's name starts with `lorastack-`: with LORASTACK_MANAGED=1 it marks it for the reaper."""
-    return f"lorastack-{stack}"
-
-
-MANAGED_LABEL = {ENV_MANAGED: "1"}
-
-
-def parse_stack(raw: dict[str, object], source: str) -> StackConfig:
-    """Validate the `lorastack:*` entries of a stack file; every problem at once, each naming source and key."""
-    entries: dict[str, object] = {}
-    problems: list[str] = []
-    for key, value in raw.items():
-        namespace, _, name = key.partition(":")
-        if namespace != NAMESPACE or not name:
-            continue  # other providers' config (aws:region, ...) is not ours to judge
-        if name in SECRETS:
-            if not (isinstance(value, dict) and "secure" in value):
-                problems.append(
-                    f"{source}: {key}: a secret stored in plain text; run `pulumi config set --secret {name} ...` "
-                    f"(or export {SECRETS[name]}) and remove the plain value"
-                )
-            continue
-        entries[name] = value
-    try:
-        config = StackConfig.model_validate(entries)
-    except ValidationError as error:
-        problems += [line.replace(f"{NAMESPACE}:.", f"{NAMESPACE}:") for line in describe_errors(error, source, NAMESPACE + ":")]
-        raise StackError(problems) from None
-    if problems:
-        raise StackError(problems)
-    return config
-
-
-def load_stack_file(path: Path) -> StackConfig:
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise StackError([f"{path}: not valid YAML ({error})"]) from None
-    except FileNotFoundError:
-        raise StackError([f"{path}: no such stack file (stacks are stacks/Pulumi.<name>.yaml)"]) from None
-    return parse_stack(document.get("config") or {}, _display(path))
-
-
-def load_stack(stack: str) -> StackConfig:
-    return load_stack_file(stack_file(stack))
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def secret(name: str, pulumi_config: object | None = None) -> object | None:
-    """A secret from Pulumi config (stays a secret Output) or, failing that, its environment variable."""
-    if pulumi_config is not None:
-        value = pulumi_config.get_secret(name)
-        if value is not None:
-            return value
-    env = os.environ.get(SECRETS[name])
-    if env and pulumi_config is not None:
-        import pulumi
-
-        return pulumi.Output.secret(env)
-    return env
-
-
-def load_from_pulumi(stack: str) -> StackConfig:
-    """Inside the Pulumi program: the same validation over the stack's config as Pulumi resolved it."""
-    import pulumi
-
-    config = pulumi.Config(NAMESPACE)
-    raw: dict[str, object] = {}
-    for field in StackConfig.model_fields.values():
-        try:
-            value = config.get_object(field.alias)
-        except pulumi.ConfigTypeError:  # the CLI hands plain scalars (provider: runpod) over as bare text
-            value = config.get(field.alias)
-        if value is not None:
-            raw[f"{NAMESPACE}:{field.alias}"] = value
-    return parse_stack(raw, _display(stack_file(stack)))

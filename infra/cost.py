@@ -22,7 +22,9 @@ from datetime import datetime, timezone
 import requests
 
 from infra import pricing
-from infra.config import SECRETS, STACKS_DIR, StackConfig, StackError, load_stack
+from infra.config import StackConfig
+from infra.credentials import SECRETS
+from infra.stack_files import STACKS_DIR, StackError, load_stack
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 
 LIVE_TIMEOUT_S = 5.0  # a cost estimate must not hang on a slow API: the dated table is a fine answer

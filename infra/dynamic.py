@@ -3,7 +3,7 @@
 Pulumi pickles a dynamic provider object into the state (`__provider`), so a credential must never be an
 attribute when that happens. The dynamic-provider host unpickles the provider in its own process and then calls
 `configure()` with the whole stack config, secrets decrypted: the provider keeps `lorastack:<credential>`
-from it, or failing that reads the credential's environment variable (infra.config.SECRETS) at call time.
+from it, or failing that reads the credential's environment variable (infra.credentials.SECRETS) at call time.
 `__getstate__` drops the credential again should a configured provider ever be pickled.
 """
 
@@ -16,7 +16,8 @@ from pulumi.dynamic import ConfigureRequest, DiffResult, ResourceProvider
 from pulumi.output import Unknown
 from pulumi.runtime import rpc
 
-from infra.config import NAMESPACE, SECRETS
+from infra.config import NAMESPACE
+from infra.credentials import SECRETS
 
 _CREDENTIAL_ATTRIBUTE = "_credential"
 
@@ -56,7 +57,7 @@ def whole_numbers(props: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any
 
 
 class CredentialedProvider(ResourceProvider):
-    """A provider whose API credential (`credential`: a key of infra.config.SECRETS) stays out of the state."""
+    """A provider whose API credential (`credential`: a key of infra.credentials.SECRETS) stays out of the state."""
 
     credential: str
 

@@ -1,6 +1,6 @@
 """`make status|logs|fetch STACK=name` (`python -m infra.ops status|logs|fetch STACK`): follow a run, get its LoRA.
 
-The stack's pod is found by name (`config.pod_name(stack)`) in the RunPod API's pod list. Progress comes from
+The stack's pod is found by name (`contract.naming.pod_name(stack)`) in the RunPod API's pod list. Progress comes from
 `runs/<run-id>/status.json` when the network volume is mounted here (LORASTACK_WORKSPACE points at it, as
 on a pod or in `make demo`), otherwise from the newest progress line in the pod's log stream, which the
 trainer prints as `step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)`.
@@ -26,7 +26,10 @@ from typing import TextIO
 
 import requests
 
-from infra.config import SECRETS, STACKS_DIR, StackConfig, StackError, load_stack, pod_name, run_id
+from contract.naming import pod_name, run_id
+from infra.config import StackConfig
+from infra.credentials import SECRETS
+from infra.stack_files import STACKS_DIR, StackError, load_stack
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 from contract.spec import ENV_WORKSPACE
 from contract.workspace import RunPaths, read_json, workspace_root

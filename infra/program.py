@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pulumi
 
-from infra.config import NAMESPACE, SECRETS, StackConfig, StackError, load_from_pulumi, secret
+from infra.config import NAMESPACE, StackConfig
+from infra.credentials import SECRETS, secret
+from infra.stack_files import StackError, load_from_pulumi
 
 
 def build(stack: str) -> dict[str, pulumi.Output | object]:

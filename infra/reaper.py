@@ -27,7 +27,8 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from infra.config import SECRETS, STACKS_DIR
+from infra.credentials import SECRETS
+from infra.stack_files import STACKS_DIR
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 from contract.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
 

@@ -29,7 +29,7 @@ from pulumi_policy import (
 )
 
 STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
-POD_NAME_PREFIX = "lorastack-"  # infra.config.pod_name(); volumes are named the same way
+POD_NAME_PREFIX = "lorastack-"  # contract.naming.NAME_PREFIX; volumes are named the same way
 ENV_LIMITS, ENV_STACK, ENV_MANAGED = "LORASTACK_LIMITS", "LORASTACK_STACK", "LORASTACK_MANAGED"
 SECRET_ENV_NAMES = frozenset({"HF_TOKEN", "WANDB_API_KEY", "RUNPOD_API_KEY", "REPLICATE_API_TOKEN"})
 # Input names that hold a credential: hfToken, hf_token, wandb_api_key, apiKey, replicateApiToken, ...

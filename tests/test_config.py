@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.config import STACKS_DIR, StackError, load_stack, parse_stack, run_id
+from contract.naming import run_id
+from infra.stack_files import STACKS_DIR, StackError, load_stack, parse_stack
 from contract.spec import SpecError, TrainSpec, spec_from_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ def test_program_reads_config_as_the_pulumi_cli_hands_it_over():
     # The CLI passes scalars as bare text (`runpod`) and mappings as JSON: both must validate.
     import pulumi
 
-    from infra.config import load_from_pulumi
+    from infra.stack_files import load_from_pulumi
 
     as_cli = {key: value if isinstance(value, str) else json.dumps(value) for key, value in SDXL.items()}
     pulumi.runtime.set_all_config(as_cli)

@@ -15,7 +15,8 @@ import pytest
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, JsonApi, serve
 from infra import affected, cost, ops
-from infra.config import load_stack, parse_stack, pod_name, run_id
+from contract.naming import pod_name, run_id
+from infra.stack_files import load_stack, parse_stack
 from cloudapi.runpod_rest import RunpodClient
 from contract.workspace import RunPaths, atomic_write_json
 

@@ -14,7 +14,8 @@ from pulumi_policy import EnforcementLevel, PolicyCustomTimeouts, PolicyResource
 from pulumi_policy.deserialize import SPECIAL_SECRET_SIG, SPECIAL_SIG_KEY, deserialize_properties
 from pulumi_policy.proxy import unknown_checking_proxy
 
-from infra.config import load_stack, pod_name
+from contract.naming import pod_name
+from infra.stack_files import load_stack
 from infra.runpod_backend.component import pod_env
 from policy import lorastack_policies as policies
 

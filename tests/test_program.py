@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
-from infra.config import STACKS_DIR, parse_stack
+from infra.stack_files import STACKS_DIR, parse_stack
 from infra.program import build
 from infra.runpod_backend.pod import PodProvider
 from contract.spec import RunLimits, TrainSpec

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
-from infra.config import STACKS_DIR, parse_stack
+from infra.stack_files import STACKS_DIR, parse_stack
 from infra.replicate_backend.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
 from infra.replicate_backend.training import TrainingProvider
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pulumi
 
 from infra import pricing
-from infra.config import STACKS_DIR, StackConfig
+from infra.config import StackConfig
+from infra.stack_files import STACKS_DIR
 from infra.replicate_backend.deployment import Deployment, DeploymentArgs
 from infra.replicate_backend.model import Model, ModelArgs
 from infra.replicate_backend.training import Training, TrainingArgs, is_url, trainer_input
@@ -27,7 +28,7 @@ PROJECT_ROOT = STACKS_DIR.parent  # a stack's relative dataset path is relative 
 class ReplicateTrainingArgs:
     stack: str
     config: StackConfig
-    # replicateApiToken, hfToken, wandbApiKey (infra.config.secret()); None where not set
+    # replicateApiToken, hfToken, wandbApiKey (infra.credentials.secret()); None where not set
     secrets: Mapping[str, pulumi.Output | None] = field(default_factory=dict)
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import pulumi
 
-from infra.config import MANAGED_LABEL, StackConfig, pod_name, run_id
+from contract.naming import MANAGED_LABEL, pod_name, run_id
+from infra.config import StackConfig
 from infra.runpod_backend.pod import Pod, PodArgs
 from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
 from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
@@ -27,7 +28,7 @@ class RunpodTrainingArgs:
     stack: str
     config: StackConfig
     image_ref: pulumi.Input[str]
-    # runpodApiKey, hfToken, wandbApiKey (infra.config.secret()); None where not set
+    # runpodApiKey, hfToken, wandbApiKey (infra.credentials.secret()); None where not set
     secrets: Mapping[str, pulumi.Output | None] = field(default_factory=dict)
 
 

@@ -24,7 +24,7 @@ from emulator.runpod import PodRuntime, RunpodApi
 from emulator.server import serve
 from emulator.stack_driver import StackDriver
 from infra import ops
-from infra.config import stack_file
+from infra.stack_files import stack_file
 from cloudapi.runpod_rest import RunpodClient
 from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
 from training import checkpoints, tiny

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import time
 
-from infra.config import load_stack, run_id
+from contract.naming import run_id
+from infra.stack_files import load_stack
 from infra.runpod_backend.component import pod_env
 
 STOPPED_WITHIN_S = 30  # from create to stopped, on two shared cores (the trainer's imports take most of it)
