@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from contract import history
 from contract.workspace import RunPaths
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ def save_checkpoint(state: TrainState) -> Path:
         shutil.rmtree(final, ignore_errors=True)  # an incomplete step-<n> (no trainer.json) is never kept
         os.rename(temp, final)
         _fsync(paths.checkpoints)
+        history.record_checkpoint(paths.run, state.step)
         prune(paths, state.spec.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final

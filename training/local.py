@@ -3,7 +3,8 @@
     python -m training.local --data DIR --family sd15 --model ID_OR_PATH [--steps N] [--out DIR]
 
 The spec is built from the arguments and validated like a stack's. OUT is laid out like the pod's volume:
-the run under OUT/runs/<run-id>/ (checkpoints, lora/), and OUT/hf (downloaded base models), datasets/ and
+the run under OUT/runs/<run-id>/ (checkpoints, lora/, history.jsonl, samples/ and report.html: sample grids,
+loss curve and the run's facts, opened from disk), and OUT/hf (downloaded base models), datasets/ and
 cache/ re-used by later runs; an interrupted local run resumes when started again with the same arguments.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from contract.spec import SpecError, TrainSpec, parse_spec
@@ -33,6 +35,9 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
     }
     if args.trigger_word:
         raw["triggerWord"] = args.trigger_word
+    if args.sample_prompt:
+        raw["samplePrompts"] = args.sample_prompt
+        raw["sampleEvery"] = args.sample_every or raw["checkpointEvery"]
     return parse_spec(raw, "command line", prefix="")
 
 
@@ -48,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--trigger-word")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--sample-prompt", action="append", help="a prompt to sample as training goes (repeatable); "
+                        "the report shows a grid per sample step")  # fmt: skip
+    parser.add_argument("--sample-every", type=int, help="steps between samples (default: at every checkpoint)")
     return parser.parse_args(argv)
 
 
@@ -61,20 +69,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = RunPaths(args.out.resolve(), f"local-{spec.fingerprint()}")
 
+    from contract import history
     from training.export import export_trained
     from training.loop import train
+    from training.tracking import save_sample_images
 
     report_every = max(1, spec.steps // 50)
 
     def on_step(step: int, loss: float, lr: float) -> None:
+        history.record_step(paths.run, step, loss, lr)
         if step % report_every == 0 or step == spec.steps:
             print(f"step {step}/{spec.steps}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
 
-    result = train(spec, paths, on_step=on_step)
+    def on_samples(step: int, images: list, prompts: list[str]) -> None:
+        save_sample_images(paths, step, images, prompts)
+
+    started = time.monotonic()
+    result = train(spec, paths, on_step=on_step, on_samples=on_samples)
     files = export_trained(result.state)
     for kind, path in files.items():
         print(f"{kind}: {path}")
+    print(f"report: {write_report(spec, paths, result.state.accelerator.device, time.monotonic() - started)}")
     return 0
+
+
+def write_report(spec: TrainSpec, paths: RunPaths, device, seconds: float) -> Path:
+    """The run's report.html (grids, loss curve, facts) in its folder, as `make fetch` writes one for a pod."""
+    import torch
+
+    from contract.history import history_path, read_history
+    from report import RunFacts, render_report
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    # This command's time is the run's unless it resumed an earlier one; then the trainer's time across them.
+    resumed = bool(read_history(history_path(paths.run)).resumes)
+    facts = RunFacts.from_spec(
+        spec, stack="local", backend="local", gpu=gpu, run_id=paths.run_id, cost_usd=0.0,
+        wall_seconds=None if resumed else seconds,
+    )  # fmt: skip
+    return render_report(paths.run, facts)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from training.models import (
     read_components,
     weight_dtype_for,
 )
+from contract import history
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
 
@@ -333,6 +334,8 @@ def train(
     if resume_from is not None:
         checkpoints.load_checkpoint(state, resume_from)
     main = state.accelerator.is_main_process
+    if main:  # where each trainer process of the run began: the loss curve marks the restarts
+        history.record_start(paths.run, state.step, state.dataset.data_hash, len(state.dataset.samples))
     loss = None
     while state.step < spec.steps:
         loss = train_step(state, next_micro_batches(state))

@@ -27,8 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
+from contract import history
 from contract.spec import RunLimits, TrainSpec
-from contract.workspace import RunPaths, atomic_write_bytes, atomic_write_json, read_json
+from contract.workspace import RunPaths, atomic_write_json, read_json
 
 TERMINAL_STATES = ("succeeded", "failed", "limit", "stalled", "interrupted")
 ENV_WANDB_API_KEY = "WANDB_API_KEY"
@@ -139,6 +140,7 @@ class Reporter:
         self._step, self._lr = step, lr
         self._recent.append((step, now))
         self._losses.append(float(loss))
+        history.record_step(self.paths.run, step, loss, lr)
         if self._wandb is not None:
             per_step = self.seconds_per_step
             self._wandb.log(
@@ -181,14 +183,8 @@ class Reporter:
 
     def samples(self, step: int, images: list, prompts: list[str]) -> list[Path]:
         """Save sample images (PIL) under runs/<id>/samples/ and log them to W&B with their prompts."""
-        folder = self.paths.run / "samples"
-        saved = []
-        for index, image in enumerate(images):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            target = folder / f"step-{step:06d}-{index}.png"
-            atomic_write_bytes(target, buffer.getvalue())
-            saved.append(target)
+        saved = save_sample_images(self.paths, step, images, prompts)
+        folder = self.paths.run / history.SAMPLES_DIR
         if self._wandb is not None:
             import wandb
 
@@ -230,6 +226,16 @@ class Reporter:
 
     def _print(self, line: str) -> None:
         print(redact(line, self._environ), file=self._out or sys.stdout, flush=True)
+
+
+def save_sample_images(paths: RunPaths, step: int, images: list, prompts: list[str]) -> list[Path]:
+    """Sample images (PIL) as PNGs in the layout contract/history.py defines (all steps kept, prompts indexed)."""
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return history.save_samples(paths.run, step, prompts, pngs)
 
 
 def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[str, str]):

@@ -259,7 +259,10 @@ def test_reporter_saves_samples(paths):
     out = io.StringIO()
     reporter = Reporter(paths, spec(), LIMITS, "run-1", total_steps=10, out=out, environ={})
     saved = reporter.samples(5, [Image.new("RGB", (8, 8), "red")] * 2, ["a photo of sks", "sks dog"])
-    assert [path.name for path in saved] == ["step-000005-0.png", "step-000005-1.png"]
+    assert [path.relative_to(paths.run).as_posix() for path in saved] == [
+        "samples/step-000005/00-a-photo-of-sks.png",
+        "samples/step-000005/01-sks-dog.png",
+    ]
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in saved)
 
 
