@@ -7,6 +7,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from contract.history import History
 from contract.workspace import atomic_write_bytes
@@ -58,6 +59,7 @@ def render_loss_curve(history: History, target: Path) -> Path:
     loss_axes.legend(loc="upper right")
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
+    lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 on a short run
     lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
     buffer = io.BytesIO()

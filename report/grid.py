@@ -21,8 +21,7 @@ from contract.history import SampleStep
 from contract.workspace import atomic_write_bytes
 
 CELL_MAX = 512  # wider samples are scaled down: a 4-prompt SDXL grid stays ~2000 px wide
-TITLE_FONT_SIZE = 22
-LABEL_FONT_SIZE = 15
+SMALLEST_LABEL_FONT = 14  # at 256 px cells; wider cells get proportionally larger text (shown scaled down)
 MAX_LABEL_LINES = 4
 PADDING = 8
 BACKGROUND = (255, 255, 255)
@@ -80,7 +79,8 @@ def render_grid(sample_step: SampleStep, target: Path, cell_max: int = CELL_MAX)
     scaled = [image.resize((cell_width, max(1, round(image.height * cell_width / image.width)))) for image in images]
     cell_height = max(image.height for image in scaled)
 
-    title_font, label_font = _font(TITLE_FONT_SIZE), _font(LABEL_FONT_SIZE)
+    label_size = max(SMALLEST_LABEL_FONT, cell_width // 22)
+    title_font, label_font = _font(round(label_size * 1.4)), _font(label_size)
     labels = [wrap(sample.prompt or "(no prompt)", label_font, cell_width - 2 * PADDING) for sample in sample_step.images]
     label_line = _line_height(label_font)
     title_height = _line_height(title_font) + 2 * PADDING
