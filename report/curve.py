@@ -56,7 +56,7 @@ def render_loss_curve(history: History, target: Path) -> Path:
         axes.grid(True, alpha=0.3)
     loss_axes.set_title(f"training loss, {len(steps)} steps")
     loss_axes.set_ylabel("loss")
-    loss_axes.legend(loc="upper right")
+    loss_axes.legend(loc="best")
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     lr_axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 1.5 on a short run
