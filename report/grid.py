@@ -81,7 +81,8 @@ def render_grid(sample_step: SampleStep, target: Path, cell_max: int = CELL_MAX)
 
     label_size = max(SMALLEST_LABEL_FONT, cell_width // 22)
     title_font, label_font = _font(round(label_size * 1.4)), _font(label_size)
-    labels = [wrap(sample.prompt or "(no prompt)", label_font, cell_width - 2 * PADDING) for sample in sample_step.images]
+    text_width = cell_width - 2 * PADDING
+    labels = [wrap(sample.prompt or "(no prompt)", label_font, text_width) for sample in sample_step.images]
     label_line = _line_height(label_font)
     title_height = _line_height(title_font) + 2 * PADDING
     label_height = max(len(lines) for lines in labels) * label_line + 2 * PADDING

@@ -95,7 +95,8 @@ def make_history(run: Path, steps: int = 60, resume_at: int | None = 20) -> Path
             history.record_start(run, resume_at, "d1a2b3c4", 12)
             for redo in range(resume_at + 1, step):
                 history.record_step(run, redo, 0.5 * math.exp(-redo / 30) + 0.1, 1e-4)
-        history.record_step(run, step, 0.5 * math.exp(-step / 30) + 0.1 + 0.05 * math.sin(step), 1e-4 * min(1, step / 10))
+        loss = 0.5 * math.exp(-step / 30) + 0.1 + 0.05 * math.sin(step)
+        history.record_step(run, step, loss, 1e-4 * min(1, step / 10))
         if step % 20 == 0:
             history.record_checkpoint(run, step)
     return history.history_path(run)
@@ -173,8 +174,8 @@ def test_report_page_states_the_facts_and_shows_every_grid_and_the_curve(tmp_pat
     for name in parsed.images + parsed.links:
         assert "://" not in name and not name.startswith("/") and (folder / name).is_file()
     assert parsed.external == []  # nothing to load from anywhere, no script
-    for shown in ("sdxl-4090", "runpod", "NVIDIA GeForce RTX 4090 x1", "$0.41", "stabilityai/stable-diffusion-xl-base-1.0",
-                  "d1a2b3c4", "<td>12</td>", "trained, lr 0.0002", "<td>1024 px (aspect buckets)</td>", "bf16",
+    for shown in ("sdxl-4090", "runpod", "NVIDIA GeForce RTX 4090 x1", "$0.41",
+                  "stabilityai/stable-diffusion-xl-base-1.0", "d1a2b3c4", "<td>12</td>", "trained, lr 0.0002", "<td>1024 px (aspect buckets)</td>", "bf16",
                   "60 of 60", "20, 40, 60"):  # fmt: skip
         assert shown in text, shown
     assert "<script>alert" not in text and "&lt;script&gt;alert" in text  # prompts are escaped
@@ -240,7 +241,10 @@ def test_local_training_records_history_and_samples_and_writes_the_report(local_
 
     samples = history.read_samples(local_run / history.SAMPLES_DIR)
     assert [entry.step for entry in samples] == [2, 4]
-    assert [image.prompt for image in samples[-1].images] == ["a red circle, sks", "a blue square on a green background, sks"]
+    assert [image.prompt for image in samples[-1].images] == [
+        "a red circle, sks",
+        "a blue square on a green background, sks",
+    ]
 
     for name in ("report.html", "loss.png", "grid-step-000002.png", "grid-step-000004.png", "lora/samples.png"):
         assert (local_run / name).is_file(), name

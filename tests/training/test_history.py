@@ -34,7 +34,9 @@ def test_a_restarted_run_appends_and_the_reader_keeps_the_attempt_that_made_the_
     assert json.loads(lines[6])["resume"] == 2
 
     read = history.read_history(history.history_path(run))
-    assert [(r.step, r.loss, r.lr) for r in read.steps] == [(1, 0.9, 1e-4), (2, 0.8, 1e-4), (3, 0.65, 5e-5), (4, 0.55, 5e-5)]
+    assert [(r.step, r.loss, r.lr) for r in read.steps] == [
+        (1, 0.9, 1e-4), (2, 0.8, 1e-4), (3, 0.65, 5e-5), (4, 0.55, 5e-5)
+    ]
     assert read.checkpoints == [2, 4] and read.resumes == [2]
     assert read.skipped_lines == 1
     assert (read.data_hash, read.dataset_files) == ("abc123", 6)
@@ -100,4 +102,4 @@ def test_the_reporter_records_every_step_and_saves_samples_in_the_layout(tmp_pat
     assert [(r.step, r.loss) for r in read.steps] == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     (entry,) = history.read_samples(paths.run / "samples")
     assert [image.path for image in entry.images] == saved
-    assert [image.prompt for image in history.read_samples(paths.run / "samples")[0].images] == ["a photo of sks", "sks dog"]
+    assert [image.prompt for image in entry.images] == ["a photo of sks", "sks dog"]
