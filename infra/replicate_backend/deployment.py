@@ -20,7 +20,8 @@ from replicate.exceptions import ReplicateError
 
 from infra import pricing
 from infra.dynamic import is_unknown, keyed_diff, whole_numbers
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from infra.replicate_backend.client import ReplicateClient
+from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
 DEPLOYMENT_REPLACE_KEYS = ("name", "model")
 DEPLOYMENT_UPDATE_KEYS = ("version", "hardware", "minInstances", "maxInstances")

@@ -25,7 +25,8 @@ from replicate.exceptions import ReplicateError
 
 from infra import pricing
 from infra.dynamic import is_unknown, keyed_diff
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from infra.replicate_backend.client import ReplicateClient
+from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
 MODEL_REPLACE_KEYS = ("owner", "name")
 MODEL_UPDATE_KEYS = ("description", "visibility", "hardware", "keepOnDestroy")
