@@ -2,11 +2,11 @@
 
 A backend is one package, `infra/<name>_backend/`, whose `backend.py` holds `BACKEND`, an object with the
 `Backend` interface below: its stack-file section, its prices, the Pulumi component it builds, and the hooks
-`make status|logs|fetch|reap|cost` call. Nothing outside a backend package branches on the provider's name:
+`make status|logs|fetch|reap|cost` call; its `policies.py` holds its policy-pack policies (POLICIES). Nothing outside a backend package branches on the provider's name:
 the program, the CLI, the reaper and the cost table ask the registry. A backend's module is imported when it is
 first asked for, so a RunPod stack never loads Replicate's SDK and `make check` loads no Pulumi at all.
 
-Adding a backend: its package (config.py, catalog.py, backend.py, the providers and the component), an emulator
+Adding a backend: its package (config.py, catalog.py, backend.py, policies.py, the providers and the component), an emulator
 of its API under emulator/, and one line in BACKEND_MODULES.
 """
 
@@ -124,6 +124,11 @@ def short_error(error: Exception) -> str:
 
 def names() -> tuple[str, ...]:
     return tuple(BACKEND_MODULES)
+
+
+def policies_module(name: str) -> str:
+    """The module holding the backend's policy-pack policies (POLICIES), beside its backend module."""
+    return BACKEND_MODULES[name].rsplit(".", 1)[0] + ".policies"
 
 
 def get(name: str) -> Backend:
