@@ -50,8 +50,8 @@ class CostRow:
 def fetch_live_prices(providers: Iterable[str], environ: Mapping[str, str] | None = None) -> LivePrices:
     """Each provider's live prices, in the registry's order, with a note on each source."""
     environ = os.environ if environ is None else environ
-    fetched = {name: backends.get(name).live_prices(environ, LIVE_TIMEOUT_S)
-               for name in backends.names() if name in set(providers)}
+    wanted = set(providers)
+    fetched = {name: backends.get(name).live_prices(environ, LIVE_TIMEOUT_S) for name in backends.names() if name in wanted}
     return LivePrices({name: live.data for name, live in fetched.items()}, [live.note for live in fetched.values()])
 
 

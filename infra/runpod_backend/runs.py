@@ -23,7 +23,7 @@ import requests
 
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, RunpodClient, RunpodError
 from contract.naming import pod_name, run_id
-from contract.spec import ENV_WORKSPACE
+from contract.spec import ENV_WORKSPACE, WORKSPACE_MOUNT
 from contract.workspace import RunPaths, read_json, workspace_root
 from infra.backends import OpsError, Report
 from infra.credentials import SECRETS
@@ -257,7 +257,7 @@ def volume_steps(stack: str, lora: str, volume: dict | None, data_center: str | 
     volume_id = volume["id"] if volume else "<volume id: RunPod console > Storage>"
     dc = data_center or "<data center>"
     return "\n".join([
-        f"The LoRA of {stack} is on its RunPod network volume, in /workspace/{lora}/. Two ways to reach it:",
+        f"The LoRA of {stack} is on its RunPod network volume, in {WORKSPACE_MOUNT}/{lora}/. Two ways to reach it:",
         "  1. RunPod's S3-compatible API (no pod needed; some data centers only, see docs.runpod.io/storage/s3-api):",
         "     create an S3 API key (RunPod console > Settings > S3 API Keys), then",
         f"       export {S3_ACCESS_KEY_ENV}=user_...  {S3_SECRET_KEY_ENV}=rps_...",
@@ -266,7 +266,7 @@ def volume_steps(stack: str, lora: str, volume: dict | None, data_center: str | 
         f"       aws s3 cp --recursive --region {dc} --endpoint-url https://s3api-{dc.lower()}.runpod.io "
         f"s3://{volume_id}/{lora}/ outputs/{stack}/",
         "  2. A running pod that mounts the volume (billed while it runs): in the RunPod console deploy a small pod in",
-        f"     {dc} with network volume {volume_id}, then copy /workspace/{lora}/ out with `runpodctl send` or",
+        f"     {dc} with network volume {volume_id}, then copy {WORKSPACE_MOUNT}/{lora}/ out with `runpodctl send` or",
         "     scp over the pod's SSH port, and terminate the pod.",
     ])
 
