@@ -147,3 +147,19 @@ def test_the_host_is_chosen_from_the_environment():
     pod = hosts.host_from_environment({"RUNPOD_POD_ID": "pod123", "RUNPOD_API_KEY": "k"}, said.append)
     assert isinstance(pod, hosts.RunpodHost) and pod.machine_id == "pod123"
     assert pod.storage_root() == Path("/workspace")
+
+
+# --- the commands go through the stack's backend ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "fetch"])
+def test_a_replicate_stack_is_pointed_at_replicate_by_every_command(command, monkeypatch, capsys):
+    from infra import ops
+
+    monkeypatch.delenv("LORASTACK_WORKSPACE", raising=False)
+    config = load_stack("flux-replicate")
+    assert config.train.hf_repo is None  # else fetch reads the Hub, for every backend alike
+    assert ops.main([command, "flux-replicate"]) == 2
+    err = capsys.readouterr().err
+    assert f"`make {command}` follows RunPod pods" in err
+    assert f"https://replicate.com/{config.replicate.owner}/{config.replicate.model}" in err
