@@ -1,8 +1,10 @@
 """RunPod REST API v2 over HTTP (contract: shared/reference/runpod-rest-v2-openapi.json).
 
-Pure `requests`, no Pulumi: the dynamic providers, the trainer's lifecycle (which stops its own pod from
-inside it), the reaper and `make status` all use it. The `runpod` SDK is not used for these calls: it speaks
-GraphQL, pastes env values into the query text unescaped, and cannot manage network volumes.
+Pure `requests`, no Pulumi: the dynamic providers, the trainer's host (cloudapi/hosts.py, which stops its own pod
+from inside it), the reaper and `make status` all use it. The `runpod` SDK is not a dependency: it speaks GraphQL,
+pastes env values into the query text unescaped, and cannot manage network volumes, so it would be the wrong tool
+for every call made here (pods, network volumes, the catalog, the log stream); nothing imported it, and its pin
+is dropped from pyproject.toml.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import requests
 
 DEFAULT_BASE_URL = "https://api.runpod.io"
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# A pod in one of these has a container that runs (or is about to): its trainer is alive and it bills its GPU.
+LIVE_POD_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
 
 
 def base_url_from_environment() -> str:

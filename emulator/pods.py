@@ -13,7 +13,7 @@ local process, the way RunPod starts the container:
 - an entrypoint that exits is started again while the pod is RUNNING (RunPod restarts exited containers);
   stop and terminate send SIGTERM, then SIGKILL after `stop_grace_s`, as `docker stop` does.
 
-Billing: per second, per GPU type, at the catalog's price (infra/pricing.py, the emulator's /v2/catalog/gpus),
+Billing: per second, per GPU type, at the catalog's price (infra/runpod_backend/catalog.py, the emulator's /v2/catalog/gpus),
 from RUNNING until stopped or terminated, each billed stretch rounded up to a whole second. `bill(pod_id)`
 keeps the figures after the pod is gone, so a test can read what a run cost.
 
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.runpod import PodRuntime
-from infra import pricing
+from infra.runpod_backend import catalog
 from infra.config import DEFAULT_REPOSITORY
+from infra.paths import REPO_ROOT
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 # Variables of this machine a container would also have; everything else comes from the pod's env.
 HOST_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 ENV_FAULT_QUOTA_FILE = "LORASTACK_EMULATOR_QUOTA_FILE"
@@ -204,7 +204,7 @@ class ProcessRuntime(PodRuntime):
             return [pod_id for pod_id, bill in self.bills.items() if bill.running_since is not None]
 
     def _open_bill(self, pod: dict) -> None:
-        gpu = pricing.RUNPOD_GPUS[pod["gpu"]["id"]]
+        gpu = catalog.RUNPOD_GPUS[pod["gpu"]["id"]]
         price = gpu.secure_usd if pod["cloud"] == "SECURE" else gpu.community_usd
         with self._lock:
             bill = self.bills.get(pod["id"])
@@ -321,7 +321,7 @@ class ProcessRuntime(PodRuntime):
         module = "emulator.pod_process" if self.faults.any else "training"
         process = subprocess.Popen(
             [self.python, "-m", module],
-            cwd=REPOSITORY_ROOT,
+            cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

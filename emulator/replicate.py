@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from emulator.server import ApiError, JsonApi, Request, Response, serve
-from infra import pricing
+from infra.replicate_backend import catalog
 
 TRAINER = "ostris/flux-dev-lora-trainer"
 TRAINER_VERSION = hashlib.sha256(b"emulator:ostris/flux-dev-lora-trainer:1").hexdigest()
@@ -289,7 +289,7 @@ class ReplicateApi(JsonApi):
         return {"type": "user", "username": self.account, "name": self.account, "github_url": None}
 
     def list_hardware(self, request: Request) -> list[dict]:
-        skus = ["cpu", *pricing.REPLICATE_HARDWARE_USD_PER_SECOND]
+        skus = ["cpu", *catalog.REPLICATE_HARDWARE_USD_PER_SECOND]
         return [{"name": HARDWARE_NAMES.get(sku, sku), "sku": sku} for sku in skus]
 
     # ---------------------------------------------------------------------------------- models, versions
@@ -301,7 +301,7 @@ class ReplicateApi(JsonApi):
             raise ApiError(422, "missing required fields: " + ", ".join(missing), missing)
         if body["visibility"] not in ("public", "private"):
             raise ApiError(422, "visibility must be public or private", ["visibility"])
-        if body["hardware"] not in HARDWARE_NAMES and body["hardware"] not in pricing.REPLICATE_HARDWARE_USD_PER_SECOND:
+        if body["hardware"] not in HARDWARE_NAMES and body["hardware"] not in catalog.REPLICATE_HARDWARE_USD_PER_SECOND:
             raise ApiError(422, f"hardware {body['hardware']!r} is not a valid SKU (see GET /v1/hardware)", ["hardware"])
         if not re.match(r"^[a-z0-9][a-z0-9._-]*$", str(body["name"])):
             raise ApiError(422, "name may contain lowercase letters, digits, dashes, underscores and periods", ["name"])
@@ -511,7 +511,7 @@ class ReplicateApi(JsonApi):
                 problems.append("version: must be the 64-character id of a model version")
             elif model_ref in self.models and not any(v["id"] == version for v in self.models[model_ref].versions):
                 problems.append(f"version: {version} is not a version of {model_ref}")
-        if "hardware" in body and body["hardware"] not in pricing.REPLICATE_HARDWARE_USD_PER_SECOND:
+        if "hardware" in body and body["hardware"] not in catalog.REPLICATE_HARDWARE_USD_PER_SECOND:
             problems.append(f"hardware: {body['hardware']!r} is not a valid SKU (see GET /v1/hardware)")
         for key, maximum in (("min_instances", 5), ("max_instances", 20)):
             value = body.get(key)

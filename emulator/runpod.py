@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from emulator.server import ApiError, JsonApi, Request, Response, serve
-from infra import pricing
+from cloudapi.runpod_rest import LIVE_POD_STATUSES
+from infra.runpod_backend import catalog
 
-LIVE_STATUSES = {"PROVISIONING", "STARTING", "RUNNING"}
 # Which actions each status allows (the spec's `actions` field and its 409 rule).
 ACTIONS = {
     "PROVISIONING": ["stop", "terminate"],
@@ -222,7 +222,7 @@ class PodRecord:
     def usd_per_hour(self) -> float:
         if self.status in UNBILLED_STATUSES:
             return 0.0
-        gpu = pricing.RUNPOD_GPUS[self.gpu_id]
+        gpu = catalog.RUNPOD_GPUS[self.gpu_id]
         price = gpu.secure_usd if self.cloud == "SECURE" else gpu.community_usd
         return round((price or 0.0) * self.gpu_count, 4)
 
@@ -435,7 +435,7 @@ class RunpodApi(JsonApi):
             raise ApiError(400, "CPU pods are not emulated")
         gpu_id, count = body["gpu"]["id"], body["gpu"].get("count", 1)
         cloud = body.get("cloud", "SECURE")
-        gpu = pricing.RUNPOD_GPUS.get(gpu_id)
+        gpu = catalog.RUNPOD_GPUS.get(gpu_id)
         if gpu is None:
             raise ApiError(400, f"unknown GPU type {gpu_id!r}; see GET /v2/catalog/gpus")
         if cloud == "COMMUNITY" and gpu.community_usd is None:
@@ -443,14 +443,14 @@ class RunpodApi(JsonApi):
         if count > MAX_GPUS_PER_POD:
             raise ApiError(400, f"gpu.count {count} exceeds the {MAX_GPUS_PER_POD} GPUs of one machine")
         wanted = body.get("dataCenterIds") or []
-        unknown = [dc for dc in wanted if dc not in pricing.RUNPOD_DATA_CENTERS]
+        unknown = [dc for dc in wanted if dc not in catalog.RUNPOD_DATA_CENTERS]
         if unknown:
             raise ApiError(400, f"unknown data center(s): {', '.join(unknown)}")
         mounts = body.get("mounts") or {}
         if "persistent" in mounts and "network" in mounts:
             raise ApiError(400, "mounts.persistent and mounts.network are mutually exclusive")
         with self.lock:
-            data_center = wanted[0] if wanted else pricing.RUNPOD_DATA_CENTERS[0]
+            data_center = wanted[0] if wanted else catalog.RUNPOD_DATA_CENTERS[0]
             if mounts.get("network"):
                 volume_id = mounts["network"][0]["volumeId"]
                 volume = self.volumes.get(volume_id)
@@ -574,7 +574,7 @@ class RunpodApi(JsonApi):
     def _terminate(self, pod_id: str) -> None:
         with self.lock:
             pod = self._pod(pod_id)
-            was_running = pod.status in LIVE_STATUSES
+            was_running = pod.status in LIVE_POD_STATUSES
             pod.status = "TERMINATED"
             snapshot = pod.to_json()
             del self.pods[pod_id]
@@ -622,14 +622,14 @@ class RunpodApi(JsonApi):
             with self.lock:
                 pod = self.pods.get(pod_id)
                 fresh = [line for line in (pod.logs if pod else []) if line.seq > last_seq]
-                if not fresh and pod is not None and pod.status in LIVE_STATUSES:
+                if not fresh and pod is not None and pod.status in LIVE_POD_STATUSES:
                     self._log_changed.wait(timeout=1.0)
                     continue
             for line in fresh:
                 last_seq = line.seq
                 if source in (None, line.source):
                     yield _event(line)
-            if not fresh and (pod is None or pod.status not in LIVE_STATUSES):
+            if not fresh and (pod is None or pod.status not in LIVE_POD_STATUSES):
                 return
 
     # --- network volumes ---
@@ -657,7 +657,7 @@ class RunpodApi(JsonApi):
             "type": check.enum("STANDARD", "HIGH_PERFORMANCE"),
         }, ("name", "size", "dataCenter"))
         check.raise_if_any()
-        if body["dataCenter"] not in pricing.RUNPOD_DATA_CENTERS:
+        if body["dataCenter"] not in catalog.RUNPOD_DATA_CENTERS:
             raise ApiError(400, f"data center {body['dataCenter']!r} does not offer network volumes")
         volume = VolumeRecord(_new_id(10), body["name"], body["size"], body["dataCenter"], body.get("type", "STANDARD"))
         with self.lock:
@@ -694,11 +694,11 @@ class RunpodApi(JsonApi):
     # --- catalog ---
 
     def list_gpus(self, request: Request) -> dict:
-        return {"gpus": [_gpu_type(gpu) for gpu in pricing.RUNPOD_GPUS.values()]}
+        return {"gpus": [_gpu_type(gpu) for gpu in catalog.RUNPOD_GPUS.values()]}
 
     def get_gpu(self, request: Request) -> dict:
         gpu_id = unquote(request.params["id"])  # GPU ids have spaces: "NVIDIA GeForce RTX 4090"
-        gpu = pricing.RUNPOD_GPUS.get(gpu_id)
+        gpu = catalog.RUNPOD_GPUS.get(gpu_id)
         if gpu is None:
             raise ApiError(404, f"GPU type {gpu_id} not found")
         return _gpu_type(gpu)
@@ -713,11 +713,11 @@ class RunpodApi(JsonApi):
                 "networkVolumeTypes": ["STANDARD"],
                 "compliance": [],
             }
-            for dc in pricing.RUNPOD_DATA_CENTERS
+            for dc in catalog.RUNPOD_DATA_CENTERS
         ]}
 
 
-def _gpu_type(gpu: pricing.GpuType) -> dict:
+def _gpu_type(gpu: catalog.GpuType) -> dict:
     community = gpu.community_usd is not None
     return {
         "id": gpu.id,

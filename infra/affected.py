@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from infra.paths import REPO_ROOT
+
 # Changes under these affect every stack: the program, the trainer in the image, the image, the policies.
 SHARED_PREFIXES = ("infra/", "training/", "container/", "policy/")
 # Single files with the same reach: the Pulumi project file and the pinned dependencies.
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the ref to compare with, e.g. origin/main or a commit")
     parser.add_argument("--head", default="HEAD", help="the ref with the change (default: HEAD)")
     parser.add_argument("--json", action="store_true", help="print a JSON list (for a GitHub Actions matrix)")
-    parser.add_argument("--root", type=Path, default=REPOSITORY_ROOT, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     existing = stacks_in(args.root)

@@ -10,26 +10,22 @@ so they never land in a plain object that could be logged or pickled.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
-from infra import pricing
+from contract.spec import RunLimits, TrainSpec, _Schema
+from infra import backends, pricing
+from infra.backends import Backend, ProviderName
+from infra.replicate_backend.config import ReplicateConfig
+from infra.runpod_backend.config import RunpodConfig
 from training import memory
-from contract.spec import RunLimits, TrainSpec
 from training.version import __version__
 
 NAMESPACE = "lorastack"
 DEFAULT_REPOSITORY = "ghcr.io/lorastack/trainer"
 _SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-class _Schema(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
-    )
 
 
 class ImageConfig(_Schema):
@@ -72,116 +68,10 @@ class ImageConfig(_Schema):
         return {"repository": repository, "version": version, **({"digest": digest} if digest else {})}
 
 
-class VolumeConfig(_Schema):
-    size_gb: int = Field(default=100, ge=10, le=4096)
-    keep_on_destroy: bool = True  # datasets, model cache and checkpoints survive `pulumi destroy`
-
-
-class RunpodConfig(_Schema):
-    gpu_type: str
-    gpu_count: int = Field(default=1, ge=1, le=8)
-    cloud: Literal["SECURE", "COMMUNITY"] = "SECURE"
-    data_center: str | None = None
-    container_disk_gb: int = Field(default=40, ge=10, le=1000)
-    volume: VolumeConfig | None = Field(default_factory=VolumeConfig)
-
-    @field_validator("gpu_type")
-    @classmethod
-    def _known_gpu(cls, value: str) -> str:
-        if value not in pricing.RUNPOD_GPUS:
-            raise ValueError("unknown RunPod GPU id; allowed: " + ", ".join(sorted(pricing.RUNPOD_GPUS)))
-        return value
-
-    @field_validator("data_center")
-    @classmethod
-    def _known_data_center(cls, value: str | None) -> str | None:
-        if value is not None and value not in pricing.RUNPOD_DATA_CENTERS:
-            raise ValueError("unknown RunPod data center; allowed: " + ", ".join(pricing.RUNPOD_DATA_CENTERS))
-        return value
-
-    @model_validator(mode="after")
-    def _volume_rules(self) -> RunpodConfig:
-        if self.volume is not None:
-            if self.cloud != "SECURE":
-                raise ValueError("a network volume needs cloud: SECURE (Community Cloud pods cannot mount one)")
-            if self.data_center is None:
-                raise ValueError("a network volume is pinned to one data center: set dataCenter (the pod runs there)")
-        gpu = pricing.RUNPOD_GPUS[self.gpu_type]
-        if self.cloud == "COMMUNITY" and gpu.community_usd is None:
-            raise ValueError(f"{self.gpu_type} is not offered on Community Cloud; use cloud: SECURE")
-        return self
-
-    @property
-    def gpu(self) -> pricing.GpuType:
-        return pricing.RUNPOD_GPUS[self.gpu_type]
-
-
-class DeploymentConfig(_Schema):
-    hardware: str = "gpu-l40s"
-    # Replicate's bounds (deployments.create/update): min_instances 0..5, max_instances up to 20
-    min_instances: int = Field(default=0, ge=0, le=5)  # 0: scale to zero, no idle billing
-    max_instances: int = Field(default=1, ge=1, le=20)
-
-    @field_validator("hardware")
-    @classmethod
-    def _sku(cls, value: str) -> str:
-        return _replicate_sku(value)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> DeploymentConfig:
-        if self.max_instances < self.min_instances:
-            raise ValueError(f"maxInstances ({self.max_instances}) is below minInstances ({self.min_instances})")
-        return self
-
-
-class ReplicateConfig(_Schema):
-    owner: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    visibility: Literal["private", "public"] = "private"
-    hardware: str = "gpu-h100"  # the destination model's SKU (what predictions run on)
-    # what the trainer runs on, and what Replicate bills the training at (ostris/flux-dev-lora-trainer: an H100)
-    training_hardware: str = "gpu-h100"
-    description: str = "LoRA trained with lorastack"
-    trainer: str = Field(default="ostris/flux-dev-lora-trainer", pattern=r"^[\w.-]+/[\w.-]+$")
-    trainer_version: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # None: resolve latest at up
-    autocaption: bool = False
-    keep_model_on_destroy: bool = True
-    wait: bool = False  # `pulumi up` follows the training to its end
-    deployment: DeploymentConfig | None = None
-    monthly_budget_usd: float | None = Field(default=None, gt=0)  # needed for deployment.minInstances > 0
-
-    @field_validator("hardware", "training_hardware")
-    @classmethod
-    def _sku(cls, value: str) -> str:
-        return _replicate_sku(value)
-
-    @model_validator(mode="after")
-    def _idle_budget(self) -> ReplicateConfig:
-        deployment = self.deployment
-        if deployment is not None and deployment.min_instances > 0:
-            idle = (
-                deployment.min_instances
-                * pricing.REPLICATE_HARDWARE_USD_PER_SECOND[deployment.hardware]
-                * 3600 * 24 * 30
-            )
-            if self.monthly_budget_usd is None or self.monthly_budget_usd < idle:
-                raise ValueError(
-                    f"deployment.minInstances = {deployment.min_instances} keeps {deployment.hardware} running "
-                    f"around the clock (about ${idle:,.0f}/month); set monthlyBudgetUsd to at least that, "
-                    "or minInstances: 0 to scale to zero"
-                )
-        return self
-
-
-def _replicate_sku(value: str) -> str:
-    if value not in pricing.REPLICATE_HARDWARE_USD_PER_SECOND:
-        raise ValueError("unknown Replicate hardware SKU; allowed: " + ", ".join(pricing.REPLICATE_HARDWARE_USD_PER_SECOND))
-    return value
-
-
 class StackConfig(_Schema):
-    provider: Literal["runpod", "replicate"]
+    provider: ProviderName
     image: ImageConfig = Field(default_factory=ImageConfig)
+    # each backend's section (`lorastack:<provider>`), validated by the model its package defines
     runpod: RunpodConfig | None = None
     replicate: ReplicateConfig | None = None
     limits: RunLimits
@@ -195,40 +85,35 @@ class StackConfig(_Schema):
 
     @model_validator(mode="after")
     def _backend(self) -> StackConfig:
-        if self.provider == "runpod":
-            if self.runpod is None:
-                raise ValueError("provider is runpod but the lorastack:runpod section is missing")
-            fits, reason = memory.fits(self.train, self.runpod.gpu.memory_gb)
+        if self.section is None:
+            raise ValueError(f"provider is {self.provider} but the lorastack:{self.provider} section is missing")
+        gpu = self.backend.gpu_memory(self)
+        if gpu is not None:
+            named, memory_gb = gpu
+            fits, reason = memory.fits(self.train, memory_gb)
             if not fits:
                 raise ValueError(
-                    f"train (batchSize, resolution, precision, gradientCheckpointing) cannot fit runpod.gpuType "
-                    f"{self.runpod.gpu_type!r}: {reason}"
+                    f"train (batchSize, resolution, precision, gradientCheckpointing) cannot fit {named}: {reason}"
                 )
-        if self.provider == "replicate":
-            if self.replicate is None:
-                raise ValueError("provider is replicate but the lorastack:replicate section is missing")
-            if self.train.family != "flux" and self.replicate.trainer == "ostris/flux-dev-lora-trainer":
-                raise ValueError(
-                    f"train.family is {self.train.family} but the Replicate trainer {self.replicate.trainer} "
-                    "trains FLUX only; set replicate.trainer to a trainer for that family"
-                )
+        self.backend.check(self)
         return self
 
-    def usd_per_hour(self, live: dict[str, dict] | None = None) -> tuple[float, str]:
-        if self.provider == "runpod":
-            return pricing.runpod_usd_per_hour(self.runpod.gpu_type, self.runpod.gpu_count, self.runpod.cloud, live)
-        return (
-            pricing.REPLICATE_HARDWARE_USD_PER_SECOND[self.replicate.training_hardware] * 3600,
-            pricing.REPLICATE_PRICES_SOURCE,
-        )
+    @property
+    def backend(self) -> Backend:
+        return backends.get(self.provider)
 
-    def cost_estimate(self, live: dict[str, dict] | None = None) -> pricing.CostEstimate:
+    @property
+    def section(self) -> Any:
+        """The chosen backend's section (`lorastack:<provider>`)."""
+        return getattr(self, self.provider)
+
+    def usd_per_hour(self, live: Any = None) -> tuple[float, str]:
+        """$/hour the run is billed at, and the price's source; `live`: the backend's LivePrices.data, if fetched."""
+        return self.backend.usd_per_hour(self, live)
+
+    def cost_estimate(self, live: Any = None) -> pricing.CostEstimate:
         usd_per_hour, source = self.usd_per_hour(live)
-        if self.provider == "runpod":
-            gpu_id = self.runpod.gpu_type
-        else:
-            gpu_id = pricing.REPLICATE_SKU_GPU[self.replicate.training_hardware]
-        count = self.runpod.gpu_count if self.provider == "runpod" else 1
+        gpu_id, count = self.backend.performance_gpu(self)
         return pricing.estimate_run(
             usd_per_hour, source, self.train.family, gpu_id, self.train.resolution, self.train.batch_size,
             self.train.gradient_accumulation, self.train.steps, count,

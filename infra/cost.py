@@ -1,11 +1,11 @@
 """`make cost STACK=name` (`python -m infra.cost [--markdown] [STACK ...]`): what a run will cost, before it runs.
 
 One row per stack: provider, GPU or SKU, $/hour, seconds per step, steps, expected duration and total,
-with the price source and its date. Prices come live from RunPod's GPU catalog (`GET /v2/catalog/gpus`)
-when RUNPOD_API_KEY is set and the API answers within a few seconds, otherwise from the dated table in
-infra/pricing.py; every row says which. Replicate's `GET /v1/hardware` lists SKUs but no prices, so for
-Replicate it confirms the SKU is still offered and the price stays the table's. The figures are
-`StackConfig.cost_estimate(live)`: the same numbers the stack exports as outputs.
+with the price source and its date. Each backend fetches its live prices (`Backend.live_prices`: RunPod's GPU
+catalog `GET /v2/catalog/gpus` when RUNPOD_API_KEY is set and the API answers within a few seconds;
+Replicate's `GET /v1/hardware`, which lists SKUs but no prices, confirms the SKU is still offered), otherwise
+the dated table in its catalog (infra/<backend>_backend/catalog.py) is used; every row says which. The figures
+are `StackConfig.cost_estimate(live)`: the same numbers the stack exports as outputs.
 
 `--markdown` prints the same table for a pull-request comment. A stack whose estimate exceeds
 limits.maxCostUsd or limits.maxHours gets a warning: its pod would be stopped before the last step.
@@ -16,25 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from typing import Any
 
-import requests
-
-from infra import pricing
+from infra import backends, pricing
 from infra.config import StackConfig
-from infra.credentials import SECRETS
-from infra.stack_files import STACKS_DIR, StackError, load_stack
-from cloudapi.runpod_rest import RunpodClient, RunpodError
+from infra.paths import STACKS_DIR
+from infra.stack_files import StackError, load_stack
 
 LIVE_TIMEOUT_S = 5.0  # a cost estimate must not hang on a slow API: the dated table is a fine answer
-REPLICATE_DEFAULT_BASE_URL = "https://api.replicate.com"
 
 
 @dataclass(frozen=True)
 class LivePrices:
-    runpod_gpus: dict[str, dict] | None  # catalog id -> GPU type JSON; None when not fetched
-    replicate_skus: set[str] | None  # SKUs Replicate lists now; None when not fetched
+    by_provider: dict[str, Any]  # provider -> its backend's live data (None where not fetched)
     notes: list[str]  # one line per source: what was used and why
 
 
@@ -51,45 +47,12 @@ class CostRow:
         return self.estimate.as_outputs()
 
 
-def fetch_live_prices(need_runpod: bool, need_replicate: bool, environ: dict[str, str] | None = None) -> LivePrices:
+def fetch_live_prices(providers: Iterable[str], environ: Mapping[str, str] | None = None) -> LivePrices:
+    """Each provider's live prices, in the registry's order, with a note on each source."""
     environ = os.environ if environ is None else environ
-    fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    notes: list[str] = []
-    runpod_gpus = replicate_skus = None
-    if need_runpod:
-        key = environ.get(SECRETS["runpodApiKey"])
-        if not key:
-            notes.append("RunPod: the dated table; RUNPOD_API_KEY is not set (export it for live catalog prices)")
-        else:
-            try:
-                client = RunpodClient(key, retries=0, timeout=LIVE_TIMEOUT_S)
-                runpod_gpus = {gpu["id"]: gpu for gpu in client.gpu_types()}
-                notes.append(f"RunPod: live GPU catalog (GET /v2/catalog/gpus), fetched {fetched_at}")
-            except (RunpodError, requests.RequestException, KeyError, TypeError, ValueError) as error:
-                notes.append(f"RunPod: the dated table; the catalog API did not answer usefully ({_short(error)})")
-    if need_replicate:
-        token = environ.get(SECRETS["replicateApiToken"])
-        if not token:
-            notes.append("Replicate: the dated table; REPLICATE_API_TOKEN is not set, so the SKU was not checked "
-                         "against Replicate's hardware list")
-        else:
-            base = environ.get("REPLICATE_BASE_URL", REPLICATE_DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
-            try:
-                response = requests.get(
-                    f"{base}/v1/hardware", headers={"Authorization": f"Bearer {token}"}, timeout=LIVE_TIMEOUT_S
-                )
-                response.raise_for_status()
-                replicate_skus = {item["sku"] for item in response.json()}
-                notes.append(f"Replicate: the dated table (GET /v1/hardware lists no prices); SKUs checked against "
-                             f"it at {fetched_at}")
-            except (requests.RequestException, KeyError, TypeError, ValueError) as error:
-                notes.append(f"Replicate: the dated table; GET /v1/hardware did not answer usefully ({_short(error)})")
-    return LivePrices(runpod_gpus, replicate_skus, notes)
-
-
-def _short(error: Exception) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+    wanted = set(providers)
+    fetched = {name: backends.get(name).live_prices(environ, LIVE_TIMEOUT_S) for name in backends.names() if name in wanted}
+    return LivePrices({name: live.data for name, live in fetched.items()}, [live.note for live in fetched.values()])
 
 
 def limit_warnings(config: StackConfig, estimate: pricing.CostEstimate) -> list[str]:
@@ -119,31 +82,15 @@ def limit_warnings(config: StackConfig, estimate: pricing.CostEstimate) -> list[
 
 
 def cost_row(stack: str, config: StackConfig, live: LivePrices) -> CostRow:
-    estimate = config.cost_estimate(live.runpod_gpus)
-    warnings = limit_warnings(config, estimate)
-    if config.provider == "runpod":
-        runpod = config.runpod
-        hardware = f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
-    else:
-        hardware = config.replicate.training_hardware
-        for sku in {config.replicate.hardware, hardware}:
-            if live.replicate_skus is not None and sku not in live.replicate_skus:
-                warnings.append(f"Replicate no longer lists hardware {sku!r} (GET /v1/hardware); pick another SKU")
-    return CostRow(stack, config, estimate, hardware, warnings)
+    data = live.by_provider.get(config.provider)
+    estimate = config.cost_estimate(data)
+    warnings = limit_warnings(config, estimate) + config.backend.live_warnings(config, data)
+    return CostRow(stack, config, estimate, config.backend.hardware(config), warnings)
 
 
 def _duration(hours: float) -> str:
     minutes = round(hours * 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
-def _volume_note(row: CostRow) -> str | None:
-    volume = row.config.runpod.volume if row.config.provider == "runpod" else None
-    if volume is None:
-        return None
-    monthly = volume.size_gb * pricing.VOLUME_USD_PER_GB_MONTH
-    kept = "kept on destroy" if volume.keep_on_destroy else "deleted on destroy"
-    return f"{row.stack}: network volume {volume.size_gb} GB, about ${monthly:.2f}/month while it exists ({kept})"
 
 
 COLUMNS = ("stack", "provider", "GPU / SKU", "$/hour", "s/step", "steps", "duration", "total", "limits", "price source")
@@ -174,7 +121,7 @@ def render_text(rows: list[CostRow], live: LivePrices) -> str:
     lines.append("")
     lines.append(f"duration includes ~{pricing.STARTUP_SECONDS // 60}m of start-up (image pull, model download, "
                  "latent caching) on a first run")
-    lines += [note for row in rows if (note := _volume_note(row))]
+    lines += [note for row in rows for note in row.config.backend.cost_notes(row.stack, row.config)]
     lines += [f"prices: {note}" for note in live.notes]
     lines += [f"WARNING {row.stack}: {warning}" for row in rows for warning in row.warnings]
     return "\n".join(lines)
@@ -191,7 +138,7 @@ def render_markdown(rows: list[CostRow], live: LivePrices) -> str:
     lines += [line(COLUMNS), "|" + "---|" * len(COLUMNS)]
     lines += [line(_cells(row)) for row in rows]
     lines += ["", f"Duration includes ~{pricing.STARTUP_SECONDS // 60} min of start-up on a first run."]
-    lines += [f"- {note}" for row in rows if (note := _volume_note(row))]
+    lines += [f"- {note}" for row in rows for note in row.config.backend.cost_notes(row.stack, row.config)]
     lines += [f"- Prices: {note}" for note in live.notes]
     return "\n".join(lines)
 
@@ -220,11 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     if not configs:
         return 1
 
-    providers = {config.provider for config in configs.values()}
     if args.offline:
-        live = LivePrices(None, None, ["dated tables only (--offline)"])
+        live = LivePrices({}, ["dated tables only (--offline)"])
     else:
-        live = fetch_live_prices("runpod" in providers, "replicate" in providers)
+        live = fetch_live_prices({config.provider for config in configs.values()})
     rows = [cost_row(stack, config, live) for stack, config in configs.items()]
     print(render_markdown(rows, live) if args.markdown else render_text(rows, live))
     return 1 if failed else 0

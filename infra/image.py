@@ -7,27 +7,22 @@ tags `<repository>:<version>` (version from training/version.py unless given), p
 reference `repository:version@sha256:...` to pin in a stack (the form infra.config.ImageConfig parses; the
 registry resolves the digest, the tag is there for people).
 
-`TrainerImage` is the Pulumi side: a pulumi-command `local.Command` runs the same CLI, and its trigger is
-`content_hash()` of the build context, so a trainer change builds and rolls the pod, an unchanged tree nothing.
+`TrainerImage` (infra/image_component.py) is the Pulumi side: a pulumi-command `local.Command` runs this CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-import pulumi
-
 from infra.config import DEFAULT_REPOSITORY
+from infra.paths import REPO_ROOT
 from training.version import __version__
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = "container/Dockerfile"
 DOCKERIGNORE = "container/.dockerignore"
 PLATFORM = "linux/amd64"  # RunPod's GPU hosts
@@ -181,49 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"built {args.repository}:{args.version} ({reference}), not pushed")
     return 0
-
-
-# -- Pulumi ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainerImageArgs:
-    repository: pulumi.Input[str]
-    version: pulumi.Input[str]
-
-
-class TrainerImage(pulumi.ComponentResource):
-    """Builds and pushes the trainer image when its build context changes; `image_ref` is repo:version@sha256:..."""
-
-    image_ref: pulumi.Output[str]
-
-    def __init__(self, name: str, args: TrainerImageArgs, opts: pulumi.ResourceOptions | None = None):
-        super().__init__("lorastack:image:TrainerImage", name, None, opts)
-        from pulumi_command import local
-
-        context_hash = tree_hash(REPO_ROOT)
-        command = pulumi.Output.all(args.repository, args.version).apply(
-            lambda values: shlex.join(
-                [sys.executable, "-m", "infra.image", "--print-digest-only", "--repository", values[0], "--version", values[1]]
-            )
-        )
-        build = local.Command(
-            f"{name}-build",
-            create=command,
-            dir=str(REPO_ROOT),
-            triggers=[context_hash, args.repository, args.version],
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.content_hash = pulumi.Output.from_input(context_hash)
-        self.image_ref = build.stdout.apply(_digest_reference)
-        self.register_outputs({"image_ref": self.image_ref, "content_hash": self.content_hash})
-
-
-def _digest_reference(stdout: str) -> str:
-    lines = [line.strip() for line in (stdout or "").splitlines() if line.strip()]
-    if not lines or "@sha256:" not in lines[-1]:
-        raise ImageError(f"the image build printed no digest reference (stdout: {stdout[-300:]!r})")
-    return lines[-1]
 
 
 if __name__ == "__main__":

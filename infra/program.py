@@ -1,4 +1,4 @@
-"""The Pulumi program: stack config -> the backend's component -> the stack outputs.
+"""The Pulumi program: stack config -> its backend's component (infra.backends) -> the stack outputs.
 
 `infra/__main__.py` calls `build(pulumi.get_stack())` and exports what it returns; tests call it under
 `pulumi.runtime.set_mocks`.
@@ -22,23 +22,15 @@ def build(stack: str) -> dict[str, pulumi.Output | object]:
     pulumi_config = pulumi.Config(NAMESPACE)
     secrets = {name: secret(name, pulumi_config) for name in SECRETS}
 
-    if config.provider == "runpod":
-        from infra.runpod_backend.component import RunpodTraining, RunpodTrainingArgs
-
-        args = RunpodTrainingArgs(stack=stack, config=config, image_ref=image_ref(stack, config), secrets=secrets)
-        return dict(RunpodTraining(stack, args).exports)
-
-    # another backend's package: imported only by the stacks that use it
-    from infra.replicate_backend.component import ReplicateTraining, ReplicateTrainingArgs
-
-    return dict(ReplicateTraining(stack, ReplicateTrainingArgs(stack=stack, config=config, secrets=secrets)).exports)
+    # the backend's package is imported only by the stacks that use it; it asks for the image only if it runs ours
+    return config.backend.build(stack, config, secrets, lambda: image_ref(stack, config))
 
 
 def image_ref(stack: str, config: StackConfig) -> pulumi.Input[str]:
     """The pinned trainer image: the stack's release, or (image.build) the one built and pushed from this checkout."""
     if not config.image.build:
         return config.image.ref
-    from infra.image import TrainerImage, TrainerImageArgs  # docker and pulumi-command: only when building
+    from infra.image_component import TrainerImage, TrainerImageArgs  # docker and pulumi-command: only when building
 
     image = TrainerImage(f"{stack}-image", TrainerImageArgs(repository=config.image.repository, version=config.image.version))
     return image.image_ref

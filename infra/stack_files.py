@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from contract.spec import SpecError, describe_errors
 from infra.config import NAMESPACE, StackConfig
 from infra.credentials import SECRETS
+from infra.paths import STACKS_DIR
 
-STACKS_DIR = Path(__file__).resolve().parent.parent / "stacks"
 
 
 class StackError(SpecError):

@@ -211,7 +211,7 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
 
 
 def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
-    from infra.pricing import REPLICATE_HARDWARE_USD_PER_SECOND
+    from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 
     replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
     config = parse_stack(edited(provider="replicate", replicate=replicate, **{"train.family": "flux"}), SOURCE)

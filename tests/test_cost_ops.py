@@ -14,10 +14,12 @@ import pytest
 
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, JsonApi, serve
-from infra import affected, cost, ops
+from infra import affected, cost, ops, progress
+from infra import paths as project_paths
 from contract.naming import pod_name, run_id
 from infra.stack_files import load_stack, parse_stack
 from cloudapi.runpod_rest import RunpodClient
+from infra.runpod_backend import runs
 from contract.workspace import RunPaths, atomic_write_json
 
 API_KEY = "rp-test-key-4f1c9a"
@@ -105,7 +107,7 @@ def test_an_unknown_base_fails_with_a_hint(repo, capsys):
 @pytest.fixture()
 def no_credentials(monkeypatch):
     for name in ("RUNPOD_API_KEY", "REPLICATE_API_TOKEN", "HF_TOKEN", "LORASTACK_WORKSPACE",
-                 ops.S3_ACCESS_KEY_ENV, ops.S3_SECRET_KEY_ENV, "RUNPOD_API_BASE_URL", "REPLICATE_BASE_URL"):
+                 runs.S3_ACCESS_KEY_ENV, runs.S3_SECRET_KEY_ENV, "RUNPOD_API_BASE_URL", "REPLICATE_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -174,7 +176,7 @@ def test_an_estimate_over_the_money_limit_warns_how_far_the_run_gets(no_credenti
 
 def test_an_estimate_over_the_time_limit_warns_in_the_markdown_comment(no_credentials):
     config = _with_limits("flux-h100", max_hours=0.25)
-    live = cost.LivePrices(None, None, ["dated tables only (--offline)"])
+    live = cost.LivePrices({}, ["dated tables only (--offline)"])
     markdown = cost.render_markdown([cost.cost_row("flux-h100", config, live)], live)
     assert "> **Warning** `flux-h100`: estimate" in markdown and "limits.maxHours 0.25 h" in markdown
     header, rule = markdown.splitlines()[4:6]
@@ -202,7 +204,7 @@ def test_a_replicate_sku_missing_from_the_hardware_list_is_flagged(no_credential
     with serve(api) as base_url:
         monkeypatch.setenv("REPLICATE_BASE_URL", base_url)
         monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_secret_token")
-        live = cost.fetch_live_prices(False, True)
+        live = cost.fetch_live_prices({"replicate"})
     row = cost.cost_row("flux-replicate", config, live)
     assert any("no longer lists hardware 'gpu-h100'" in warning for warning in row.warnings)
     assert row.outputs == config.cost_estimate().as_outputs()  # the stack outputs' numbers
@@ -218,7 +220,7 @@ def runpod(no_credentials, monkeypatch):
     with serve(api) as base_url:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", base_url)
         monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-        monkeypatch.setattr(ops, "STATUS_READ_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(runs, "STATUS_READ_TIMEOUT_S", 0.5)
         yield api, RunpodClient(API_KEY, base_url=base_url)
         for pod_id in list(api.pods):  # ends the log streams still open
             api._terminate(pod_id)
@@ -329,7 +331,7 @@ def test_ctrl_c_leaves_logs_cleanly(runpod, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ops, "follow_logs", interrupted)
+    monkeypatch.setattr(runs, "follow_logs", interrupted)
     assert _run("logs", "sdxl-4090")[0] == 0
 
 
@@ -343,7 +345,7 @@ def test_fetch_copies_the_lora_from_a_volume_mounted_here(no_credentials, tmp_pa
     (paths.lora / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     paths.done.write_text("")
     monkeypatch.setenv("LORASTACK_WORKSPACE", str(tmp_path / "volume"))
-    monkeypatch.setattr(ops, "OUTPUTS_DIR", tmp_path / "outputs")
+    monkeypatch.setattr(project_paths, "OUTPUTS_DIR", tmp_path / "outputs")
     code, out = _run("fetch", "sdxl-4090")
     assert code == 0, out
     assert (tmp_path / "outputs" / "sdxl-4090" / "pytorch_lora_weights.safetensors").read_bytes() == b"weights"
@@ -362,10 +364,10 @@ def test_fetch_downloads_from_the_hub_when_the_stack_names_a_repo(no_credentials
         return str(kwargs["local_dir"])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(ops, "OUTPUTS_DIR", tmp_path)
+    monkeypatch.setattr(project_paths, "OUTPUTS_DIR", tmp_path)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
     out = io.StringIO()
-    assert ops.command_fetch("sdxl-4090", hub_config, out) == 0
+    assert ops.run_command("fetch", "sdxl-4090", hub_config, out) == 0
     assert calls == [{"repo_id": "acme/sdxl-style", "repo_type": "model", "local_dir": tmp_path / "sdxl-4090",
                       "token": "hf_secret_token"}]
     assert "hf_secret_token" not in out.getvalue()
@@ -375,11 +377,11 @@ def test_fetch_without_s3_keys_prints_the_exact_steps(runpod, tmp_path, monkeypa
     _, client = runpod
     pod_id = _start_pod(client, "sdxl-4090")
     volume_id = client.get_pod(pod_id)["mounts"]["network"][0]["volumeId"]
-    monkeypatch.setattr(ops, "OUTPUTS_DIR", tmp_path)
+    monkeypatch.setattr(project_paths, "OUTPUTS_DIR", tmp_path)
     code, out = _run("fetch", "sdxl-4090")
     lora_dir = f"runs/{run_id('sdxl-4090', load_stack('sdxl-4090').train)}/lora"
     assert code == 2
-    assert f"{ops.S3_ACCESS_KEY_ENV} and {ops.S3_SECRET_KEY_ENV} are not set" in out
+    assert f"{runs.S3_ACCESS_KEY_ENV} and {runs.S3_SECRET_KEY_ENV} are not set" in out
     assert (f"aws s3 cp --recursive --region EU-RO-1 --endpoint-url https://s3api-eu-ro-1.runpod.io "
             f"s3://{volume_id}/{lora_dir}/ outputs/sdxl-4090/") in out
 
@@ -400,7 +402,7 @@ def test_fetch_through_the_s3_api_writes_every_file_under_the_lora_folder(tmp_pa
     ], "IsTruncated": False}, {"Bucket": "vol123", "Prefix": prefix})
     for key, data in ((prefix + "pytorch_lora_weights.safetensors", b"weights"), (prefix + "kohya/style.safetensors", b"kohya")):
         stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(data), len(data))}, {"Bucket": "vol123", "Key": key})
-    environ = {ops.S3_ACCESS_KEY_ENV: "user_x", ops.S3_SECRET_KEY_ENV: "rps_y"}
+    environ = {runs.S3_ACCESS_KEY_ENV: "user_x", runs.S3_SECRET_KEY_ENV: "rps_y"}
     made = []
 
     def make_client(service, **kwargs):
@@ -408,7 +410,7 @@ def test_fetch_through_the_s3_api_writes_every_file_under_the_lora_folder(tmp_pa
         return s3
 
     with stub:
-        written = ops.fetch_from_s3("vol123", "EU-RO-1", prefix, tmp_path, environ, make_client=make_client)
+        written = runs.fetch_from_s3("vol123", "EU-RO-1", prefix, tmp_path, environ, make_client=make_client)
     stub.assert_no_pending_responses()
     assert sorted(path.relative_to(tmp_path).as_posix() for path in written) == [
         "kohya/style.safetensors", "pytorch_lora_weights.safetensors"]
@@ -417,8 +419,8 @@ def test_fetch_through_the_s3_api_writes_every_file_under_the_lora_folder(tmp_pa
 
 
 def test_progress_lines_parse_and_other_lines_do_not():
-    parsed = ops.parse_progress_line("step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)")
+    parsed = progress.parse_progress_line("step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)")
     assert (parsed.step, parsed.total, parsed.loss, parsed.seconds_per_step, parsed.eta, parsed.cost_usd) == (
         120, 1000, 0.1234, 0.85, "12m45s", 0.12)
-    assert ops.parse_progress_line("samples at step 500: 2 images in /workspace/runs/x/samples") is None
-    assert ops.parse_progress_line("Model loaded.") is None
+    assert progress.parse_progress_line("samples at step 500: 2 images in /workspace/runs/x/samples") is None
+    assert progress.parse_progress_line("Model loaded.") is None

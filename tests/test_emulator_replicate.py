@@ -12,7 +12,7 @@ from replicate.exceptions import ReplicateError
 
 from emulator.replicate import DEFAULT_TOKEN, TRAINER, TRAINER_VERSION, FakeClock, ReplicateApi
 from emulator.server import Fault, serve
-from infra import pricing
+from infra.replicate_backend import catalog
 
 START, RUN = 10.0, 100.0
 
@@ -57,7 +57,7 @@ def test_requests_need_a_token_bearer_or_token_scheme(emulator):
 
 def test_hardware_lists_every_priced_sku(client):
     skus = {hardware.sku for hardware in client.hardware.list()}
-    assert set(pricing.REPLICATE_HARDWARE_USD_PER_SECOND) <= skus
+    assert set(catalog.REPLICATE_HARDWARE_USD_PER_SECOND) <= skus
 
 
 def test_trainer_is_seeded_with_a_version(client):

@@ -14,7 +14,7 @@ import requests
 
 from emulator.runpod import PodRuntime, RunpodApi
 from emulator.server import serve
-from infra import pricing
+from infra.runpod_backend import catalog
 
 KEY = "rpa_emulator_test_key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -100,19 +100,19 @@ def test_bearer_auth_is_required(http):
 
 def test_gpu_catalog_has_the_spec_shape_and_the_price_table(http):
     gpus = {gpu["id"]: gpu for gpu in http.get("/v2/catalog/gpus").json()["gpus"]}
-    assert set(gpus) == set(pricing.RUNPOD_GPUS)
+    assert set(gpus) == set(catalog.RUNPOD_GPUS)
     for gpu in gpus.values():
         assert REQUIRED["GpuType"] <= set(gpu)
     assert gpus[GPU]["price"] == {"secure": 0.59, "community": 0.34} and gpus[GPU]["memory"] == 24
     assert gpus["NVIDIA L4"]["community"] is False and gpus["NVIDIA L4"]["price"]["community"] is None
     assert http.get(f"/v2/catalog/gpus/{GPU}").json()["name"] == "RTX 4090"
-    # what infra/pricing makes of the live catalog
-    assert pricing.runpod_usd_per_hour(GPU, 2, "SECURE", gpus) == (pytest.approx(1.18), "RunPod GPU catalog API (live)")
+    # what the RunPod catalog makes of the live prices
+    assert catalog.runpod_usd_per_hour(GPU, 2, "SECURE", gpus) == (pytest.approx(1.18), "RunPod GPU catalog API (live)")
 
 
 def test_data_centers_come_from_the_price_table(http):
     centers = http.get("/v2/catalog/datacenters").json()["dataCenters"]
-    assert [dc["id"] for dc in centers] == list(pricing.RUNPOD_DATA_CENTERS)
+    assert [dc["id"] for dc in centers] == list(catalog.RUNPOD_DATA_CENTERS)
     assert all(REQUIRED["DataCenter"] <= set(dc) for dc in centers)
     assert {dc["id"]: dc["region"] for dc in centers}["EU-RO-1"] == "EUROPE"
 

@@ -165,7 +165,7 @@ def test_cli_says_clearly_when_no_docker_engine_is_reachable(monkeypatch, capsys
 PULUMI_PROGRAM = """
 import json, sys
 import pulumi
-from infra import image
+from infra import image_component
 
 created = []
 
@@ -184,7 +184,7 @@ pulumi.runtime.set_mocks(Mocks(), preview=False)
 
 @pulumi.runtime.test
 def run():
-    trainer = image.TrainerImage("trainer", image.TrainerImageArgs(repository="r/t", version="1.2.3"))
+    trainer = image_component.TrainerImage("trainer", image_component.TrainerImageArgs(repository="r/t", version="1.2.3"))
     def report(values):
         print(json.dumps({"image_ref": values[0], "content_hash": values[1], "created": created}))
     return pulumi.Output.all(trainer.image_ref, trainer.content_hash).apply(report)

@@ -17,12 +17,14 @@ from pulumi_policy.proxy import unknown_checking_proxy
 from contract.naming import pod_name
 from infra.stack_files import load_stack
 from infra.runpod_backend.component import pod_env
+from infra.paths import STACKS_DIR
+from infra.runpod_backend import policies as runpod_policies
 from policy import lorastack_policies as policies
 
 POD_TYPE = "pulumi-python:dynamic/runpod:Pod"
 VOLUME_TYPE = "pulumi-python:dynamic/runpod:NetworkVolume"
 GENERIC_DYNAMIC_TYPE = "pulumi-python:dynamic:Resource"
-STACKS = sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in policies.STACKS_DIR.glob("Pulumi.*.yaml"))
+STACKS = sorted(path.name.removeprefix("Pulumi.").removesuffix(".yaml") for path in STACKS_DIR.glob("Pulumi.*.yaml"))
 RUNPOD_STACKS = [stack for stack in STACKS if load_stack(stack).provider == "runpod"]
 POLICY = {policy.name: policy for policy in policies.POLICIES}
 
@@ -190,11 +192,11 @@ def test_a_volume_deleted_on_destroy_needs_the_stack_file_to_say_so(tmp_path):
     assert violations("volumes-kept-on-destroy", VOLUME_TYPE, volume_props("sdxl-4090", keepOnDestroy=False),
                       {"allowVolumeDeletion": True}) == []
     # a stack file that says keepOnDestroy: false in as many words
-    document = yaml.safe_load((policies.STACKS_DIR / "Pulumi.sdxl-4090.yaml").read_text())
+    document = yaml.safe_load((STACKS_DIR / "Pulumi.sdxl-4090.yaml").read_text())
     document["config"]["lorastack:runpod"]["volume"]["keepOnDestroy"] = False
     (tmp_path / "Pulumi.sdxl-4090.yaml").write_text(yaml.safe_dump(document))
     found: list[str] = []
-    policies.validate_volumes_kept(_args(VOLUME_TYPE, volume_props("sdxl-4090", keepOnDestroy=False)),
+    runpod_policies.validate_volumes_kept(_args(VOLUME_TYPE, volume_props("sdxl-4090", keepOnDestroy=False)),
                                    lambda message, urn=None: found.append(message), tmp_path)
     assert found == []
 

@@ -21,7 +21,8 @@ from replicate.exceptions import ReplicateError
 
 from emulator.replicate import TRAINER, TRAINER_VERSION, FakeClock, ReplicateApi
 from emulator.server import Fault, serve
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, retry_after_seconds
+from infra.replicate_backend.client import ReplicateClient, retry_after_seconds
+from infra.replicate_backend.provider import ReplicateProvider
 from infra.replicate_backend.deployment import DeploymentProvider
 from infra.replicate_backend.model import ModelProvider
 from infra.replicate_backend.training import TrainingProvider, dataset_zip

@@ -25,7 +25,7 @@ from contract.spec import (
     describe_errors,
     spec_from_environment,
 )
-from contract.workspace import RunPaths, workspace_root
+from contract.workspace import RunPaths
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, resumable
@@ -143,6 +143,9 @@ def _run_follower(spec: TrainSpec, paths: RunPaths, accelerator) -> int:
 
 def main(environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    from training.lifecycle import host
+
+    storage = host(environ).storage_root()  # where the run's directory lives (the volume on a pod)
     try:
         spec, limits, run_id = read_configuration(environ)
     except SpecError as error:
@@ -153,9 +156,9 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         from training.lifecycle import fail_before_start
 
         named = environ.get(ENV_RUN_ID)
-        fail_before_start(error.problems, RunPaths(workspace_root(dict(environ)), named) if named else None, environ)
+        fail_before_start(error.problems, RunPaths(storage, named) if named else None, environ)
         return EXIT_CONFIG
-    paths = RunPaths(workspace_root(dict(environ)), run_id)
+    paths = RunPaths(storage, run_id)
     if paths.done.exists():
         print(f"run {run_id} already finished ({paths.done} exists): nothing to train", flush=True)
         # The container came back after the run (RunPod restarts an exited entrypoint): stop the pod again.

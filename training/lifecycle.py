@@ -1,9 +1,10 @@
 """The run's life on a pod: limits, SIGTERM, a stall watchdog, the DONE marker, and stopping the pod.
 
 A RunPod container whose entrypoint exits is restarted, so a pod never stops by itself: every way out of a
-run (success, failure, a limit, a stall) stops the pod through RunPod's API, and a run that is already DONE
+run (success, failure, a limit, a stall) stops the machine through its host (cloudapi.hosts: stop myself, my
+billed rate, where my storage is; chosen from the environment, RunPod or local), and a run that is already DONE
 does not train again when the container comes back (`already_done`). When stopping fails even after the
-client's retries, the process exits non-zero and the reaper, outside, catches the pod.
+host's retries, the process exits non-zero and the reaper, outside, catches the pod.
 
 Time and money count the run's whole life, not this process's: RunPod restarts an exited container and a
 lost pod is replaced by a new one on the same volume, and neither may reset the limits. The run's ledger lives
@@ -37,14 +38,11 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 
-from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from cloudapi.hosts import Host, host_from_environment
 from contract.spec import RunLimits
-from training.tracking import redact, update_status, utc_now
 from contract.workspace import RunPaths, atomic_write_json, read_json
+from training.tracking import redact, update_status, utc_now
 
-ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
-ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
-ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
 EXIT_STOP_FAILED = 3  # the pod may still be running: the reaper must act
 EXIT_STALLED = 4
 EXIT_CRASH_LOOP = 5
@@ -96,57 +94,35 @@ def fail_before_start(problems: list[str], paths: RunPaths | None, environ: Mapp
     return stop_own_pod(environ)
 
 
+def host(environ: Mapping[str, str]) -> Host:
+    """The machine this trainer runs on, its messages in the trainer's log (secrets redacted)."""
+    return host_from_environment(environ, lambda line: _log(line, environ))
+
+
 def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5) -> bool:
-    """POST /v2/pods/{RUNPOD_POD_ID}/action {"action": "stop"} with the pod-scoped key; True when stopped or
-    not on a pod."""
-    pod_id = environ.get(ENV_POD_ID)
-    if not pod_id:
-        _log(f"{ENV_POD_ID} is not set (a local run): no pod to stop", environ)
-        return True
-    try:
-        client = RunpodClient(
-            environ.get(ENV_POD_API_KEY, ""), base_url=environ.get(ENV_API_BASE_URL) or None,
-            retries=retries, backoff=backoff_s,
-        )
-        client.pod_action(pod_id, "stop")
-    except NotFound:
-        _log(f"pod {pod_id} is already terminated", environ)
-        return True
-    except RunpodError as error:
-        if error.status != 409:  # 409: not stoppable because it is stopped already (SIGTERM came from a stop)
-            _log(f"could not stop pod {pod_id}: {error}", environ)
-            return False
-        _log(f"pod {pod_id} is already stopped", environ)
-        return True
-    except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
-        _log(f"could not stop pod {pod_id}: {error}", environ)
-        return False
-    _log(f"stop requested for pod {pod_id}", environ)
-    return True
+    """Stop the machine this trainer runs on; True when stopped or not on one (a local run)."""
+    return host(environ).stop(retries, backoff_s)
 
 
 def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
-    """The limits with the rate RunPod bills this pod at (`cost` of GET /v2/pods/{id}), when it can be read.
+    """The limits with the rate the platform bills this machine at (RunPod: `cost` of GET /v2/pods/{id}), when
+    it can be read.
 
     Infra fills usdPerHour from its dated price table; the pod's own `cost` is what is actually billed, so a
     price change since the stack was written does not make the money limit count short.
     """
-    pod_id = environ.get(ENV_POD_ID)
-    if not pod_id:
-        return limits
+    machine = host(environ)
     try:
-        client = RunpodClient(
-            environ.get(ENV_POD_API_KEY, ""), base_url=environ.get(ENV_API_BASE_URL) or None, retries=2, backoff=0.5
-        )
-        billed = float(client.get_pod(pod_id).get("cost") or 0)
+        billed = machine.billed_usd_per_hour()
     except Exception as error:  # noqa: BLE001 - the table's rate still applies; say why the live one did not
-        _log(f"could not read pod {pod_id}'s billed rate, using ${limits.usd_per_hour:g}/h: {error}", environ)
+        _log(f"could not read pod {machine.machine_id}'s billed rate, using ${limits.usd_per_hour:g}/h: {error}",
+             environ)
         return limits
-    if billed <= 0:
+    if billed is None:
         return limits
     if abs(billed - limits.usd_per_hour) > 1e-9:
-        _log(f"pod {pod_id} is billed ${billed:g}/h (the stack estimated ${limits.usd_per_hour:g}/h): limits use it",
-             environ)
+        _log(f"pod {machine.machine_id} is billed ${billed:g}/h (the stack estimated ${limits.usd_per_hour:g}/h): "
+             "limits use it", environ)
     return limits.model_copy(update={"usd_per_hour": billed})
 
 
@@ -193,7 +169,7 @@ class Lifecycle:
     def start(self) -> Lifecycle:
         """Count this start in the run's ledger, install the SIGTERM handler (main thread only) and start the
         stall watchdog. Gives up (failed, pod stopped, exit EXIT_CRASH_LOOP) on a container that keeps dying."""
-        pod_id = self.environ.get(ENV_POD_ID, "")
+        pod_id = host(self.environ).machine_id
         same_pod = self._ledger.get("pod_id") == pod_id  # a new pod (a fix, a replacement) gets fresh tries
         barren = int(self._ledger.get("starts_without_progress", 0)) if same_pod else 0
         self._ledger.update(
@@ -288,7 +264,7 @@ class Lifecycle:
             raise SystemExit(EXIT_STOP_FAILED)
 
     def stop_pod(self) -> bool:
-        """POST /v2/pods/{RUNPOD_POD_ID}/action {"action": "stop"}, once; True when stopped or not on a pod."""
+        """Stop the machine (cloudapi.hosts), once; True when stopped or not on one."""
         with self._pod_stop_lock:
             if self._pod_stop_result is None:
                 self._pod_stop_result = self._send_stop()

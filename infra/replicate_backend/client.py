@@ -9,7 +9,7 @@
 - `delete_version` treats the API's 202 as success (`versions.delete` reports False for it).
 
 The token goes into the client's Authorization header and nowhere else: not into messages, not into repr.
-`ReplicateProvider`, the providers' base, says where the token comes from and why it never enters the state.
+No Pulumi here: the providers' base, which makes these clients, is infra/replicate_backend/provider.py.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ from typing import Any
 import httpx
 import replicate
 from replicate.exceptions import ReplicateError
-from pulumi.dynamic.dynamic import PROVIDER_KEY
 from replicate.version import Versions
-
-from infra.dynamic import CredentialedProvider
 
 WRITE_METHODS = frozenset({"POST", "PATCH"})
 # Rejected before any work was done: safe to send again whatever the request.
@@ -172,28 +169,3 @@ class ReplicateClient:
                 continue
             return file
         return None
-
-
-# ------------------------------------------------------------------------------- the providers' shared base
-
-
-def plain_inputs(props: dict[str, Any], secret_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The inputs worth keeping as outputs: not the serialized provider, never a secret."""
-    return {key: value for key, value in props.items() if key != PROVIDER_KEY and key not in secret_keys}
-
-
-class ReplicateProvider(CredentialedProvider):
-    """Base of the Replicate providers: a client per call, with the token `lorastack:replicateApiToken` or
-    REPLICATE_API_TOKEN (kept out of state: infra.dynamic). The base URL is read from REPLICATE_BASE_URL
-    when a client is made (the emulator in tests)."""
-
-    credential = "replicateApiToken"
-
-    def __init__(self, retries: int = 5, backoff: float = 1.0, max_wait: float = 60.0):
-        super().__init__()
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = max_wait
-
-    def client(self) -> ReplicateClient:
-        return ReplicateClient(self.credential_value(), retries=self.retries, backoff=self.backoff, max_wait=self.max_wait)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pulumi
 
-from infra import pricing
 from infra.config import StackConfig
-from infra.stack_files import STACKS_DIR
+from infra.paths import REPO_ROOT
+from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 from infra.replicate_backend.deployment import Deployment, DeploymentArgs
 from infra.replicate_backend.model import Model, ModelArgs
 from infra.replicate_backend.training import Training, TrainingArgs, is_url, trainer_input
 
-PROJECT_ROOT = STACKS_DIR.parent  # a stack's relative dataset path is relative to the project, not the cwd
+PROJECT_ROOT = REPO_ROOT  # a stack's relative dataset path is relative to the project, not the cwd
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ReplicateTraining(pulumi.ComponentResource):
         # training (a new, billed run) whenever only the model's description changes.
         model_ref = self.model.id
 
-        usd_per_second = pricing.REPLICATE_HARDWARE_USD_PER_SECOND[replicate.training_hardware]
+        usd_per_second = REPLICATE_HARDWARE_USD_PER_SECOND[replicate.training_hardware]
         self.training = Training(
             f"{name}-training",
             TrainingArgs(

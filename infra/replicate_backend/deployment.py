@@ -18,9 +18,10 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra import pricing
+from infra.replicate_backend import catalog
 from infra.dynamic import is_unknown, keyed_diff, whole_numbers
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from infra.replicate_backend.client import ReplicateClient
+from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
 DEPLOYMENT_REPLACE_KEYS = ("name", "model")
 DEPLOYMENT_UPDATE_KEYS = ("version", "hardware", "minInstances", "maxInstances")
@@ -52,9 +53,9 @@ class DeploymentProvider(ReplicateProvider):
         if "version" in known and not (isinstance(known["version"], str) and _VERSION_ID.match(known["version"])):
             fail("version", f"the 64-character id of a model version (got {known['version']!r}); "
                             "a deployment needs a finished training")
-        if "hardware" in known and known["hardware"] not in pricing.REPLICATE_HARDWARE_USD_PER_SECOND:
+        if "hardware" in known and known["hardware"] not in catalog.REPLICATE_HARDWARE_USD_PER_SECOND:
             fail("hardware", f"{known['hardware']!r} is not a GPU SKU; allowed: "
-                             + ", ".join(pricing.REPLICATE_HARDWARE_USD_PER_SECOND))
+                             + ", ".join(catalog.REPLICATE_HARDWARE_USD_PER_SECOND))
         low, high = known.get("minInstances", 0), known.get("maxInstances", 1)
         if not _count(low, MAX_MIN_INSTANCES):
             fail("minInstances", f"a whole number from 0 to {MAX_MIN_INSTANCES} (got {low!r})")

@@ -23,13 +23,14 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra import pricing
+from infra.replicate_backend import catalog
 from infra.dynamic import is_unknown, keyed_diff
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from infra.replicate_backend.client import ReplicateClient
+from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
 MODEL_REPLACE_KEYS = ("owner", "name")
 MODEL_UPDATE_KEYS = ("description", "visibility", "hardware", "keepOnDestroy")
-HARDWARE_SKUS = ("cpu", *pricing.REPLICATE_HARDWARE_USD_PER_SECOND)
+HARDWARE_SKUS = ("cpu", *catalog.REPLICATE_HARDWARE_USD_PER_SECOND)
 _OWNER = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

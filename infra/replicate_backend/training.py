@@ -37,7 +37,8 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
-from infra.replicate_backend.client import ReplicateClient, ReplicateProvider, plain_inputs
+from infra.replicate_backend.client import ReplicateClient
+from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 from contract.spec import TrainSpec
 
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"

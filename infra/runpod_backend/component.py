@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import pulumi
 
 from contract.naming import MANAGED_LABEL, pod_name, run_id
+from contract.workspace import RunPaths
 from infra.config import StackConfig
 from infra.runpod_backend.pod import Pod, PodArgs
 from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
@@ -110,7 +112,7 @@ def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output
         ENV_RUN_ID: run_id(stack, config.train),
         ENV_STACK: stack,
         ENV_WORKSPACE: WORKSPACE_MOUNT,
-        "HF_HOME": f"{WORKSPACE_MOUNT}/hf",
+        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, config.train)).hf_home),
         **MANAGED_LABEL,
     }
     tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}

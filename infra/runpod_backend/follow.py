@@ -13,7 +13,7 @@ Where the numbers come from, best first:
 The run is over when the pod is no longer running (the trainer stops its pod on success, failure and limits).
 
 The LoRA comes from the mounted volume, else the Hugging Face Hub (train.hfRepo), else RunPod's S3 API
-(RUNPOD_S3_ACCESS_KEY / RUNPOD_S3_SECRET_KEY, through infra.ops); with none of these the output says what to do.
+(RUNPOD_S3_ACCESS_KEY / RUNPOD_S3_SECRET_KEY, through infra/runpod_backend/runs.py); with none of these the output says what to do.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from infra import ops
-from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
 from contract.workspace import RunPaths, read_json
+from infra import paths as project_paths
+from infra.backends import OpsError
+from infra.hub import fetch_from_hub
+from infra.progress import Progress, progress_from_status_file
+from infra.runpod_backend import runs
 
 ENV_VOLUME_MOUNTS = "LORASTACK_VOLUME_MOUNTS"
-LIVE_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
 POLL_S = 2.0
 AFTER_LIMIT_S = 15 * 60  # past the run's time limit the follower stops waiting: the reaper's turn
 
@@ -56,7 +59,7 @@ def mounted_volume(volume_id: str | None, environ: dict[str, str]) -> Path | Non
     return path if path.is_dir() else None
 
 
-def progress_line(progress: ops.Progress, pod_status: str) -> str:
+def progress_line(progress: Progress, pod_status: str) -> str:
     parts = [f"step {progress.step}/{progress.total}" if progress.step is not None else "setting up"]
     if progress.loss is not None:
         parts.append(f"loss {progress.loss:.4f}")
@@ -88,7 +91,7 @@ def follow_run(
     volume = mounted_volume(volume_id, environ)
     paths = RunPaths(volume, run_id) if volume else None
     deadline = clock() + max_hours * 3600 + AFTER_LIMIT_S
-    last_line, progress = None, ops.Progress("nothing yet")
+    last_line, progress = None, Progress("nothing yet")
     while True:
         try:
             pod_status = client.get_pod(pod_id)["status"]
@@ -96,14 +99,14 @@ def follow_run(
             pod_status = "TERMINATED"
         status_file = read_json(paths.status) if paths else None
         if status_file is not None and "state" in status_file:
-            progress = ops.progress_from_status_file(status_file)
+            progress = progress_from_status_file(status_file)
         elif paths is None:
-            progress = ops.progress_from_logs(client, pod_id) or progress
+            progress = runs.progress_from_logs(client, pod_id) or progress
         line = progress_line(progress, pod_status)
         if line != last_line:
             report(line)
             last_line = line
-        if pod_status not in LIVE_STATUSES:
+        if pod_status not in LIVE_POD_STATUSES:
             break
         if clock() > deadline:
             message = (f"pod {pod_id} still {pod_status} {AFTER_LIMIT_S // 60} min past the run's time limit: "
@@ -117,7 +120,7 @@ def follow_run(
     if state != "succeeded":
         report(f"the run ended {state}: {message}")
         return RunOutcome(state, progress.step, progress.total, progress.loss, message, None)
-    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir or ops.OUTPUTS_DIR, report)
+    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir or project_paths.OUTPUTS_DIR, report)
     return RunOutcome(state, progress.step, progress.total, progress.loss, message, lora)
 
 
@@ -129,14 +132,15 @@ def fetch_lora(
     if paths is not None and paths.lora.is_dir():
         shutil.copytree(paths.lora, destination, dirs_exist_ok=True)
     elif hf_repo:
-        ops.fetch_from_hub(hf_repo, destination, environ)
-    elif volume_id and data_center and environ.get(ops.S3_ACCESS_KEY_ENV) and environ.get(ops.S3_SECRET_KEY_ENV):
-        lora_dir = f"runs/{run_id}/lora"
-        if not ops.fetch_from_s3(volume_id, data_center, lora_dir + "/", destination, environ):
+        fetch_from_hub(hf_repo, destination, environ)
+    elif volume_id and data_center and runs.has_s3_keys(environ):
+        lora_dir = runs.lora_dir(run_id)
+        if not runs.fetch_from_s3(volume_id, data_center, lora_dir + "/", destination, environ):
             report(f"nothing under {lora_dir}/ on volume {volume_id}")
             return None
     else:
-        report("the LoRA stays on the volume: " + ops.volume_steps(stack, f"runs/{run_id}/lora", {"id": volume_id} if volume_id else None, data_center))
+        report("the LoRA stays on the volume: " + runs.volume_steps(
+            stack, runs.lora_dir(run_id), {"id": volume_id} if volume_id else None, data_center))
         return None
     report(f"LoRA downloaded to {destination}")
     return str(destination)
@@ -155,12 +159,12 @@ def follow_in_program(
             loop.call_soon_threadsafe(lambda: pulumi.log.info(line, resource=parent))
 
         pod, volume, center = values
-        api_key = os.environ.get("RUNPOD_API_KEY") or pulumi.runtime.get_config("lorastack:runpodApiKey")
-        client = RunpodClient(api_key, timeout=ops.STATUS_READ_TIMEOUT_S)
+        api_key = runs.api_key(os.environ) or pulumi.runtime.get_config("lorastack:runpodApiKey")
+        client = RunpodClient(api_key, timeout=runs.STATUS_READ_TIMEOUT_S)
         try:
             outcome = follow_run(client, pod, stack, run_id, volume_id=volume, data_center=center, hf_repo=hf_repo,
                                  max_hours=max_hours, report=report)
-        except (RunpodError, ops.OpsError, OSError) as error:
+        except (RunpodError, OpsError, OSError) as error:
             report(f"could not follow the run: {error} (the pod goes on; `make status STACK={stack}`)")
             return None
         return outcome.as_output()

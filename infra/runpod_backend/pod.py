@@ -19,7 +19,7 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra import pricing
+from infra.runpod_backend import catalog
 from cloudapi.runpod_rest import NotFound, RunpodClient
 from infra.dynamic import is_unknown, whole_numbers
 from infra.runpod_backend.provider import RunpodProvider
@@ -59,9 +59,9 @@ class PodProvider(RunpodProvider):
             fail("name", "a pod needs a non-empty name")
         if "image" in known and not (isinstance(known["image"], str) and is_pinned(known["image"])):
             fail("image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {known['image']!r}")
-        gpu = pricing.RUNPOD_GPUS.get(known.get("gpuTypeId", ""))
+        gpu = catalog.RUNPOD_GPUS.get(known.get("gpuTypeId", ""))
         if "gpuTypeId" in known and gpu is None:
-            fail("gpuTypeId", f"unknown RunPod GPU id {known['gpuTypeId']!r}; allowed: {', '.join(sorted(pricing.RUNPOD_GPUS))}")
+            fail("gpuTypeId", f"unknown RunPod GPU id {known['gpuTypeId']!r}; allowed: {', '.join(sorted(catalog.RUNPOD_GPUS))}")
         count = known.get("gpuCount", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 8:
             fail("gpuCount", f"must be 1 to 8 (got {count!r})")
@@ -74,8 +74,8 @@ class PodProvider(RunpodProvider):
             if gpu is not None and gpu.community_usd is None:
                 fail("cloud", f"{gpu.id} is not offered on COMMUNITY cloud")
         centers = known.get("dataCenterIds", [])
-        if not isinstance(centers, list) or any(not is_unknown(dc) and dc not in pricing.RUNPOD_DATA_CENTERS for dc in centers):
-            fail("dataCenterIds", f"must be a list of RunPod data centers ({', '.join(pricing.RUNPOD_DATA_CENTERS)}); got {centers!r}")
+        if not isinstance(centers, list) or any(not is_unknown(dc) and dc not in catalog.RUNPOD_DATA_CENTERS for dc in centers):
+            fail("dataCenterIds", f"must be a list of RunPod data centers ({', '.join(catalog.RUNPOD_DATA_CENTERS)}); got {centers!r}")
         disk = known.get("containerDiskGb", 20)
         if not isinstance(disk, int) or isinstance(disk, bool) or not 1 <= disk <= 1000:
             fail("containerDiskGb", f"must be 1 to 1000 GB (got {disk!r})")

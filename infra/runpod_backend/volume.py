@@ -22,7 +22,7 @@ from pulumi.dynamic import (
 )
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra import pricing
+from infra.runpod_backend import catalog
 from infra.dynamic import is_unknown, whole_numbers
 from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
 from infra.runpod_backend.provider import RunpodProvider
@@ -58,9 +58,9 @@ class NetworkVolumeProvider(RunpodProvider):
                     f"a RunPod network volume cannot shrink ({olds['sizeGb']} GB -> {size} GB); keep sizeGb at "
                     f"{olds['sizeGb']} or more, or create a new volume under another stack",
                 ))
-        if not is_unknown(data_center) and data_center not in pricing.RUNPOD_DATA_CENTERS:
+        if not is_unknown(data_center) and data_center not in catalog.RUNPOD_DATA_CENTERS:
             failures.append(CheckFailure(
-                "dataCenter", f"{data_center!r} is not a data center with network volumes; allowed: {', '.join(pricing.RUNPOD_DATA_CENTERS)}"
+                "dataCenter", f"{data_center!r} is not a data center with network volumes; allowed: {', '.join(catalog.RUNPOD_DATA_CENTERS)}"
             ))
         if not is_unknown(news.get("keepOnDestroy")) and not isinstance(news.get("keepOnDestroy"), bool):
             failures.append(CheckFailure("keepOnDestroy", "must be true or false"))

@@ -23,7 +23,7 @@ from emulator.pods import PROBE_PREFIX, PodFaults, ProcessRuntime
 from emulator.runpod import PodRuntime, RunpodApi
 from emulator.server import serve
 from emulator.stack_driver import StackDriver
-from infra import ops
+from infra import paths
 from infra.stack_files import stack_file
 from cloudapi.runpod_rest import RunpodClient
 from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
@@ -119,7 +119,7 @@ def start_emulator(tmp_path, monkeypatch, runtime: PodRuntime):
         runtime.base_url = url
     monkeypatch.setenv("RUNPOD_API_BASE_URL", url)
     monkeypatch.setenv("RUNPOD_API_KEY", api_key)
-    monkeypatch.setattr(ops, "OUTPUTS_DIR", tmp_path / "outputs")
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
     if isinstance(runtime, ProcessRuntime):
         monkeypatch.setenv(ENV_VOLUME_MOUNTS, str(runtime.root / "volumes"))
     return Emulated(api, runtime, url, api_key, tmp_path / "state"), server

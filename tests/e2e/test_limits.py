@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 
-from infra import pricing
+from infra.runpod_backend import catalog
 from contract.workspace import read_json
 
 LIMIT_SECONDS = 20
 
 
 def test_the_money_limit_checkpoints_and_stops_across_a_container_restart(emulated):
-    usd_per_hour = pricing.RUNPOD_GPUS["NVIDIA RTX A4000"].secure_usd
+    usd_per_hour = catalog.RUNPOD_GPUS["NVIDIA RTX A4000"].secure_usd
     max_cost = round(usd_per_hour * LIMIT_SECONDS / 3600, 6)
     driver = emulated.driver(train={"steps": 2000, "checkpointEvery": 25}, limits={"maxHours": 1, "maxCostUsd": max_cost})
     outputs, _ = driver.up()

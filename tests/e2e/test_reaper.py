@@ -33,8 +33,8 @@ def test_the_reaper_terminates_pods_past_their_limits_or_without_a_live_stack(ap
 
     live = reaper.stacks_with_files()
     assert {"demo", "sdxl-4090", "sd15-3090"} <= live and "deleted-stack" not in live
-    planned = reaper.reap(client, live, dry_run=True, grace_minutes=0)
-    assert {d.pod_id: d.terminate for d in planned} == {over: True, orphan: True, within: False, stopped: False}
+    planned = reaper.reap(live, {"RUNPOD_API_KEY": api_only.api_key}, dry_run=True, grace_minutes=0)
+    assert {d.resource_id: d.terminate for d in planned} == {over: True, orphan: True, within: False, stopped: False}
     assert len(api_only.api.pods) == 5  # a dry run terminates nothing
 
     out = io.StringIO()

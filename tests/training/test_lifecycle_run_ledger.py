@@ -116,7 +116,7 @@ def test_a_full_volume_is_described_with_the_checkpoint_that_survived(paths):
 def test_the_money_limit_uses_the_rate_runpod_bills_the_pod_at():
     # The stack's table said $0.10/h; RunPod bills this 2-GPU pod at the catalog's rate for two.
     from emulator.runpod import RunpodApi
-    from infra import pricing
+    from infra.runpod_backend.catalog import RUNPOD_GPUS
     from training.lifecycle import with_billed_rate
 
     gpu = "NVIDIA GeForce RTX 4090"
@@ -126,7 +126,7 @@ def test_the_money_limit_uses_the_rate_runpod_bills_the_pod_at():
         pod = requests.post(f"{url}/v2/pods", json=body, headers={"Authorization": "Bearer account-key"}, timeout=10).json()
         environ = {"RUNPOD_POD_ID": pod["id"], "RUNPOD_API_KEY": api.pod_api_key(pod["id"]), "RUNPOD_API_BASE_URL": url}
         limits = with_billed_rate(RunLimits(max_hours=1, max_cost_usd=1, usd_per_hour=0.10), environ)
-        assert limits.usd_per_hour == pytest.approx(2 * pricing.RUNPOD_GPUS[gpu].secure_usd)
+        assert limits.usd_per_hour == pytest.approx(2 * RUNPOD_GPUS[gpu].secure_usd)
         # unreachable API: the table's rate stands, the run goes on
         unreachable = environ | {"RUNPOD_API_BASE_URL": "http://127.0.0.1:9"}
         assert with_billed_rate(RunLimits(max_hours=1, max_cost_usd=1, usd_per_hour=0.10), unreachable).usd_per_hour == 0.10

@@ -1,0 +1,95 @@
+"""RunPod as a lorastack backend: a network volume and a pod running our trainer image (infra.backends.Backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from cloudapi.runpod_rest import RunpodClient, RunpodError
+from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.runpod_backend import reap as reap_rules
+from infra.runpod_backend import runs
+from infra.runpod_backend.catalog import VOLUME_USD_PER_GB_MONTH, runpod_usd_per_hour
+from infra.runpod_backend.config import RunpodConfig
+
+if TYPE_CHECKING:
+    from infra.config import StackConfig
+
+
+class RunpodBackend:
+    name = "runpod"
+    section = RunpodConfig
+
+    def check(self, config: StackConfig) -> None:
+        """Every RunPod rule lives in RunpodConfig; the memory fit comes through gpu_memory()."""
+
+    def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
+        return f"runpod.gpuType {config.runpod.gpu_type!r}", config.runpod.gpu.memory_gb
+
+    def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
+        runpod = config.runpod
+        return runpod_usd_per_hour(runpod.gpu_type, runpod.gpu_count, runpod.cloud, live)
+
+    def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
+        return config.runpod.gpu_type, config.runpod.gpu_count
+
+    def hardware(self, config: StackConfig) -> str:
+        runpod = config.runpod
+        return f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
+
+    def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
+        volume = config.runpod.volume
+        if volume is None:
+            return []
+        monthly = volume.size_gb * VOLUME_USD_PER_GB_MONTH
+        kept = "kept on destroy" if volume.keep_on_destroy else "deleted on destroy"
+        return [f"{stack}: network volume {volume.size_gb} GB, about ${monthly:.2f}/month while it exists ({kept})"]
+
+    def live_prices(self, environ: Mapping[str, str], timeout: float) -> LivePrices:
+        """GET /v2/catalog/gpus: {catalog id: GPU type JSON}."""
+        key = runs.api_key(environ)
+        if not key:
+            return LivePrices(None, "RunPod: the dated table; RUNPOD_API_KEY is not set (export it for live catalog prices)")
+        try:
+            gpus = {gpu["id"]: gpu for gpu in RunpodClient(key, retries=0, timeout=timeout).gpu_types()}
+        except (RunpodError, requests.RequestException, KeyError, TypeError, ValueError) as error:
+            return LivePrices(None, f"RunPod: the dated table; the catalog API did not answer usefully ({short_error(error)})")
+        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return LivePrices(gpus, f"RunPod: live GPU catalog (GET /v2/catalog/gpus), fetched {fetched_at}")
+
+    def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
+        return []  # every catalog id is validated offline (RUNPOD_GPUS); a live price only replaces the table's
+
+    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
+              image_ref: Callable[[], Any]) -> dict[str, Any]:
+        from infra.runpod_backend.component import RunpodTraining, RunpodTrainingArgs  # pulumi: only in the program
+
+        args = RunpodTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
+        return dict(RunpodTraining(stack, args).exports)
+
+    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
+        return runs.status(stack, config, environ)
+
+    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
+        return runs.logs(stack, config, environ, emit)
+
+    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
+        return runs.fetch(stack, config, destination, environ)
+
+    def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
+             grace_minutes: float) -> list[ReapDecision]:
+        key = runs.api_key(environ)
+        if not key:
+            raise OpsError("RUNPOD_API_KEY is not set: export it (RunPod console > Settings > API Keys)")
+        try:
+            return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+                                   grace_minutes=grace_minutes)
+        except RunpodError as error:
+            raise OpsError(f"{error} {runs.API_HINT}") from None
+
+
+BACKEND = RunpodBackend()
