@@ -19,8 +19,9 @@ FLUX: one diffusers-format file (`transformer.<module>.lora_A/lora_B.weight`) wi
 - diffusers reads the LoraConfig from `lora_adapter_metadata` (written with lora_alpha == r here, so scale 1.0);
   without it (older diffusers) it defaults lora_alpha to r: scale 1.0 again.
 `.alpha` tensors instead would reach ComfyUI and Forge, but diffusers refuses a file with both `.alpha` tensors
-and `lora_adapter_metadata`, and a file without the metadata loses the LoraConfig diffusers rebuilds from it.
-Baked weights need no reader to interpret anything. No sd-scripts-named FLUX file (`lora_unet_double_blocks_*`,
+and `lora_adapter_metadata`, so the file would lose the LoraConfig diffusers rebuilds exactly, and every other
+reader of diffusers-format keys would have to know the kohya habit of `<module>.alpha`. Baked weights need no
+reader to interpret anything. No sd-scripts-named FLUX file (`lora_unet_double_blocks_*`,
 fused qkv) is written: A1111 itself runs no FLUX, and its FLUX-capable forks (Forge and its descendants) load the
 diffusers keys above through ComfyUI's map; a fused qkv file would only add a second copy whose `.alpha` every
 loader divides by the fused rank (3 x rank).
