@@ -1,14 +1,14 @@
-"""The trained LoRA, written twice onto the volume and optionally pushed to the Hugging Face Hub.
+"""The trained LoRA, written onto the volume and optionally pushed to the Hugging Face Hub.
 
 - `pytorch_lora_weights.safetensors`: diffusers format, written through the pipeline class's own
   `save_lora_weights` (as diffusers' train_*_lora examples do), with the peft LoraConfig in the metadata so
   `pipeline.load_lora_weights(dir)` restores the training alpha, not alpha = rank.
-- `<name>.safetensors`: kohya / webui format for ComfyUI and A1111 (SDXL and SD 1.5). Keys use the original
-  LDM checkpoint's block names (`input_blocks_4_1_...`), which every tool maps, and each module carries its
-  real `alpha`. diffusers' `convert_state_dict_to_kohya` is not used: it keeps diffusers block names and
-  writes alpha = rank, which changes the LoRA's strength.
-- FLUX: diffusers format only (ComfyUI and Forge load it as is); the kohya `double_blocks_*_qkv` layout
-  needs q/k/v fused into one block-diagonal LoRA, which is not written here.
+- `<name>.safetensors` (SD 1.x/2.x, SDXL): kohya / sd-scripts format for ComfyUI, A1111 and Forge, named as
+  sd-scripts names the UNet it trains (diffusers block names for SD 1.x/2.x, the original checkpoint's LDM names
+  for SDXL; `training.lora_formats`), each module with its real `.alpha`. diffusers' `convert_state_dict_to_kohya`
+  is not used: it writes alpha = rank, which changes the LoRA's strength.
+- FLUX: the diffusers file only, read by diffusers, ComfyUI and Forge alike; alpha/rank is multiplied into its
+  weights because ComfyUI and Forge read no metadata (`training.lora_formats` says why no other way works).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # the key diffusers' loader reads the LoraConfig from
 
 from contract.spec import TrainSpec
+from training import lora_formats
 from training.version import __version__
 from contract.workspace import RunPaths, atomic_write_bytes
 
@@ -42,87 +43,8 @@ KOHYA_TEXT_ENCODER_PREFIXES = {
 # what kohya's sd-scripts write as ss_base_model_version; webui extensions filter LoRAs by it
 KOHYA_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# diffusers UNet module names -> original (LDM / sgm) checkpoint names
-# ---------------------------------------------------------------------------------------------------------
-
-# Inside a ResnetBlock2D (diffusers) / ResBlock (LDM). Transformer blocks use the same names on both sides.
-_RESNET_PARTS = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_TOP_LEVEL = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size/crop conditioning MLP
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-
-
-def unet_block_prefixes(config) -> dict[str, str]:
-    """diffusers block prefix -> LDM block prefix, derived from a UNet2DConditionModel config.
-
-    The same walk as diffusers' scripts/convert_diffusers_to_original_{sdxl,stable_diffusion}.py, written for
-    any number of down blocks and layers per block: LDM numbers every resnet(+attention) layer and every
-    downsampler as its own `input_blocks.N`; up blocks have one layer more, and the upsampler sits in the
-    level's last output block after the resnet (index 1) or after resnet and attention (index 2).
-    """
-    block_count = len(config.down_block_types)
-    layers = config.layers_per_block
-    layers = [layers] * block_count if isinstance(layers, int) else list(layers)
-    prefixes: dict[str, str] = {}
-
-    index = 1  # input_blocks.0 is conv_in
-    for block in range(block_count):
-        for layer in range(layers[block]):
-            prefixes[f"down_blocks.{block}.resnets.{layer}"] = f"input_blocks.{index}.0"
-            prefixes[f"down_blocks.{block}.attentions.{layer}"] = f"input_blocks.{index}.1"
-            index += 1
-        if block < block_count - 1:  # diffusers: every down block but the last downsamples
-            prefixes[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
-            index += 1
-
-    prefixes["mid_block.resnets.0"] = "middle_block.0"
-    prefixes["mid_block.attentions.0"] = "middle_block.1"
-    prefixes["mid_block.resnets.1"] = "middle_block.2"
-
-    index = 0
-    for block, block_type in enumerate(config.up_block_types):
-        for layer in range(list(reversed(layers))[block] + 1):
-            prefixes[f"up_blocks.{block}.resnets.{layer}"] = f"output_blocks.{index}.0"
-            prefixes[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{index}.1"
-            index += 1
-        if block < block_count - 1:
-            has_attention = "Attn" in block_type
-            prefixes[f"up_blocks.{block}.upsamplers.0"] = f"output_blocks.{index - 1}.{2 if has_attention else 1}"
-    return prefixes
-
-
-def ldm_unet_module_name(diffusers_name: str, block_prefixes: dict[str, str]) -> str:
-    """`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`."""
-    for source, target in _UNET_TOP_LEVEL.items():
-        if diffusers_name == source:
-            return target
-    parts = diffusers_name.split(".")
-    for cut in range(len(parts), 0, -1):  # longest matching block prefix
-        prefix = ".".join(parts[:cut])
-        if prefix in block_prefixes:
-            rest = parts[cut:]
-            if ".resnets." in f".{prefix}." and rest:
-                if rest[0] not in _RESNET_PARTS:
-                    break
-                rest = [_RESNET_PARTS[rest[0]], *rest[1:]]
-            return ".".join([block_prefixes[prefix], *rest])
-    raise ValueError(f"no original-checkpoint name for UNet module {diffusers_name!r}")
+# sd-scripts' modelspec.implementation: "diffusers" for SD 1.x/2.x LoRAs, Stability's repository for SDXL ones
+MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,20 +136,27 @@ def is_sd2_unet(family: str, config) -> bool:
     return family == "sd15" and getattr(config, "cross_attention_dim", None) == 1024
 
 
-def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str, sd2: bool = False) -> dict[str, str]:
+def kohya_metadata(
+    spec: TrainSpec, data_hash: str, family: str, name: str, sd2: bool = False, v_prediction: bool = False
+) -> dict[str, str]:
     """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read.
 
     `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
-    default hides the ones that do not match the loaded checkpoint."""
+    default hides the ones that do not match the loaded checkpoint. `v_prediction`: the base model's scheduler
+    predicts v (SD 2.x 768-v); sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
     now = datetime.now(timezone.utc)
     architecture = MODELSPEC_ARCHITECTURE[family]
-    if sd2:  # kohya: 768-v for the v-prediction 768 models, 512 for the base
-        architecture = f"stable-diffusion-v2-{'768-v' if spec.resolution >= 768 else '512'}/lora"
+    base_model_version = KOHYA_BASE_MODEL_VERSION[family]
+    if sd2:
+        architecture = f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}/lora"
+        base_model_version = "sd_v2"
+    if v_prediction and family != "sdxl":  # sd-scripts' SD 1.x/2.x version string ends in _v for v-prediction
+        base_model_version += "_v"
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": _number(spec.lora_alpha),
-        "ss_base_model_version": "sd_v2" if sd2 else KOHYA_BASE_MODEL_VERSION[family],
+        "ss_base_model_version": base_model_version,
         "ss_sd_model_name": spec.base_model,
         "ss_v2": str(sd2),
         "ss_resolution": f"({spec.resolution}, {spec.resolution})",
@@ -255,7 +184,8 @@ def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str, sd2:
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.title": name,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
@@ -290,12 +220,13 @@ def _tensor_data_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, st
 def kohya_state_dict(
     denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None, family: str
 ) -> dict[str, torch.Tensor]:
-    """`lora_unet_<ldm name>` / `lora_te*_<name>` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`."""
+    """`lora_unet_<sd-scripts module name>` / `lora_te*_<name>` with `.lora_down.weight`, `.lora_up.weight` and
+    `.alpha`, the UNet named as sd-scripts' UNet of the family names it (`lora_formats.kohya_unet_module_name`)."""
     if family not in KOHYA_TEXT_ENCODER_PREFIXES:
         raise ValueError(f"no kohya layout for family {family!r}")
-    block_prefixes = unet_block_prefixes(_unwrap(denoiser).config)
+    unet_module_name = lora_formats.kohya_unet_module_name(family, _unwrap(denoiser).config)
     named: list[tuple[str, LoraModule]] = [
-        ("lora_unet_" + ldm_unet_module_name(module.name, block_prefixes), module) for module in lora_modules(denoiser)
+        ("lora_unet_" + unet_module_name(module.name), module) for module in lora_modules(denoiser)
     ]
     for component, encoder in (text_encoders or {}).items():
         prefix = KOHYA_TEXT_ENCODER_PREFIXES[family].get(component)
@@ -336,24 +267,33 @@ def write_diffusers_file(
     folder: Path,
     metadata: dict[str, str],
 ) -> Path:
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     loader = _lora_loader_class(family)
+    baked = lora_formats.strength_in_weights(family)  # alpha/rank inside lora_B, the config saying alpha == rank
 
     def layers(model: torch.nn.Module, name_prefix: str = "") -> dict[str, torch.Tensor]:
         model = _unwrap(model)
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name_of(model))
-        state = {f"{name_prefix}{key}": value for key, value in state.items()}
-        # diffusers' SD/SDXL examples save in diffusers naming (lora.down/up), the FLUX one keeps peft's
-        return state if family == "flux" else convert_state_dict_to_diffusers(state)
+        if baked:
+            state = lora_formats.strength_baked_layers(lora_modules(model))
+        else:
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name_of(model))
+        # peft's naming (lora_A/lora_B) for every family: diffusers' convert_state_dict_to_diffusers renames only
+        # attention projections, and a file mixing lora.down with lora_A keys loads without the renamed ones
+        return {f"{name_prefix}{key}": value for key, value in state.items()}
+
+    def adapter_config(model: torch.nn.Module) -> dict:
+        config = _peft_config_dict(model)
+        return lora_formats.unit_strength_config(config) if baked else config
 
     denoiser_component = "transformer" if family == "flux" else "unet"
     arguments: dict[str, object] = {f"{denoiser_component}_lora_layers": layers(denoiser)}
-    adapter_configs = {denoiser_component: _peft_config_dict(denoiser)}
+    adapter_configs = {denoiser_component: adapter_config(denoiser)}
     for component, encoder in (text_encoders or {}).items():
         arguments[f"{component}_lora_layers"] = layers(encoder, checkpoint_name_prefix(encoder))
-        adapter_configs[component] = _peft_config_dict(encoder)
+        adapter_configs[component] = adapter_config(encoder)
+    if baked:
+        metadata = {**metadata, "lorastack.strength": lora_formats.STRENGTH_NOTE}
 
     # The LoraConfig per component, keyed `<component>.<field>` exactly as diffusers' own save packs it:
     # the loader rebuilds the config from it, so lora_alpha survives instead of defaulting to the rank.
@@ -378,10 +318,14 @@ def write_kohya_file(
     target: Path,
     metadata: dict[str, str],
     data_hash: str,
+    prediction_type: str | None,
 ) -> Path:
+    """`prediction_type`: the base model's noise scheduler's (`epsilon`, `v_prediction`), which sd-scripts'
+    metadata reports (`sd_v2_v`)."""
     tensors = kohya_state_dict(denoiser, text_encoders, family)
     sd2 = is_sd2_unet(family, _unwrap(denoiser).config)
-    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem, sd2=sd2), **metadata}
+    v_prediction = prediction_type == "v_prediction"
+    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem, sd2=sd2, v_prediction=v_prediction), **metadata}
     file_metadata.update(_tensor_data_hashes(tensors, file_metadata))
     atomic_write_bytes(target, _serialize(tensors, file_metadata))
     return target
@@ -394,8 +338,22 @@ def lora_file_stem(spec: TrainSpec, paths: RunPaths) -> str:
 
 
 def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
+    """The Hub README: what was trained and which file each tool loads (every file at strength 1.0 gives the
+    trained strength)."""
     trigger = f"Trigger word: `{spec.trigger_word}`\n\n" if spec.trigger_word else ""
-    kohya = f"- `{files['kohya'].name}`: kohya/webui format for ComfyUI and A1111\n" if "kohya" in files else ""
+    if "kohya" in files:
+        name = files["kohya"].name
+        usage = (
+            f"- `{DIFFUSERS_WEIGHT_NAME}`: diffusers: `pipeline.load_lora_weights(repo)`\n"
+            f"- `{name}`: kohya / sd-scripts format, for ComfyUI (`models/loras`, Load LoRA node), "
+            f"A1111 and Forge (`models/Lora`, `<lora:{files['kohya'].stem}:1>`); diffusers loads it too: "
+            f'`pipeline.load_lora_weights(repo, weight_name="{name}")`\n'
+        )
+    else:
+        usage = (
+            f"- `{DIFFUSERS_WEIGHT_NAME}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
+            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
+        )
     return (
         "---\n"
         f"base_model: {spec.base_model}\n"
@@ -406,8 +364,8 @@ def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
         f"Trained with lorastack {__version__}: rank {spec.rank}, alpha {_number(spec.lora_alpha)}, "
         f"{spec.steps} steps at {spec.resolution}px.\n\n"
         f"{trigger}"
-        f"- `{DIFFUSERS_WEIGHT_NAME}`: diffusers format, `pipeline.load_lora_weights(repo)`\n"
-        f"{kohya}"
+        "Which file for which tool (strength 1.0 is the trained strength in each):\n\n"
+        f"{usage}"
     )
 
 
@@ -447,10 +405,15 @@ def export_lora(
     paths: RunPaths,
     data_hash: str,
     family: str,
+    *,
+    prediction_type: str | None,
     environ: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the LoRA into `paths.lora` (diffusers file always, kohya file for SDXL/SD 1.5) and push it to
-    the Hub when `spec.hf_repo` is set. Returns {"diffusers": path[, "kohya": path][, "model_card": path]}."""
+    the Hub when `spec.hf_repo` is set. Returns {"diffusers": path[, "kohya": path][, "model_card": path]}.
+
+    `prediction_type`: the base model's noise scheduler's (`epsilon`, `v_prediction`; None for flow matching),
+    reported in the kohya file's metadata."""
     environ = os.environ if environ is None else environ
     folder = paths.lora
     folder.mkdir(parents=True, exist_ok=True)
@@ -461,7 +424,9 @@ def export_lora(
     files: dict[str, Path] = {"diffusers": write_diffusers_file(denoiser, text_encoders, family, folder, metadata)}
     if family in KOHYA_TEXT_ENCODER_PREFIXES:
         target = folder / f"{lora_file_stem(spec, paths)}.safetensors"
-        files["kohya"] = write_kohya_file(denoiser, text_encoders, spec, family, target, metadata, data_hash)
+        files["kohya"] = write_kohya_file(
+            denoiser, text_encoders, spec, family, target, metadata, data_hash, prediction_type
+        )
     card = folder / "README.md"
     atomic_write_bytes(card, model_card(spec, family, files).encode())
     files["model_card"] = card
@@ -478,10 +443,8 @@ __all__ = [
     "LoraModule",
     "export_lora",
     "kohya_state_dict",
-    "ldm_unet_module_name",
     "lora_modules",
     "push_to_hub",
-    "unet_block_prefixes",
 ]
 
 
@@ -495,5 +458,6 @@ def export_trained(state, environ: dict[str, str] | None = None) -> dict[str, Pa
         state.paths,
         state.dataset.data_hash,
         spec.family,
+        prediction_type=getattr(models.noise_scheduler.config, "prediction_type", None),
         environ=environ,
     )
