@@ -107,10 +107,12 @@ def test_a_runpod_stack_goes_up_previews_no_change_and_is_destroyed(stack, runpo
 
 
 def test_the_replicate_stack_goes_up_previews_no_change_and_is_destroyed(replicate, tmp_path):
+    settings = STACKS["flux-replicate"]["lorastack:replicate"]
+    model = f"{settings['owner']}/{settings['model']}"
     driver = StackDriver("flux-replicate", tmp_path, secrets={"replicateApiToken": REPLICATE_TOKEN})
     outputs, operations = driver.up()
     assert operations.counts == {"create": 3}  # model, training, deployment
-    assert outputs["status"] == "succeeded" and outputs["version"].startswith(outputs["modelId"] + ":")
+    assert outputs["status"] == "succeeded" and outputs["version"].startswith(model + ":")
     assert_no_plain_secrets(state_file(tmp_path, "flux-replicate"), REPLICATE_TOKEN)
 
     _, preview = driver.preview()
@@ -119,7 +121,7 @@ def test_the_replicate_stack_goes_up_previews_no_change_and_is_destroyed(replica
     replicate.clock.advance(15 * 60 + 1)  # Replicate deletes a deployment only after 15 minutes offline
     destroyed = driver.destroy()
     assert destroyed.counts == {"delete": 2, "retain": 1}  # the model (the LoRA's versions) is kept
-    assert replicate.deployments == {} and outputs["modelId"] in replicate.models
+    assert replicate.deployments == {} and model in replicate.models
 
 
 def test_an_update_a_replacement_and_a_resource_no_longer_declared(runpod, tmp_path):
@@ -151,14 +153,16 @@ def test_refresh_drops_a_pod_deleted_outside_pulumi(runpod, tmp_path):
     assert operations.counts == {"same": 1, "create": 1}
 
 
-def test_a_failing_program_leaves_the_state_alone(runpod, tmp_path):
+def test_a_failing_program_deletes_nothing(runpod, tmp_path):
     driver = runpod_driver("demo", tmp_path)
-    driver.up()
-    written = state_file(tmp_path, "demo").read_text()
+    outputs, _ = driver.up()
+    resources = {urn: resource.id for urn, resource in StackState(state_file(tmp_path, "demo")).resources.items()}
     bad_train = {**STACKS["demo"]["lorastack:train"], "learningRate": 0.5}
-    with pytest.raises(ProgramError, match=r"lorastack:train.learningRate = 0.5"):
+    with pytest.raises(ProgramError, match=r"Pulumi.demo.yaml: lorastack:train.learningRate = 0.5"):
         runpod_driver("demo", tmp_path, train=bad_train).up()
-    assert state_file(tmp_path, "demo").read_text() == written  # nothing undeclared was deleted
+    # the program declared nothing before it failed; `pulumi up` deletes what is undeclared only after a success
+    kept = {urn: resource.id for urn, resource in StackState(state_file(tmp_path, "demo")).resources.items()}
+    assert kept == resources and list(runpod.pods) == [outputs["podId"]]
 
 
 def test_the_state_does_not_open_with_another_passphrase(runpod, tmp_path, monkeypatch):
