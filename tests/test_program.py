@@ -144,7 +144,7 @@ def test_a_stack_without_a_volume_lets_the_scheduler_place_the_pod():
     raw["lorastack:runpod"].update(volume=None, dataCenter=None, cloud="COMMUNITY")
     program, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
     (pod,) = program.of_type(POD_TYPE)
-    assert program.of_type(VOLUME_TYPE) == [] and outputs["volumeId"] is None
+    assert program.of_type(VOLUME_TYPE) == [] and outputs.get("volumeId") is None  # a None export is left out, as the SDK sends it
     assert pod.inputs["dataCenterIds"] == [] and pod.inputs["cloud"] == "COMMUNITY"
     assert outputs["dataCenter"] == "US-TX-3"  # where RunPod placed it (the mock)
 

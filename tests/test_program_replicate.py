@@ -136,7 +136,7 @@ def test_tokens_are_secret_inputs_and_never_in_outputs_or_the_pickled_provider()
 def test_without_a_deployment_and_wait_nothing_is_deployed_and_up_does_not_wait():
     raw = with_changes(replicate={"deployment": None, "wait": False})
     program, outputs = run(raw, {"replicateApiToken": TOKEN})
-    assert program.count(DEPLOYMENT_TYPE) == 0 and outputs["deploymentUrl"] is None
+    assert program.of_type(DEPLOYMENT_TYPE) == [] and outputs.get("deploymentUrl") is None
     assert program.one(TRAINING_TYPE).inputs["wait"] is False
 
 
