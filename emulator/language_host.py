@@ -74,10 +74,12 @@ class ProgramError(Exception):
 class Operations:
     counts: Counter = field(default_factory=Counter)  # create / update / replace / same / delete / retain / gone
     log: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, kind: str, name: str) -> None:
-        self.counts[kind] += 1
-        self.log.append(f"{kind} {name}")
+        with self._lock:  # resources register from the engine's server threads
+            self.counts[kind] += 1
+            self.log.append(f"{kind} {name}")
 
     @property
     def changes(self) -> int:
@@ -337,7 +339,7 @@ class ProviderHost:
         try:
             return getattr(self.stub, method)(request)
         except grpc.RpcError as error:
-            raise ProviderError(f"{method}: {error.details()}") from None
+            raise ProviderError(f"{request.name} ({request.type}): {method} failed: {error.details()}") from None
 
     def close(self) -> None:
         self.channel.close()
