@@ -80,7 +80,8 @@ class StackDriver:
         return self._run(dry_run=False)
 
     def preview(self) -> tuple[dict, Operations]:
-        """`pulumi preview`: what `up` would do; nothing is changed, nothing is written."""
+        """`pulumi preview`: what `up` would do; nothing is changed, nothing is written. An output known only
+        after `up` (a new pod's id) is Pulumi's unknown marker, `pulumi.runtime.rpc.UNKNOWN`."""
         return self._run(dry_run=True)
 
     def refresh(self) -> Operations:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pulumi.runtime import rpc
 
 from emulator.language_host import (
     Deployment,
@@ -122,6 +123,13 @@ def test_the_replicate_stack_goes_up_previews_no_change_and_is_destroyed(replica
     destroyed = driver.destroy()
     assert destroyed.counts == {"delete": 2, "retain": 1}  # the model (the LoRA's versions) is kept
     assert replicate.deployments == {} and model in replicate.models
+
+
+def test_the_preview_of_a_new_stack_creates_nothing(runpod, tmp_path):
+    outputs, operations = runpod_driver("demo", tmp_path).preview()
+    assert operations.counts == {"create": 2}
+    assert runpod.pods == {} and runpod.volumes == {} and not state_file(tmp_path, "demo").exists()
+    assert outputs["podId"] == rpc.UNKNOWN and outputs["runId"].startswith("demo-")  # known only after `up`
 
 
 def test_an_update_a_replacement_and_a_resource_no_longer_declared(runpod, tmp_path):
