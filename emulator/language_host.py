@@ -498,7 +498,8 @@ class Deployment:
                 self.operations.record("gone", resource.name)
                 self.state.remove(resource.urn)
                 continue
-            resource.outputs = _mark_secret_outputs(from_struct(read.properties), resource.inputs, [])
+            was_secret = [key for key, value in resource.outputs.items() if is_secret(value)]  # additionalSecretOutputs
+            resource.outputs = _mark_secret_outputs(from_struct(read.properties), resource.inputs, was_secret)
             if read.HasField("inputs"):
                 resource.inputs = _mark_secret_outputs(from_struct(read.inputs), resource.inputs, [])
             self.state.put(resource)

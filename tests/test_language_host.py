@@ -157,6 +157,7 @@ def test_refresh_drops_a_pod_deleted_outside_pulumi(runpod, tmp_path):
     outputs, _ = driver.up()
     runpod.terminate(outputs["podId"])
     assert driver.refresh().counts == {"gone": 1}
+    assert_no_plain_secrets(state_file(tmp_path, "demo"), RUNPOD_KEY, HF_TOKEN)  # what was read back stays sealed
     _, operations = driver.up()
     assert operations.counts == {"same": 1, "create": 1}
 
