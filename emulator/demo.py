@@ -4,8 +4,9 @@
 2. A tiny random-weight SD 1.5 and a few generated, captioned images are made and put on the demo volume
    (standing in for the data a user uploads to a network volume before a run).
 3. The demo stack (stacks/Pulumi.demo.yaml, `wait: true`) goes up through the real program and providers:
-   through emulator/stack_driver.py (the real program and providers over Pulumi's mock runtime; a path
-   through the Pulumi CLI with a local file backend is not wired yet).
+   through emulator/stack_driver.py, which runs the program as Pulumi's language host runs it and the
+   providers in the SDK's own dynamic-provider host (emulator/language_host.py; docs/engine.md says what of
+   the Pulumi CLI it does not reproduce).
    The emulated pod runs `python -m training`, trains, saves the LoRA on the volume and stops itself; `up`
    follows it and downloads the LoRA to outputs/demo/.
 4. The demo prints where the LoRA is, steps, loss, billed seconds and cost, and the overhead ratio (billed
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which("pulumi"):
             # The CLI path (a local file backend) is not wired: it could not be run where this was built.
             print("      (the Pulumi CLI is installed; the demo still drives the program through its offline "
-                  "driver over Pulumi's mock runtime)", flush=True)
+                  "engine, emulator/language_host.py)", flush=True)
         print("[3/4] pulumi up --stack demo (wait: true): volume, pod, training ...", flush=True)
         try:
             outputs, operations = driver.up()
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print("", flush=True)
             print(f"  run         {outputs['runId']}: {run.get('state')} ({run.get('message')})")
             print(f"  LoRA        {run.get('lora')}")
-            print(f"  steps       {run.get('step')}/{run.get('total')}, final loss {run.get('loss')}")
+            # numbers come back through Pulumi's outputs as protobuf doubles (4 arrives as 4.0)
+            steps = "/".join(f"{value:g}" if isinstance(value, float) else str(value) for value in (run.get("step"), run.get("total")))
+            print(f"  steps       {steps}, final loss {run.get('loss')}")
             print(f"  billed      {bill.closed_seconds} s on {bill.gpu_id} at ${bill.usd_per_hour:.2f}/h = "
                   f"${bill.cost_usd(time.monotonic()):.4f} (emulated; the pod stopped itself)")
             print(f"  overhead    {ratio:.3f} (billed {bill.closed_seconds} s / trainer ran {trained_seconds:.1f} s; "

@@ -1,63 +1,34 @@
-"""Running a Pulumi program under pulumi.runtime.set_mocks, recording what it asks the engine for.
+"""Running the Pulumi program as Pulumi's language host runs it, with made-up resources from a `pulumi.runtime.Mocks`.
 
-The monitor keeps each registration's type, inputs and resource options, so tests assert what `pulumi up`
-would do: which resources, with which properties, retained on delete or not, which outputs secret.
+The program is a subprocess in infra/ started with `runpy.run_path(".")` and the stack's config passed as the
+CLI passes it (emulator/language_host.py); only the ids and outputs of its resources come from `mocks`. What it
+asks the engine for (type, inputs, retainOnDelete, deleteBeforeReplace, additionalSecretOutputs) is recorded,
+so tests assert what `pulumi up` would do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from typing import Any
 
 import pulumi
-from pulumi.runtime import rpc
-from pulumi.runtime.mocks import MockMonitor
 
-
-class RecordingMonitor(MockMonitor):
-    def __init__(self, mocks: pulumi.runtime.Mocks):
-        super().__init__(mocks)
-        self.registered: dict[str, dict] = {}
-
-    def RegisterResource(self, request):
-        self.registered[request.name] = {
-            "type": request.type,
-            "inputs": rpc.deserialize_properties(request.object),
-            "retainOnDelete": request.retainOnDelete,
-            "deleteBeforeReplace": request.deleteBeforeReplace,
-            "additionalSecretOutputs": list(request.additionalSecretOutputs),
-        }
-        return super().RegisterResource(request)
-
-    def of_type(self, type_: str) -> list[dict]:
-        return [entry for entry in self.registered.values() if entry["type"] == type_]
-
-    def one(self, type_: str) -> dict:
-        (entry,) = self.of_type(type_)
-        return entry
-
-    def count(self, type_: str) -> int:
-        return len(self.of_type(type_))
+from emulator.language_host import MockedResources, Operations, ProgramRun, Project, cli_config, run_program
 
 
 def run_mocked(
     mocks: pulumi.runtime.Mocks,
     stack: str,
-    declare: Callable[[], dict],
-    config: dict[str, str] | None = None,
-    secret_keys: list[str] | None = None,
-) -> tuple[RecordingMonitor, dict]:
-    """Run `declare()` as stack `stack`'s program with `config`; returns the monitor and the resolved exports."""
-    monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="lorastack", stack=stack, preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config(config or {}, secret_keys or [])
-    outputs: dict = {}
-
-    @pulumi.runtime.test
-    def program():
-        exports = declare()
-        return pulumi.Output.all(**{key: pulumi.Output.from_input(value) for key, value in exports.items()}).apply(
-            outputs.update
-        )
-
-    program()
-    return monitor, outputs
+    config: dict[str, Any],
+    secrets: dict[str, str] | None = None,
+    preview: bool = False,
+) -> ProgramRun:
+    """Run stack `stack`'s program with `config` (`lorastack:*` values as the stack file holds them) and
+    `secrets` (config secrets by name, e.g. runpodApiKey); raises language_host.ProgramError when it fails."""
+    values, secret_keys = cli_config(
+        config, {f"lorastack:{name}": value for name, value in (secrets or {}).items()}, f"Pulumi.{stack}.yaml"
+    )
+    operations, registrations = Operations(), {}
+    outputs = run_program(Project.load(), stack, values, secret_keys, MockedResources(mocks, operations),
+                          registrations, preview, logging.getLogger("tests.program"))
+    return ProgramRun(outputs, registrations, operations)

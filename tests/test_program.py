@@ -1,7 +1,8 @@
-"""The Pulumi program under pulumi.runtime.set_mocks, for every RunPod stack file in stacks/.
+"""The Pulumi program, run as Pulumi's language host runs it, for every RunPod stack file in stacks/.
 
-The mock monitor records what the program asks the engine for (resource type, inputs, retainOnDelete,
-additionalSecretOutputs, deleteBeforeReplace), so the assertions are about what `pulumi up` would do.
+The engine (emulator/language_host.py) records what the program asks for (resource type, inputs, retainOnDelete,
+additionalSecretOutputs, deleteBeforeReplace) and answers with made-up resources (`Mocks`), so the assertions are
+about what `pulumi up` would do. The stacks run with `wait: false`: there is no pod to follow behind a made-up id.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import runpy
-import sys
 
 import dill
 import pulumi
@@ -18,12 +17,12 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
-from infra.stack_files import STACKS_DIR, parse_stack
-from infra.program import build
-from infra.runpod_backend.pod import PodProvider
 from contract.spec import RunLimits, TrainSpec
+from emulator.language_host import ProgramError, ProgramRun
+from infra.runpod_backend.pod import PodProvider
+from infra.stack_files import STACKS_DIR, parse_stack
 
-from tests.pulumi_mocks import RecordingMonitor, run_mocked
+from tests.pulumi_mocks import run_mocked
 
 API_KEY = "rpa_program_test_key_feedface"
 HF_TOKEN = "hf_program_test_token_c0ffee"
@@ -60,11 +59,10 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-def run(stack: str, config: dict, secrets: dict[str, str] | None = None) -> tuple[RecordingMonitor, dict]:
-    """Run build(stack) with `config` as the stack's config; every value JSON-encoded, as get_object reads it."""
-    values = {key: json.dumps(value) for key, value in config.items()}
-    values.update({f"lorastack:{name}": value for name, value in (secrets or {}).items()})
-    return run_mocked(Mocks(), stack, lambda: build(stack), values, [f"lorastack:{name}" for name in secrets or {}])
+def run(stack: str, config: dict, secrets: dict[str, str] | None = None) -> tuple[ProgramRun, dict]:
+    """Run stack `stack`'s program with `config` as its stack file's config and `secrets` set as config secrets."""
+    program = run_mocked(Mocks(), stack, {**config, "lorastack:wait": False}, secrets)
+    return program, program.outputs
 
 
 def unwrap(value):
@@ -88,18 +86,18 @@ def test_runpod_stack_declares_volume_and_pod(stack, with_hf_token):
     config = parse_stack(raw, stack)
     runpod = config.runpod
     secrets = {"runpodApiKey": API_KEY, **({"hfToken": HF_TOKEN} if with_hf_token else {})}
-    monitor, outputs = run(stack, raw, secrets)
+    program, outputs = run(stack, raw, secrets)
 
-    volumes, (pod,) = monitor.of_type(VOLUME_TYPE), monitor.of_type(POD_TYPE)
-    inputs = pod["inputs"]
+    volumes, (pod,) = program.of_type(VOLUME_TYPE), program.of_type(POD_TYPE)
+    inputs = pod.inputs
     if runpod.volume is None:
         assert volumes == [] and inputs["networkVolumeId"] is None
     else:
         (volume,) = volumes
-        assert volume["inputs"]["dataCenter"] == runpod.data_center
-        assert volume["inputs"]["sizeGb"] == runpod.volume.size_gb
-        assert volume["inputs"]["name"] == f"lorastack-{stack}"
-        assert volume["retainOnDelete"] is runpod.volume.keep_on_destroy
+        assert volume.inputs["dataCenter"] == runpod.data_center
+        assert volume.inputs["sizeGb"] == runpod.volume.size_gb
+        assert volume.inputs["name"] == f"lorastack-{stack}"
+        assert volume.retain_on_delete is runpod.volume.keep_on_destroy
         assert inputs["networkVolumeId"] == f"vol-{stack}-volume"
         assert inputs["dataCenterIds"] == [runpod.data_center]
         assert inputs["volumeMountPath"] == "/workspace"
@@ -109,7 +107,7 @@ def test_runpod_stack_declares_volume_and_pod(stack, with_hf_token):
     assert inputs["gpuTypeId"] == runpod.gpu_type and inputs["gpuCount"] == runpod.gpu_count
     assert inputs["cloud"] == "SECURE" and inputs["containerDiskGb"] == runpod.container_disk_gb
     assert inputs["name"] == f"lorastack-{stack}"
-    assert pod["deleteBeforeReplace"] is True and "env" in pod["additionalSecretOutputs"]
+    assert pod.delete_before_replace is True and "env" in pod.additional_secret_outputs
 
     assert rpc.is_rpc_secret(inputs["env"]) is with_hf_token
     env = unwrap(inputs["env"])
@@ -136,69 +134,52 @@ def test_runpod_stack_declares_volume_and_pod(stack, with_hf_token):
 def test_a_volume_not_kept_is_deleted_on_destroy():
     raw = copy.deepcopy(RUNPOD_STACKS["sdxl-4090"])
     raw["lorastack:runpod"]["volume"]["keepOnDestroy"] = False
-    monitor, _ = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
-    (volume,) = monitor.of_type(VOLUME_TYPE)
-    assert volume["retainOnDelete"] is False and volume["inputs"]["keepOnDestroy"] is False
+    program, _ = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
+    (volume,) = program.of_type(VOLUME_TYPE)
+    assert volume.retain_on_delete is False and volume.inputs["keepOnDestroy"] is False
 
 
 def test_a_stack_without_a_volume_lets_the_scheduler_place_the_pod():
     raw = copy.deepcopy(RUNPOD_STACKS["sdxl-4090"])
     raw["lorastack:runpod"].update(volume=None, dataCenter=None, cloud="COMMUNITY")
-    monitor, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
-    (pod,) = monitor.of_type(POD_TYPE)
-    assert monitor.of_type(VOLUME_TYPE) == [] and outputs["volumeId"] is None
-    assert pod["inputs"]["dataCenterIds"] == [] and pod["inputs"]["cloud"] == "COMMUNITY"
+    program, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
+    (pod,) = program.of_type(POD_TYPE)
+    assert program.of_type(VOLUME_TYPE) == [] and outputs.get("volumeId") is None  # a None export is left out, as the SDK sends it
+    assert pod.inputs["dataCenterIds"] == [] and pod.inputs["cloud"] == "COMMUNITY"
     assert outputs["dataCenter"] == "US-TX-3"  # where RunPod placed it (the mock)
 
 
 def test_image_build_uses_the_built_digest():
     raw = copy.deepcopy(RUNPOD_STACKS["demo"])
     raw["lorastack:image"]["build"] = True
-    monitor, _ = run("demo", raw, {"runpodApiKey": API_KEY})
-    (pod,) = monitor.of_type(POD_TYPE)
-    assert pod["inputs"]["image"] == DIGEST_REF
+    program, _ = run("demo", raw, {"runpodApiKey": API_KEY})
+    (pod,) = program.of_type(POD_TYPE)
+    assert pod.inputs["image"] == DIGEST_REF
 
 
 def test_a_bad_value_fails_with_the_stack_file_and_key():
     raw = copy.deepcopy(RUNPOD_STACKS["sdxl-4090"])
     raw["lorastack:train"]["learningRate"] = 0.5
-    with pytest.raises(pulumi.RunError) as caught:
+    with pytest.raises(ProgramError) as caught:
         run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
     message = str(caught.value)
     assert "Pulumi.sdxl-4090.yaml" in message and "lorastack:train.learningRate = 0.5" in message
 
 
 def test_without_an_api_key_the_program_says_how_to_set_one():
-    with pytest.raises(pulumi.RunError, match="config set --secret runpodApiKey"):
+    with pytest.raises(ProgramError, match="config set --secret runpodApiKey"):
         run("demo", RUNPOD_STACKS["demo"])
 
 
 def test_the_key_may_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    monitor, _ = run("demo", RUNPOD_STACKS["demo"])
-    assert len(monitor.of_type(POD_TYPE)) == 1
+    program, _ = run("demo", RUNPOD_STACKS["demo"])
+    assert len(program.of_type(POD_TYPE)) == 1
 
 
 def test_a_replicate_stack_builds_the_replicate_component():
     raw = stack_documents()["flux-replicate"]
-    monitor, outputs = run("flux-replicate", raw, {"replicateApiToken": "r8_program_test_token"})
-    types = {entry["type"] for entry in monitor.registered.values()}
+    program, outputs = run("flux-replicate", raw, {"replicateApiToken": "r8_program_test_token"})
+    types = {entry.type for entry in program.registrations.values()}
     assert "lorastack:replicate:Training" in types and not any("runpod" in type_ for type_ in types)
     assert outputs["provider"] == "replicate" and "estimatedCostUsd" in outputs
-
-
-def test_the_directory_pulumi_runs_builds_the_stack(monkeypatch):
-    """`main: infra/` runs infra/__main__.py as a script with infra/ on sys.path, as runpy.run_path does."""
-    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    mocks = Mocks()
-    monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="lorastack", stack="demo", preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config({key: json.dumps(value) for key, value in RUNPOD_STACKS["demo"].items()})
-
-    @pulumi.runtime.test
-    def program():
-        runpy.run_path(str(STACKS_DIR.parent / "infra"), run_name="__main__")
-
-    program()
-    assert len(monitor.of_type(POD_TYPE)) == 1 and len(monitor.of_type(VOLUME_TYPE)) == 1

@@ -1,7 +1,8 @@
-"""ReplicateTraining under pulumi.runtime.set_mocks, over stacks/Pulumi.flux-replicate.yaml.
+"""The program over stacks/Pulumi.flux-replicate.yaml, run as Pulumi's language host runs it.
 
-The mock monitor records what the component asks the engine for (type, inputs, retainOnDelete,
-additionalSecretOutputs), so the assertions are about what `pulumi up --stack flux-replicate` would do.
+The engine (emulator/language_host.py) records what the program asks for (type, inputs, retainOnDelete,
+additionalSecretOutputs) and answers with made-up resources (`Mocks`), so the assertions are about what
+`pulumi up --stack flux-replicate` would do.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
-from infra.stack_files import STACKS_DIR, parse_stack
-from infra.replicate_backend.component import PROJECT_ROOT, ReplicateTraining, ReplicateTrainingArgs
+from emulator.language_host import ProgramError, ProgramRun
+from infra.replicate_backend.component import PROJECT_ROOT
 from infra.replicate_backend.training import TrainingProvider
+from infra.stack_files import STACKS_DIR, parse_stack
 
-from tests.pulumi_mocks import RecordingMonitor, run_mocked
+from tests.pulumi_mocks import run_mocked
 
 STACK = "flux-replicate"
 TOKEN = "r8_program_test_token_facade"
@@ -56,15 +58,10 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-def run(raw: dict, secrets: dict[str, str]) -> tuple[RecordingMonitor, dict]:
-    """Build the component for `raw` (the stack file's config) with `secrets` as secret Outputs."""
-    config = parse_stack(raw, f"Pulumi.{STACK}.yaml")
-
-    def declare() -> dict:
-        secret_outputs = {name: pulumi.Output.secret(value) for name, value in secrets.items()}
-        return ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secret_outputs)).exports
-
-    return run_mocked(Mocks(), STACK, declare)
+def run(raw: dict, secrets: dict[str, str]) -> tuple[ProgramRun, dict]:
+    """Run the program with `raw` as the stack file's config and `secrets` set as config secrets."""
+    program = run_mocked(Mocks(), STACK, raw, secrets)
+    return program, program.outputs
 
 
 def with_changes(**sections) -> dict:
@@ -77,14 +74,14 @@ def with_changes(**sections) -> dict:
 def test_the_example_stack_declares_model_training_and_a_scale_to_zero_deployment():
     config = parse_stack(RAW, STACK)
     replicate, spec = config.replicate, config.train
-    monitor, outputs = run(RAW, {"replicateApiToken": TOKEN})
+    program, outputs = run(RAW, {"replicateApiToken": TOKEN})
 
-    model = monitor.one(MODEL_TYPE)
-    assert model["inputs"]["owner"] == replicate.owner and model["inputs"]["name"] == replicate.model
-    assert model["inputs"]["visibility"] == "private" and model["inputs"]["hardware"] == replicate.hardware
-    assert model["retainOnDelete"] is True and model["inputs"]["keepOnDestroy"] is True
+    model = program.one(MODEL_TYPE)
+    assert model.inputs["owner"] == replicate.owner and model.inputs["name"] == replicate.model
+    assert model.inputs["visibility"] == "private" and model.inputs["hardware"] == replicate.hardware
+    assert model.retain_on_delete is True and model.inputs["keepOnDestroy"] is True
 
-    training = monitor.one(TRAINING_TYPE)["inputs"]
+    training = program.one(TRAINING_TYPE).inputs
     assert training["destination"] == f"{replicate.owner}/{replicate.model}"
     assert training["trainer"] == "ostris/flux-dev-lora-trainer" and training.get("trainerVersion") is None
     assert training["trainerInput"] == {
@@ -98,7 +95,7 @@ def test_the_example_stack_declares_model_training_and_a_scale_to_zero_deploymen
     assert training["maxCostUsd"] == config.limits.max_cost_usd
     assert training.get("hfToken") is None and training.get("wandbApiKey") is None
 
-    deployment = monitor.one(DEPLOYMENT_TYPE)["inputs"]
+    deployment = program.one(DEPLOYMENT_TYPE).inputs
     assert deployment["minInstances"] == 0 and deployment["maxInstances"] == 1
     assert deployment["version"] == TRAINED_VERSION and deployment["hardware"] == "gpu-l40s"
     assert deployment["model"] == f"{replicate.owner}/{replicate.model}"
@@ -116,19 +113,19 @@ def test_the_example_stack_declares_model_training_and_a_scale_to_zero_deploymen
 
 def test_tokens_are_secret_inputs_and_never_in_outputs_or_the_pickled_provider():
     raw = with_changes(train={"hfRepo": "alice/flux-lora", "wandbProject": "loras"})
-    monitor, outputs = run(raw, {"replicateApiToken": TOKEN, "hfToken": HF_TOKEN, "wandbApiKey": WANDB_KEY})
-    entry = monitor.one(TRAINING_TYPE)
-    inputs = entry["inputs"]
+    program, outputs = run(raw, {"replicateApiToken": TOKEN, "hfToken": HF_TOKEN, "wandbApiKey": WANDB_KEY})
+    entry = program.one(TRAINING_TYPE)
+    inputs = entry.inputs
     assert rpc.is_rpc_secret(inputs["hfToken"]) and rpc.unwrap_rpc_secret(inputs["hfToken"]) == HF_TOKEN
     assert rpc.is_rpc_secret(inputs["wandbApiKey"]) and rpc.unwrap_rpc_secret(inputs["wandbApiKey"]) == WANDB_KEY
-    assert {"hfToken", "wandbApiKey"} <= set(entry["additionalSecretOutputs"])
+    assert {"hfToken", "wandbApiKey"} <= set(entry.additional_secret_outputs)
     assert inputs["trainerInput"]["hf_repo_id"] == "alice/flux-lora" and inputs["trainerInput"]["wandb_project"] == "loras"
     assert not {"hf_token", "wandb_api_key"} & set(inputs["trainerInput"])
 
-    for registered in monitor.registered.values():
-        if "__provider" in registered["inputs"]:
-            assert rpc.is_rpc_secret(registered["inputs"]["__provider"])
-            pickled = base64.b64decode(rpc.unwrap_rpc_secret(registered["inputs"]["__provider"]))
+    for registered in program.registrations.values():
+        if "__provider" in registered.inputs:
+            assert rpc.is_rpc_secret(registered.inputs["__provider"])
+            pickled = base64.b64decode(rpc.unwrap_rpc_secret(registered.inputs["__provider"]))
             assert TOKEN.encode() not in pickled
     pickled_training = base64.b64decode(rpc.unwrap_rpc_secret(inputs["__provider"]))
     assert isinstance(dill.loads(pickled_training), TrainingProvider)
@@ -138,23 +135,23 @@ def test_tokens_are_secret_inputs_and_never_in_outputs_or_the_pickled_provider()
 
 def test_without_a_deployment_and_wait_nothing_is_deployed_and_up_does_not_wait():
     raw = with_changes(replicate={"deployment": None, "wait": False})
-    monitor, outputs = run(raw, {"replicateApiToken": TOKEN})
-    assert monitor.count(DEPLOYMENT_TYPE) == 0 and outputs["deploymentUrl"] is None
-    assert monitor.one(TRAINING_TYPE)["inputs"]["wait"] is False
+    program, outputs = run(raw, {"replicateApiToken": TOKEN})
+    assert program.of_type(DEPLOYMENT_TYPE) == [] and outputs.get("deploymentUrl") is None
+    assert program.one(TRAINING_TYPE).inputs["wait"] is False
 
 
 def test_a_model_not_kept_is_deleted_on_destroy_and_a_pinned_trainer_is_passed():
     raw = with_changes(replicate={"keepModelOnDestroy": False, "trainerVersion": "a" * 64})
-    monitor, _ = run(raw, {"replicateApiToken": TOKEN})
-    model = monitor.one(MODEL_TYPE)
-    assert model["retainOnDelete"] is False and model["inputs"]["keepOnDestroy"] is False
-    assert monitor.one(TRAINING_TYPE)["inputs"]["trainerVersion"] == "a" * 64
+    program, _ = run(raw, {"replicateApiToken": TOKEN})
+    model = program.one(MODEL_TYPE)
+    assert model.retain_on_delete is False and model.inputs["keepOnDestroy"] is False
+    assert program.one(TRAINING_TYPE).inputs["trainerVersion"] == "a" * 64
 
 
 def test_a_local_dataset_folder_is_resolved_from_the_project_root():
     raw = with_changes(train={"dataset": {"source": "datasets/my-subject"}})
-    monitor, _ = run(raw, {"replicateApiToken": TOKEN})
-    assert monitor.one(TRAINING_TYPE)["inputs"]["datasetSource"] == str(PROJECT_ROOT / "datasets/my-subject")
+    program, _ = run(raw, {"replicateApiToken": TOKEN})
+    assert program.one(TRAINING_TYPE).inputs["datasetSource"] == str(PROJECT_ROOT / "datasets/my-subject")
 
 
 @pytest.mark.parametrize(("changes", "secrets", "message"), [
@@ -164,7 +161,7 @@ def test_a_local_dataset_folder_is_resolved_from_the_project_root():
 ])
 def test_missing_secrets_fail_early_with_the_command(monkeypatch, changes, secrets, message):
     monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ProgramError, match=message):
         run(with_changes(train=changes), secrets)
 
 
@@ -173,7 +170,7 @@ class PreviewOfAModelUpdate(Mocks):
     is kept, the dynamic provider's outputs (modelId, url) are not known yet."""
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
-        if not all(isinstance(value, (str, type(None), bool, int, float, dict, list)) for value in args.inputs.values()):
+        if rpc.UNKNOWN in args.inputs.values():
             return f"{args.name}-id", dict(args.inputs)  # an input not known in this preview
         id_, state = super().new_resource(args)
         if args.typ == MODEL_TYPE:
@@ -185,17 +182,7 @@ def test_a_model_update_does_not_preview_as_retraining():
     # the training's destination and the deployment's model come from the model's id, known in the preview of an
     # update; its modelId output is not, and an unknown destination would preview as a replaced (re-billed) training
     config = parse_stack(RAW, f"Pulumi.{STACK}.yaml")
-    monitor = RecordingMonitor(PreviewOfAModelUpdate())
-    pulumi.runtime.set_mocks(PreviewOfAModelUpdate(), project="lorastack", stack=STACK, preview=True, monitor=monitor)
-    pulumi.runtime.set_all_config({}, [])
-
-    @pulumi.runtime.test
-    def program():
-        secrets = {"replicateApiToken": pulumi.Output.secret(TOKEN)}
-        ReplicateTraining(STACK, ReplicateTrainingArgs(stack=STACK, config=config, secrets=secrets))
-        return pulumi.Output.from_input(None)
-
-    program()
+    program = run_mocked(PreviewOfAModelUpdate(), STACK, RAW, {"replicateApiToken": TOKEN}, preview=True)
     model = f"{config.replicate.owner}/{config.replicate.model}"
-    assert monitor.one(TRAINING_TYPE)["inputs"]["destination"] == model
-    assert monitor.one(DEPLOYMENT_TYPE)["inputs"]["model"] == model
+    assert program.one(TRAINING_TYPE).inputs["destination"] == model
+    assert program.one(DEPLOYMENT_TYPE).inputs["model"] == model

@@ -170,19 +170,9 @@ def follow_in_program(
         return outcome.as_output()
 
     async def in_background(values: list) -> dict | None:
-        if pulumi.runtime.is_dry_run() or not _real_resources():
+        if pulumi.runtime.is_dry_run():  # a preview creates no pod: nothing to follow
             return None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, follow, values, loop)
 
     return pulumi.Output.all(pod_id, volume_id, data_center).apply(in_background)
-
-
-def _real_resources() -> bool:
-    """False under Pulumi's plain mocks (unit tests: the pod id is made up, there is nothing to follow); the
-    offline driver (emulator/stack_driver.py), whose monitor creates real resources, says so."""
-    from pulumi.runtime import settings
-    from pulumi.runtime.mocks import MockMonitor
-
-    monitor = settings.get_monitor()
-    return not isinstance(monitor, MockMonitor) or getattr(monitor, "creates_real_resources", False)
