@@ -1,7 +1,7 @@
 """The Pulumi program: stack config -> its backend's component (infra.backends) -> the stack outputs.
 
-`infra/__main__.py` calls `build(pulumi.get_stack())` and exports what it returns; tests call it under
-`pulumi.runtime.set_mocks`.
+`infra/__main__.py` calls `build(pulumi.get_stack())` and exports what it returns. Tests run it as the Pulumi CLI
+does, through emulator/language_host.py (docs/engine.md).
 """
 
 from __future__ import annotations
