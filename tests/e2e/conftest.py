@@ -119,6 +119,8 @@ def start_emulator(tmp_path, monkeypatch, runtime: PodRuntime):
         runtime.base_url = url
     monkeypatch.setenv("RUNPOD_API_BASE_URL", url)
     monkeypatch.setenv("RUNPOD_API_KEY", api_key)
+    # the follower runs in the program's process (started like the language host does): only the environment reaches it
+    monkeypatch.setenv("LORASTACK_OUTPUTS_DIR", str(tmp_path / "outputs"))
     monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
     if isinstance(runtime, ProcessRuntime):
         monkeypatch.setenv(ENV_VOLUME_MOUNTS, str(runtime.root / "volumes"))
