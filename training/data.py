@@ -43,6 +43,7 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -70,7 +71,8 @@ PREPARE_VERSION = 2
 # Archive caps: an archive past either is refused before anything is written (a zip bomb fills no volume).
 MAX_ARCHIVE_FILES = 200_000
 MAX_ARCHIVE_BYTES = 50 * 2**30  # unpacked; the download itself is held to it too
-REDUCING_GAP = 3.0  # resize in two passes past 3x shrink: a box reduce, then Lanczos (indistinguishable, faster)
+MAX_WORKERS = 8  # at most this many threads prepare images, each holding one image in memory
+REDUCING_GAP = 3.0  # shrinking more than 3x: box-reduce by an integer factor first, as Pillow's reducing_gap
 _CHUNK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -153,19 +155,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An RGB image resized to `size` (width, height): bicubic with antialiasing, as Pillow's bicubic, on
+    torch's vectorised uint8 path (3-4x faster than Pillow's resampling). An image more than
+    REDUCING_GAP times larger is first box-reduced by an integer factor (no visible difference, far less work)."""
+    factor = int(min(image.width / size[0], image.height / size[1]) / REDUCING_GAP)
+    if factor >= 2:
+        image = image.reduce(factor)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # a writable copy, as torch needs
+    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
+    return Image.fromarray(resized[0].permute(1, 2, 0).numpy())
+
+
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
     """Cut the centred region with the bucket's aspect ratio, then resize it to the bucket, as 8-bit RGB.
 
-    Cutting first keeps memory bounded by the region and the bucket whatever the source's shape. Returns
-    (image, (top, left)): where the region starts in the whole image resized to cover the bucket.
+    Cutting first keeps memory bounded by the region and the bucket whatever the source's shape (a 10000x10
+    strip into a 2:1 bucket is a 20x10 region). Returns (image, (top, left)): where the region starts in the
+    whole image resized to cover the bucket, SDXL's crop conditioning.
     """
-    box = crop_box(image.size, bucket)
-    outer = (math.floor(box[0]), math.floor(box[1]), min(math.ceil(box[2]), image.width), min(math.ceil(box[3]), image.height))
-    region = image if outer == (0, 0, *image.size) else image.crop(outer)
-    inner = (box[0] - outer[0], box[1] - outer[1], box[2] - outer[0], box[3] - outer[1])
-    fitted = to_rgb(region).resize(bucket, Image.Resampling.LANCZOS, box=inner, reducing_gap=REDUCING_GAP)
-    scale = bucket[0] / (box[2] - box[0])
-    return fitted, (round(box[1] * scale), round(box[0] * scale))
+    left, top, right, bottom = (round(edge) for edge in crop_box(image.size, bucket))
+    region = image if (left, top, right, bottom) == (0, 0, *image.size) else image.crop((left, top, right, bottom))
+    fitted = to_rgb(region)
+    if fitted.size != bucket:
+        fitted = _resized(fitted, bucket)
+    scale = bucket[0] / (right - left)
+    return fitted, (round(top * scale), round(left * scale))
 
 
 def prepare_image(
@@ -181,7 +196,7 @@ def prepare_image(
                     width, height = height, width
                 bucket = nearest_bucket(width, height, buckets)
                 scale = max(bucket[0] / width, bucket[1] / height)
-                if scale < 0.5:  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still covering the bucket
+                if scale <= 0.5:  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still covering the bucket
                     image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 ImageOps.exif_transpose(image, in_place=True)
                 fitted, crop = fit_to_bucket(image, bucket)
@@ -519,8 +534,17 @@ def _load_manifest(root: Path, reused: bool) -> PreparedDataset:
     return PreparedDataset(root, manifest["dataHash"], samples, reused)
 
 
-def prepare_dataset(spec: TrainSpec, paths: RunPaths) -> PreparedDataset:
-    """The prepared dataset for this spec: re-used from the volume when an earlier run made it."""
+def default_workers() -> int:
+    """Threads preparing images: Pillow and torch decode, resize and encode without holding the GIL."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def prepare_dataset(spec: TrainSpec, paths: RunPaths, workers: int | None = None) -> PreparedDataset:
+    """The prepared dataset for this spec: re-used from the volume when an earlier run made it.
+
+    Images are prepared by `workers` threads (default: the CPUs this process may use, at most 8); each
+    holds one image at a time, so memory stays bounded by the workers and the target resolution.
+    """
     folder = resolve_source(spec.dataset, paths)
     shown = redacted_source(spec.dataset.source)
     files = dataset_files(folder, spec.dataset.caption_extension)
@@ -536,30 +560,38 @@ def prepare_dataset(spec: TrainSpec, paths: RunPaths) -> PreparedDataset:
     buckets = aspect_buckets(spec.resolution) if spec.aspect_buckets else [(spec.resolution, spec.resolution)]
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
+
+    def prepare(index: int) -> dict:
+        source, caption = pairs[index]
+        fitted, bucket, original_size, crop = prepare_image(folder / source, buckets, f"{source} in {shown}")
+        sample_id = f"{index:06d}"
+        # BMP: lossless and written in ~2 ms; PNG's filtering and deflate cost ~70 ms a 1024-px image
+        fitted.save(temp / "images" / f"{sample_id}.bmp")
+        return {
+            "id": sample_id,
+            "file": f"images/{sample_id}.bmp",
+            "source": source,
+            "caption": caption,
+            "bucket": list(bucket),
+            "originalSize": list(original_size),
+            "cropTopLeft": list(crop),
+        }
+
+    pool = ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="prepare")
+    torch_threads = torch.get_num_threads()
     try:
         (temp / "images").mkdir()
-        samples = []
-        for index, (source, caption) in enumerate(pairs):
-            fitted, bucket, original_size, crop = prepare_image(folder / source, buckets, f"{source} in {shown}")
-            sample_id = f"{index:06d}"
-            fitted.save(temp / "images" / f"{sample_id}.png", compress_level=1)
-            samples.append(
-                {
-                    "id": sample_id,
-                    "file": f"images/{sample_id}.png",
-                    "source": source,
-                    "caption": caption,
-                    "bucket": list(bucket),
-                    "originalSize": list(original_size),
-                    "cropTopLeft": list(crop),
-                }
-            )
+        # one thread per image: torch's resize would otherwise start a thread team per worker (oversubscribed)
+        torch.set_num_threads(1)
+        samples = list(pool.map(prepare, range(len(pairs))))
         atomic_write_json(temp / "manifest.json", {"dataHash": key, "samples": samples})
         os.rename(temp, final)
     except OSError:
         if not (final / "manifest.json").is_file():  # a concurrent run finished first: use its copy
             raise
     finally:
+        pool.shutdown(cancel_futures=True)  # after an error: the images not yet started are not prepared
+        torch.set_num_threads(torch_threads)
         shutil.rmtree(temp, ignore_errors=True)
     return _load_manifest(final, reused=False)
 
