@@ -1,4 +1,5 @@
-"""What a dataset is, for the trainer and both backends: its files, its content hash, its source's kind.
+"""What a dataset is, for the trainer and both backends: its files, its content hash, its source's kind, and
+the form of its source that may be written down.
 
 A dataset folder holds images with same-named caption files (kohya convention) and, for Hugging Face
 imagefolder datasets, `metadata.jsonl`/`metadata.csv` caption files. Its content hash covers those files by
@@ -7,6 +8,9 @@ folder, an archive behind any URL, a Hub snapshot), and a changed byte is a new 
 
 Hashing is cheap the second time: each file's sha256 is remembered against its (size, mtime, ctime, inode)
 in a small JSON file in a cache folder, so an unchanged folder is decided from `stat` calls alone.
+
+A source URL may carry credentials (user:password@, a signed query string): `redacted_source` and
+`with_redacted_source` give what status files, logs, LoRA metadata, model cards and trackers may record.
 
 Torch-free and Pillow-free: `infra/` imports it, and `pulumi preview` must not load an imaging stack.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from contract.spec import TrainSpec
 from contract.workspace import atomic_write_json
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -82,6 +87,12 @@ def redacted_source(source: str) -> str:
         return source
     parts = urlsplit(source)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def with_redacted_source(spec: TrainSpec) -> TrainSpec:
+    """The spec with its dataset source redacted: what to write into LoRA metadata, model cards, trackers."""
+    dataset = spec.dataset.model_copy(update={"source": redacted_source(spec.dataset.source)})
+    return spec.model_copy(update={"dataset": dataset})
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -18,7 +18,9 @@ from contract.dataset import (
     dataset_files,
     folder_content_hash,
     redacted_source,
+    with_redacted_source,
 )
+from contract.spec import TrainSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,6 +126,16 @@ def test_a_file_name_that_is_not_utf8_is_named_in_the_error(tmp_path):
 )
 def test_redacted_source_drops_credentials_and_signed_queries(source, shown):
     assert redacted_source(source) == shown
+
+
+def test_a_spec_with_its_source_redacted_keeps_everything_else():
+    raw = {"family": "sdxl", "baseModel": "m", "dataset": {"source": "https://u:p@h.example/d.zip?sig=x", "repeats": 3}}
+    spec = TrainSpec.model_validate(raw)
+    redacted = with_redacted_source(spec)
+    assert redacted.dataset.source == "https://h.example/d.zip" and redacted.dataset.repeats == 3
+    assert "sig=x" not in redacted.to_env_json() and "u:p" not in redacted.to_env_json()
+    assert redacted.model_dump(exclude={"dataset"}) == spec.model_dump(exclude={"dataset"})
+    assert spec.dataset.source == raw["dataset"]["source"]  # the pod still gets the URL it downloads
 
 
 @pytest.mark.parametrize(
