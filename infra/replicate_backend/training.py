@@ -37,6 +37,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
+from contract.dataset import folder_content_hash
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 from contract.spec import TrainSpec
@@ -112,10 +113,10 @@ def dataset_zip(folder: Path, caption_extension: str = ".txt", default_caption: 
 
 
 def dataset_fingerprint(source: str, caption_extension: str = ".txt", default_caption: str = "") -> str:
-    """What identifies the training's images: the zip's sha256 for a folder, the URL itself for a URL."""
+    """What identifies the training's images: the dataset content hash (contract.dataset) for a folder, the URL for a URL."""
     if is_url(source):
         return source
-    return "sha256:" + hashlib.sha256(dataset_zip(Path(source), caption_extension, default_caption)).hexdigest()
+    return "sha256:" + folder_content_hash(Path(source), caption_extension, default_caption)
 
 
 class TrainingProvider(ReplicateProvider):

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import threading
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
+from bench.dataset import peak_memory
 from training.data import (
     BucketBatchSampler,
     DatasetError,
@@ -241,3 +244,127 @@ def test_unreachable_hugging_face_dataset_is_a_clear_error(workspace, monkeypatc
     spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": "someone/cards"})
     with pytest.raises(DatasetError, match="'someone/cards' could not be downloaded .OSError: network is unreachable"):
         prepare_dataset(spec, RunPaths(workspace, "a"))
+
+
+# ----------------------------------------------------------------------------- images and their captions
+
+
+def prepared_pixels(folder: Path, workspace: Path, **overrides) -> dict[str, np.ndarray]:
+    """source file name -> its prepared image as an array."""
+    dataset = prepare_dataset(make_spec("sd15", Path("unused"), folder, **overrides), RunPaths(workspace, "a"))
+    manifest = json.loads((dataset.root / "manifest.json").read_text())
+    sources = {item["id"]: item["source"] for item in manifest["samples"]}
+    pixels = {}
+    for sample in dataset.samples:
+        with Image.open(dataset.root / sample.file) as image:
+            pixels[sources[sample.id]] = np.asarray(image.convert("RGB"))
+    return pixels
+
+
+def test_a_16_bit_png_keeps_its_brightness(tmp_path, workspace):
+    levels = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (256, 1))  # a dark-to-light ramp
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as reopened:
+        assert reopened.mode == "I;16"
+    Image.fromarray((levels // 257).astype(np.uint8)).save(tmp_path / "plain.png")
+    pixels = prepared_pixels(tmp_path, workspace)
+    assert abs(pixels["deep.png"].mean() - pixels["plain.png"].mean()) < 2  # not clipped to near-white
+    assert pixels["deep.png"].mean() == pytest.approx(127.5, abs=3)
+
+
+def test_an_exif_rotated_photo_is_decoded_at_reduced_scale_and_prepared_upright(tmp_path, workspace, monkeypatch):
+    # stored sideways (1536x768) with EXIF orientation 6: upright it is 768x1536, red on top, blue below
+    upright = Image.new("RGB", (768, 1536), "blue")
+    upright.paste("red", (0, 0, 768, 768))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    decoded_sizes = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(image, mode, size):
+        answer = real_draft(image, mode, size)
+        decoded_sizes.append(image.size)
+        return answer
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    (sample,) = prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a")).samples
+    assert sample.original_size == (1536, 768) and sample.bucket == (192, 320)
+    assert decoded_sizes == [(384, 192)]  # a quarter of each side, still covering the 320x192 bucket (stored sideways)
+    pixels = prepared_pixels(tmp_path, workspace)["sideways.jpg"]
+    assert pixels[:150].mean(axis=(0, 1)) == pytest.approx([254, 0, 0], abs=6)
+    assert pixels[-150:].mean(axis=(0, 1)) == pytest.approx([0, 0, 254], abs=6)
+
+
+def test_transparency_is_composited_on_white(tmp_path, workspace):
+    Image.new("RGBA", (256, 256), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert prepared_pixels(tmp_path, workspace)["clear.png"].min() == 255
+
+
+def test_an_extreme_aspect_ratio_gets_the_widest_bucket_from_the_middle_of_the_strip(tmp_path, workspace):
+    strip = Image.new("RGB", (10000, 10), "black")
+    strip.paste("white", (4990, 0, 5010, 10))  # the middle 20 px: all that a 2:1 crop keeps
+    strip.save(tmp_path / "strip.png")
+    (sample,) = prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a")).samples
+    assert sample.bucket == max(aspect_buckets(256), key=lambda bucket: bucket[0] / bucket[1])
+    assert prepared_pixels(tmp_path, workspace)["strip.png"].mean() > 250
+
+
+def test_a_10000x10_image_prepares_in_memory_bounded_by_the_bucket(tmp_path):
+    Image.new("RGB", (10000, 10), "gray").save(tmp_path / "strip.jpg")
+    measured = peak_memory(tmp_path / "strip.jpg", 1024)  # a fresh process; Pillow's memory is not Python's
+    assert measured["bucket"] == [1408, 704]
+    assert measured["peak_growth_mib"] < 50  # cut before resizing: a 1408x704 image, not a 704000x704 one
+
+
+@pytest.mark.parametrize("limit", [50_000, 10_000])  # Pillow warns past its limit, and raises past twice it
+def test_an_image_past_the_pixel_limit_is_refused_naming_the_file(tmp_path, workspace, monkeypatch, limit):
+    Image.new("RGB", (300, 300), "red").save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(DatasetError, match=r"^huge.png in .*90000 pixels.*[dD]ownscale the image"):
+        prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a"))
+
+
+def test_a_truncated_jpeg_is_named(tmp_path, workspace):
+    Image.new("RGB", (300, 300), "red").save(tmp_path / "good.jpg")
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"^cut.jpg in .*: not a readable image .*truncated"):
+        prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a"))
+
+
+def test_a_caption_that_is_not_utf8_is_named(tmp_path, workspace):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "card.png")
+    (tmp_path / "card.txt").write_bytes("a café".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"^card.txt in .*: not UTF-8 text \(byte 5 is b'\\xe9'\); save it as UTF-8"):
+        prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a"))
+
+
+def test_byte_order_marks_are_not_part_of_captions(tmp_path, workspace):
+    for name, encoded in (("utf8", "\ufeffa red card".encode()), ("utf16", "a red card".encode("utf-16"))):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_bytes(encoded)
+    spec = make_spec("sd15", Path("unused"), tmp_path, triggerWord="zqx")
+    captions = [sample.caption for sample in prepare_dataset(spec, RunPaths(workspace, "a")).samples]
+    assert captions == ["zqx, a red card", "zqx, a red card"]
+
+
+def test_metadata_csv_with_a_byte_order_mark_gives_captions(tmp_path, workspace):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "card.png")
+    (tmp_path / "metadata.csv").write_bytes("\ufefffile_name,text\ncard.png,a red card\n".encode())
+    (sample,) = prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a")).samples
+    assert sample.caption == "a red card"
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ('{"file_name": "card.png", "text": "caf\xe9"}\n'.encode("latin-1"), r"metadata.jsonl in .*: not UTF-8 text"),
+        (b'{"file_name": "card.png", "text": "fine"}\n{"file_name": \n', r"metadata.jsonl in .*, line 2: not JSON"),
+    ],
+)
+def test_a_broken_metadata_file_is_named(tmp_path, workspace, content, error):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "card.png")
+    (tmp_path / "metadata.jsonl").write_bytes(content)
+    with pytest.raises(DatasetError, match=error):
+        prepare_dataset(make_spec("sd15", Path("unused"), tmp_path), RunPaths(workspace, "a"))
