@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
 from infra import pricing
 from training import memory
 from contract.spec import RunLimits, TrainSpec
+from contract.spec import _Schema as SpecSchema
 from training.version import __version__
 
 NAMESPACE = "lorastack"
@@ -26,10 +26,8 @@ _SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class _Schema(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
-    )
+class _Schema(SpecSchema):
+    """The stack's sections follow the spec's rules: camelCase, unknown keys refused, no booleans for numbers."""
 
 
 class ImageConfig(_Schema):

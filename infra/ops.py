@@ -28,7 +28,7 @@ import requests
 
 from contract.naming import pod_name, run_id
 from infra.config import StackConfig
-from infra.credentials import SECRETS
+from infra.credentials import SECRETS, use_stack_credentials
 from infra.stack_files import STACKS_DIR, StackError, load_stack
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 from contract.spec import ENV_WORKSPACE
@@ -119,9 +119,8 @@ def runpod_client(timeout: float = 30.0, environ: dict[str, str] | None = None) 
     key = environ.get(SECRETS["runpodApiKey"])
     if not key:
         raise OpsError(
-            "RUNPOD_API_KEY is not set: export RUNPOD_API_KEY=<key> (RunPod console > Settings > API Keys) for "
-            "make status/logs/fetch; `pulumi config set --secret runpodApiKey` covers only pulumi commands "
-            "(make preview/train/destroy)"
+            "RUNPOD_API_KEY is not set: export RUNPOD_API_KEY=<key> (RunPod console > Settings > API Keys), or "
+            "`pulumi config set --secret runpodApiKey <key> --stack <stack>` with the Pulumi CLI logged in"
         )
     return RunpodClient(key, timeout=timeout)
 
@@ -412,6 +411,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     if not args.stack:
         print(f"name a stack: make {args.command} STACK=sdxl-4090 (files in stacks/)", file=sys.stderr)
         return 2
+    use_stack_credentials(args.command, [args.stack])  # the stack's secret config, else the environment
     try:
         config = load_stack(args.stack)
     except StackError as error:

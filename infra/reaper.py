@@ -27,7 +27,7 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from infra.credentials import SECRETS
+from infra.credentials import SECRETS, use_stack_credentials
 from infra.stack_files import STACKS_DIR
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 from contract.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the decisions, terminate nothing")
     args = parser.parse_args(argv)
     out = out or sys.stdout
+    use_stack_credentials("reap", sorted(stacks_with_files()))  # a stack's secret config, else the environment
     api_key = os.environ.get(SECRETS["runpodApiKey"])
     if not api_key:
         print("RUNPOD_API_KEY is not set: export it (RunPod console > Settings > API Keys)", file=sys.stderr)

@@ -233,8 +233,9 @@ class Reporter:
 
 
 def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[str, str]):
-    """A W&B run when the spec names a project: online with WANDB_API_KEY, else offline on the volume
-    (`wandb sync runs/<id>/wandb/offline-run-*` uploads it later). None when no project is set."""
+    """A W&B run when the spec names a project: online with WANDB_API_KEY, else offline on the volume, where wandb
+    writes it under its own `wandb/` folder in `dir`: runs/<id>/wandb/wandb/offline-run-<time>-<id>/, uploaded later
+    by `wandb sync` of that folder (the log says which). None when no project is set."""
     if not spec.wandb_project:
         return None
     import wandb
@@ -242,7 +243,7 @@ def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[
     online = bool(environ.get(ENV_WANDB_API_KEY))
     folder = paths.run / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
+    run = wandb.init(
         project=spec.wandb_project,
         name=run_id,
         id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:64],  # the same id on a restarted pod: one W&B run
@@ -252,3 +253,7 @@ def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[
         config=spec.model_dump(mode="json", by_alias=True),
         settings=wandb.Settings(console="off"),  # keep wandb off stdout: the pod log is ours
     )
+    if not online:  # run.dir is <offline-run folder>/files: the folder `wandb sync` takes is its parent
+        print(f"W&B is offline ({ENV_WANDB_API_KEY} is not set): upload this run later with "
+              f"`wandb sync {Path(run.dir).parent}`", flush=True)
+    return run
