@@ -253,7 +253,12 @@ def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[
         config=spec.model_dump(mode="json", by_alias=True),
         settings=wandb.Settings(console="off"),  # keep wandb off stdout: the pod log is ours
     )
-    if not online:  # run.dir is <offline-run folder>/files: the folder `wandb sync` takes is its parent
+    if not online:
         print(f"W&B is offline ({ENV_WANDB_API_KEY} is not set): upload this run later with "
-              f"`wandb sync {Path(run.dir).parent}`", flush=True)
+              f"`wandb sync {wandb_offline_runs(paths)}`", flush=True)
     return run
+
+
+def wandb_offline_runs(paths: RunPaths) -> str:
+    """Where an offline run lands: wandb writes `wandb/offline-run-<time>-<id>/` inside the `dir` it is given."""
+    return f"{paths.run / 'wandb' / 'wandb'}/offline-run-*"
