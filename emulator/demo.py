@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             # The CLI path (a local file backend) is not wired: it could not be run where this was built.
             print("      (the Pulumi CLI is installed; the demo still drives the program through its offline "
                   "driver over Pulumi's mock runtime)", flush=True)
-        print("[3/4] pulumi up --stack demo (wait: true): volume, pod, training ...", flush=True)
+        print("[3/4] up of stack demo (wait: true), by the offline stand-in for the Pulumi engine: volume, pod, "
+              "training ...", flush=True)
         try:
             outputs, operations = driver.up()
             run = outputs.get("run") or {}
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  resources   {dict(operations.counts)}", flush=True)
         finally:
             _save_pod_logs(api, workdir / "pod-logs.txt")
-            print("[4/4] pulumi destroy --stack demo ...", flush=True)
+            print("[4/4] destroy of stack demo (offline stand-in, no Pulumi CLI) ...", flush=True)
             destroyed = driver.destroy()
             runtime.shutdown()
         left = {"pods": list(api.pods), "volumes": list(api.volumes), "billing": runtime.billing_pods()}

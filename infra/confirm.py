@@ -101,7 +101,8 @@ def render(steps: list[Step]) -> str:
         if step.op not in CHANGING_OPS:
             continue
         why = f"  [{', '.join(step.reasons)}]" if step.reasons and step.op in ("update", "replace") else ""
-        kept = "  (retained: forgotten, not deleted)" if step.op == "delete" and (step.retained or step.kept_by_provider) else ""
+        forgotten = step.op == "delete" and (step.retained or step.kept_by_provider)
+        kept = "  (retained: forgotten, not deleted)" if forgotten else ""
         lines.append(f"  {SYMBOLS.get(step.op, '?'):<2} {step.op:<8} {step.type} {step.name}{why}{kept}")
     return "\n".join(lines)
 
@@ -145,8 +146,9 @@ def run(action: str, stack: str, assume_yes: bool, environ: Mapping[str, str], s
     if assume_yes:
         print(f"going ahead without asking ({'YES=1' if not _ci(environ) else 'CI=true'})", file=out)
     elif not stdin.isatty():
-        print(f"no terminal to ask on: nothing was changed; run again with YES=1 (make {'train' if action == 'up' else 'destroy'} "
-              f"STACK={stack} YES=1) to go ahead without the question", file=out)
+        target = "train" if action == "up" else "destroy"
+        print(f"no terminal to ask on: nothing was changed; run again with YES=1 (make {target} STACK={stack} YES=1) "
+              "to go ahead without the question", file=out)
         return 2
     elif not ask(f"Do you want to perform this {verb}? [y/N] ", stdin, out):
         print("nothing was changed", file=out)

@@ -101,7 +101,8 @@ def read_stack_document(path: Path) -> dict[str, object]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise StackError([f"{shown}: not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); save it as UTF-8"]) from None
+        byte = f"0x{data[error.start]:02x}"
+        raise StackError([f"{shown}: not UTF-8 text (byte {byte} on line {line}); save it as UTF-8"]) from None
     try:
         document = yaml.load(text, Loader=_StackYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as error:
@@ -119,7 +120,8 @@ def read_stack_document(path: Path) -> dict[str, object]:
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise StackError([f"{shown}: config: must be a mapping of `{NAMESPACE}:<key>: value` entries, not a {_kind(config)}"])
+        raise StackError([f"{shown}: config: must be a mapping of `{NAMESPACE}:<key>: value` entries, "
+                          f"not a {_kind(config)}"])
     return config
 
 
@@ -139,7 +141,8 @@ def _display(path: Path) -> str:
 
 
 def _kind(value: object) -> str:
-    return {list: "list", str: "text", int: "number", float: "number", bool: "boolean"}.get(type(value), type(value).__name__)
+    names = {list: "list", str: "text", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type(value).__name__)
 
 
 # --- validating -------------------------------------------------------------------------------------------------
@@ -306,7 +309,8 @@ def _lines(error: ValidationError, source: str, prefix: str, model: type[BaseMod
             *parents, unknown = [str(part) for part in item["loc"]]
             level = _model_at(model, parents)
             if level is not None:
-                lines[index] = lines[index].replace("unknown key (check its spelling)", "unknown key; " + _suggest(unknown, _aliases(level)))
+                suggestion = "unknown key; " + _suggest(unknown, _aliases(level))
+                lines[index] = lines[index].replace("unknown key (check its spelling)", suggestion)
     return [line.replace(f"{NAMESPACE}:.", f"{NAMESPACE}:") for line in lines]
 
 

@@ -108,7 +108,8 @@ BOMB = "\n".join(
 MALFORMED = {
     "list": ("- lorastack:provider: runpod\n", "must be a mapping with a `config:` key, not a list"),
     "config-list": ("config:\n  - lorastack:provider\n", "config: must be a mapping"),
-    "latin1": ("config:\n  lorastack:train: {triggerWord: caf\xe9}\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 2)"),
+    "latin1": ("config:\n  lorastack:train: {triggerWord: caf\xe9}\n".encode("latin-1"),
+               "not UTF-8 text (byte 0xe9 on line 2)"),
     "deep": ("config:\n  x: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
     "bomb": (BOMB, "YAML aliases (*a0) are not allowed"),
     "duplicate": (SDXL_TEXT + "  lorastack:provider: replicate\n", "duplicate key 'lorastack:provider' (first at line"),
