@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNPOD_PRICES_SOURCE = "RunPod public pricing (runpod.io/pricing), list $/GPU/hour, copied 2026-11-24"
-REPLICATE_PRICES_SOURCE = "Replicate public pricing (replicate.com/pricing), $/second, undated copy (shared/reference)"
+REPLICATE_PRICES_SOURCE = "Replicate public pricing (replicate.com/pricing), $/second, undated copy"
 VOLUME_USD_PER_GB_MONTH = 0.07
 
 
