@@ -26,13 +26,10 @@ SECRETS = {
     "hfToken": "HF_TOKEN",
     "wandbApiKey": "WANDB_API_KEY",
 }
-# The secrets each command outside Pulumi needs (fetch: the Hub token for a private hfRepo).
-COMMAND_SECRETS = {
-    "status": ("runpodApiKey",),
-    "logs": ("runpodApiKey",),
-    "fetch": ("runpodApiKey", "hfToken"),
-    "reap": ("runpodApiKey",),
-}
+# The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
+COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
+                   "reap": ("runpodApiKey",)}
+COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",)}
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are
@@ -103,9 +100,10 @@ def use_stack_credentials(command: str, stacks: Iterable[str], environ: MutableM
     environ = os.environ if environ is None else environ
     report = report or sys.stderr
     stacks = list(stacks)
-    for name in COMMAND_SECRETS[command]:
+    for name in COMMAND_SECRETS[command] + COMMAND_OPTIONAL_SECRETS.get(command, ()):
         found = find_credential(name, stacks, environ, run)
-        print(f"{name}: {found.source}", file=report, flush=True)
+        if found.value or name in COMMAND_SECRETS[command]:  # an optional one is named only when used
+            print(f"{name}: {found.source}", file=report, flush=True)
         if found.value:
             environ[SECRETS[name]] = found.value
 

@@ -116,3 +116,16 @@ def test_make_reap_tries_the_stacks_that_hold_the_key(stacks_dir, tmp_path, monk
         assert reaper.main(["--dry-run"], out=out) == 0
     assert out.getvalue().strip() == "no lorastack pods"
     assert "runpodApiKey: the sdxl-4090 stack's secret config" in capsys.readouterr().err
+
+
+def test_fetch_names_the_hub_token_only_when_it_has_one(stacks_dir, environ, tmp_path):
+    environ[credentials.PULUMI_ENV] = str(tmp_path / "no-such-pulumi")
+    environ["RUNPOD_API_KEY"] = "rp-env"
+    report = io.StringIO()
+    credentials.use_stack_credentials("fetch", ["plain"], environ, report)
+    assert report.getvalue() == "runpodApiKey: the environment ($RUNPOD_API_KEY)\n"
+    environ["HF_TOKEN"] = "hf_env_token"
+    report = io.StringIO()
+    credentials.use_stack_credentials("fetch", ["plain"], environ, report)
+    assert report.getvalue().splitlines()[1] == "hfToken: the environment ($HF_TOKEN)"
+    assert "hf_env_token" not in report.getvalue()
