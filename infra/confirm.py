@@ -27,21 +27,20 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 CHANGING_OPS = ("create", "update", "replace", "delete", "create-replacement", "delete-replaced", "import")
 SYMBOLS = {"create": "+", "update": "~", "replace": "+-", "delete": "-", "create-replacement": "++",
            "delete-replaced": "--", "import": "="}
+# pulumi.dynamic.Resource types its subclasses `pulumi-python:dynamic/<module>:<name>` (infra/runpod_backend)
+POD_TYPE = "pulumi-python:dynamic/runpod:Pod"
+VOLUME_TYPE = "pulumi-python:dynamic/runpod:NetworkVolume"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Pulumi colours diagnostics even with --color never
 
 
 @dataclass(frozen=True)
 class Step:
     op: str
-    type: str  # pulumi-python:runpod:Pod, lorastack:runpod:Training, ...
+    type: str  # pulumi-python:dynamic/runpod:Pod, lorastack:runpod:Training, ...
     name: str
     reasons: tuple[str, ...] = ()  # the keys that cause it (replaceReasons, else diffReasons)
     retained: bool = False  # retain_on_delete: a delete that forgets the resource and leaves it in the cloud
     kept_by_provider: bool = False  # keepOnDestroy: true, recorded in the resource's inputs
-
-    @property
-    def kind(self) -> str:
-        return self.type.rsplit(":", 1)[-1]
 
 
 def parse_steps(output: str) -> list[Step]:
@@ -85,11 +84,11 @@ def warnings(steps: list[Step]) -> list[str]:
     found = []
     for step in steps:
         why = f" ({', '.join(step.reasons)} changed)" if step.reasons else ""
-        if step.kind == "Pod" and step.op in ("replace", "delete-replaced"):
+        if step.type == POD_TYPE and step.op in ("replace", "delete-replaced"):
             found.append(f"the pod {step.name} will be REPLACED{why}: the running pod is deleted first and its "
                          "training stops; the new pod resumes from the newest checkpoint on the volume")
         volume_goes = step.op in ("replace", "delete", "delete-replaced") and not (step.retained or step.kept_by_provider)
-        if step.kind == "NetworkVolume" and volume_goes:
+        if step.type == VOLUME_TYPE and volume_goes:
             found.append(f"the network volume {step.name} will be DELETED{why}: its checkpoints, datasets and model "
                          "cache go with it (keepOnDestroy: true keeps a volume)")
     return found

@@ -32,8 +32,8 @@ def urn(type_: str, name: str) -> str:
     return f"urn:pulumi:{STACK}::lorastack::lorastack:runpod:Training${type_}::{name}"
 
 
-POD = urn("pulumi-python:runpod:Pod", "lorastack-sdxl-4090")
-VOLUME = urn("pulumi-python:runpod:NetworkVolume", "lorastack-sdxl-4090-volume")
+POD = urn("pulumi-python:dynamic/runpod:Pod", "lorastack-sdxl-4090")
+VOLUME = urn("pulumi-python:dynamic/runpod:NetworkVolume", "lorastack-sdxl-4090-volume")
 STACK_URN = f"urn:pulumi:{STACK}::lorastack::pulumi:pulumi:Stack::lorastack-{STACK}"
 
 
@@ -102,7 +102,7 @@ def test_make_train_shows_the_change_and_changes_nothing_without_an_answer(tmp_p
     pulumi, calls = fake_pulumi(tmp_path, json.dumps(REPLACE_POD_PREVIEW))
     done = make("train", f"STACK={STACK}", f"PULUMI={pulumi}")
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "+- replace  pulumi-python:runpod:Pod lorastack-sdxl-4090  [gpuTypeId]" in done.stdout
+    assert "+- replace  pulumi-python:dynamic/runpod:Pod lorastack-sdxl-4090  [gpuTypeId]" in done.stdout
     assert "WARNING: the pod lorastack-sdxl-4090 will be REPLACED (gpuTypeId changed)" in done.stdout
     assert "no terminal to ask on: nothing was changed" in done.stdout and "YES=1" in done.stdout
     assert [call["args"][0] for call in calls_of(calls)] == ["preview"]
@@ -133,7 +133,7 @@ def test_make_destroy_calls_out_the_volume_and_its_checkpoints(tmp_path):
 
 def test_a_kept_volume_is_no_warning(tmp_path):
     steps = confirm.parse_steps(destroy_events(keep_volume=True))
-    assert [(step.kind, step.op) for step in steps] == [("Pod", "delete"), ("NetworkVolume", "delete")]
+    assert [(step.type, step.op) for step in steps] == [(confirm.POD_TYPE, "delete"), (confirm.VOLUME_TYPE, "delete")]
     assert confirm.warnings(steps) == []
     assert "(retained: forgotten, not deleted)" in confirm.render(steps)
 
@@ -202,3 +202,11 @@ def test_help_loads_no_deep_learning_or_pulumi_package(module):
     *usage, loaded = done.stdout.strip().splitlines()
     assert any(line.startswith("usage:") for line in usage)
     assert json.loads(loaded) == []
+
+
+def test_the_warned_types_are_the_ones_our_resources_have():
+    from infra.runpod_backend.pod import Pod
+    from infra.runpod_backend.volume import NetworkVolume
+
+    assert f"pulumi-python:{Pod._resource_type_name}" == confirm.POD_TYPE
+    assert f"pulumi-python:{NetworkVolume._resource_type_name}" == confirm.VOLUME_TYPE
