@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK ?=
 PULUMI ?= pulumi
-export PULUMI_CONFIG_PASSPHRASE ?=
+export PULUMI  # infra.confirm and infra.credentials run this CLI
+# Where torch comes from: PyPI's default build (CUDA on Linux x86_64), or e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# PULUMI_CONFIG_PASSPHRASE / PULUMI_CONFIG_PASSPHRASE_FILE are left to your shell: Pulumi takes a variable that is
+# set but empty as the passphrase itself, so this file never sets one.
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test check demo emulator cost preview train status logs fetch destroy reap image bench train-local cog-push
@@ -15,8 +19,8 @@ help: ## list the targets
 setup: ## create .venv with the pinned dependencies and the project itself (editable)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on dev machines (an unpinned torch pulls gigabytes of CUDA)
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned; TORCH_INDEX picks the build (PyTorch's CPU index skips gigabytes of CUDA libraries)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[infra,train,dev]'
 
 test: ## run the offline test suite (no cloud, no GPU)
@@ -31,12 +35,16 @@ demo: ## the whole flow offline: emulator, stack up, pod trains a tiny model, de
 emulator: ## a local RunPod-compatible API on :8100 (point RUNPOD_API_BASE_URL at it)
 	$(PY) -m emulator.runpod --port 8100
 
-cost: ## price of a run: STACK=name
+cost: ## price of a run: STACK=name, or every stack in stacks/
 	$(PY) -m infra.cost $(STACK)
 
+define need_stack
+	@test -n "$(STACK)" || { echo "name a stack: make $@ STACK=sdxl-4090 (files in stacks/)" >&2; exit 2; }
+endef
+
 define need_pulumi
-	@command -v $(PULUMI) >/dev/null || { echo "the Pulumi CLI is needed: curl -fsSL https://get.pulumi.com | sh (https://www.pulumi.com/docs/install/)"; exit 2; }
-	@test -n "$(STACK)" || { echo "name a stack: make $@ STACK=sdxl-4090 (files in stacks/)"; exit 2; }
+	$(need_stack)
+	@command -v $(PULUMI) >/dev/null || { echo "the Pulumi CLI is needed: curl -fsSL https://get.pulumi.com | sh (https://www.pulumi.com/docs/install/)" >&2; exit 2; }
 endef
 
 preview: ## pulumi preview for STACK=name
@@ -44,22 +52,25 @@ preview: ## pulumi preview for STACK=name
 	$(PY) -m infra.check $(STACK)
 	$(PULUMI) preview --stack $(STACK) --diff
 
-train: ## pulumi up for STACK=name: volume, pod, training
+train: ## pulumi up for STACK=name: shows the change, asks (YES=1 or CI=true: no question), then volume, pod, training
 	$(need_pulumi)
 	$(PY) -m infra.check $(STACK)
-	$(PULUMI) up --stack $(STACK) --yes
+	$(PY) -m infra.confirm up $(STACK) $(if $(filter 1 y yes true,$(YES)),--yes)
 
-destroy: ## pulumi destroy for STACK=name (the volume is kept unless the stack says otherwise)
+destroy: ## pulumi destroy for STACK=name, after showing what goes and asking (YES=1 skips the question)
 	$(need_pulumi)
-	$(PULUMI) destroy --stack $(STACK) --yes
+	$(PY) -m infra.confirm destroy $(STACK) $(if $(filter 1 y yes true,$(YES)),--yes)
 
 status: ## pod state, step, ETA and cost so far: STACK=name
+	$(need_stack)
 	$(PY) -m infra.ops status $(STACK)
 
 logs: ## follow the pod's logs: STACK=name
+	$(need_stack)
 	$(PY) -m infra.ops logs $(STACK)
 
 fetch: ## download the trained LoRA to outputs/STACK/: STACK=name
+	$(need_stack)
 	$(PY) -m infra.ops fetch $(STACK)
 
 reap: ## terminate lorastack pods past their limits or without a live stack (ARGS=--dry-run to list only)
@@ -71,8 +82,9 @@ image: ## build and push the trainer image: VERSION=x.y.z (default: training/ver
 bench: ## time the real training step (tiny models on CPU; full size on a GPU)
 	$(PY) -m bench
 
-train-local: ## train on this machine: DATA=folder FAMILY=sd15 MODEL=hf-id-or-path [STEPS=..]
-	$(PY) -m training.local --data "$(DATA)" --family "$(FAMILY)" --model "$(MODEL)" $(if $(STEPS),--steps $(STEPS))
+train-local: ## train on this machine: DATA=folder FAMILY=sd15 MODEL=hf-id-or-path [STEPS=..] [OUT=outputs/local]
+	@test -n "$(DATA)" -a -n "$(FAMILY)" -a -n "$(MODEL)" || { echo "usage: make train-local DATA=folder FAMILY=sd15|sdxl|flux MODEL=hf-id-or-path [STEPS=500] [OUT=outputs/local]" >&2; exit 2; }
+	$(PY) -m training.local --data "$(DATA)" --family "$(FAMILY)" --model "$(MODEL)" $(if $(STEPS),--steps $(STEPS)) $(if $(OUT),--out "$(OUT)")
 
 cog-push: ## push our trainer to Replicate as REPLICATE_MODEL=owner/name (needs the cog CLI, not on PyPI)
 	@command -v cog >/dev/null || { echo "the cog CLI is needed: sudo curl -o /usr/local/bin/cog -L https://github.com/replicate/cog/releases/latest/download/cog_$$(uname -s)_$$(uname -m) && sudo chmod +x /usr/local/bin/cog"; exit 2; }

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 Family = Literal["sdxl", "sd15", "flux"]
@@ -32,11 +32,24 @@ WORKSPACE_MOUNT = "/workspace"
 
 
 class _Schema(BaseModel):
-    """camelCase aliases, unknown keys refused (a typo in a stack file must not be silently ignored)."""
+    """camelCase aliases, unknown keys refused (a typo in a stack file must not be silently ignored), and no
+    booleans where numbers go (pydantic would read `steps: true` as 1)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return value
+
+
+def _is_number(annotation: object) -> bool:
+    """int, float, or either with None."""
+    return annotation in (int, float) or any(arg in (int, float) for arg in get_args(annotation))
 
 
 class DatasetSpec(_Schema):

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  resources   {dict(operations.counts)}", flush=True)
         finally:
             _save_pod_logs(api, workdir / "pod-logs.txt")
-            print("[4/4] pulumi destroy --stack demo ...", flush=True)
+            print("[4/4] destroy of stack demo (offline stand-in, no Pulumi CLI) ...", flush=True)
             destroyed = driver.destroy()
             runtime.shutdown()
         left = {"pods": list(api.pods), "volumes": list(api.volumes), "billing": runtime.billing_pods()}

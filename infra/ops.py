@@ -18,6 +18,7 @@ from typing import TextIO
 from infra import paths
 from infra.backends import OpsError, Report
 from infra.config import StackConfig
+from infra.credentials import use_stack_credentials
 from infra.hub import fetch_from_hub
 from infra.stack_files import StackError, load_stack
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     if not args.stack:
         print(f"name a stack: make {args.command} STACK=sdxl-4090 (files in stacks/)", file=sys.stderr)
         return 2
+    use_stack_credentials(args.command, [args.stack])  # the stack's secret config, else the environment
     try:
         config = load_stack(args.stack)
     except StackError as error:

@@ -20,6 +20,7 @@ from typing import TextIO
 
 from infra import backends
 from infra.backends import OpsError, ReapDecision
+from infra.credentials import use_stack_credentials
 from infra.paths import STACKS_DIR
 from infra.table import render_table
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     out = out or sys.stdout
     live = {name.strip() for name in args.stacks.split(",") if name.strip()} if args.stacks is not None else stacks_with_files()
+    use_stack_credentials("reap", sorted(stacks_with_files()))  # a stack's secret config, else the environment
     try:
         decisions = reap(live, os.environ, dry_run=args.dry_run, grace_minutes=args.grace_minutes)
     except OpsError as error:

@@ -27,7 +27,10 @@ def edited(**changes: object) -> dict:
         top, *rest = path.split(".")
         key = f"lorastack:{top}"
         if not rest:
-            config[key] = value
+            if value is None:
+                config.pop(key)
+            else:
+                config[key] = value
             continue
         node = config[key]
         for part in rest[:-1]:
@@ -93,11 +96,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("changes", "key", "allowed"), BAD_INPUTS, ids=[str(c) for c, _, _ in BAD_INPUTS])
 def test_bad_input_names_file_key_and_rule(changes, key, allowed):
-    if changes.get("limits", 0) is None:
-        config = copy.deepcopy(SDXL)
-        del config["lorastack:limits"]
-    else:
-        config = edited(**changes)
+    config = edited(**changes)
     lines = problems(config)
     assert any(line.startswith(f"{SOURCE}: {key}") and allowed in line for line in lines), lines
 
@@ -135,7 +134,7 @@ def test_replicate_idle_deployment_needs_a_budget():
         "owner": "me", "model": "lora", "hardware": "gpu-h100",
         "deployment": {"hardware": "gpu-l40s", "minInstances": 1, "maxInstances": 2},
     }
-    config = edited(provider="replicate", replicate=replicate, **{"train.family": "flux"})
+    config = edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"})
     lines = problems(config)
     assert any("minInstances = 1 keeps gpu-l40s running" in line and "monthlyBudgetUsd" in line for line in lines), lines
 
@@ -200,7 +199,7 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
         replicate = {"owner": "me", "model": "lora", "hardware": "gpu-h100", "monthlyBudgetUsd": 100000,
                      "deployment": {"hardware": "gpu-t4", **counts}}
         try:
-            parse_stack(edited(provider="replicate", replicate=replicate, **{"train.family": "flux"}), SOURCE)
+            parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
         except StackError as error:
             return error.problems
         return []
@@ -214,11 +213,11 @@ def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
     from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 
     replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
-    config = parse_stack(edited(provider="replicate", replicate=replicate, **{"train.family": "flux"}), SOURCE)
+    config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
     estimate = config.cost_estimate()
     assert estimate.usd_per_hour == pytest.approx(REPLICATE_HARDWARE_USD_PER_SECOND["gpu-h100"] * 3600)
     cheaper = parse_stack(
-        edited(provider="replicate", replicate=replicate | {"trainingHardware": "gpu-l40s"}, **{"train.family": "flux"}),
+        edited(provider="replicate", runpod=None, replicate=replicate | {"trainingHardware": "gpu-l40s"}, **{"train.family": "flux"}),
         SOURCE,
     ).cost_estimate()
     assert cheaper.seconds_per_step > estimate.seconds_per_step  # an L40S is slower per step than an H100

@@ -13,30 +13,14 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, ImageDraw
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
 
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+# torch, transformers and diffusers load inside the builders: `python -m training.tiny --help` answers at once.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Tokenizer
 
 TEXT_WIDTH = 32  # hidden size of every tiny text encoder
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers: pipelines and training pad to it
@@ -58,6 +42,8 @@ def _byte_alphabet() -> list[str]:
 
 def clip_tokenizer() -> CLIPTokenizer:
     """A character-level CLIP BPE tokenizer (every byte, plain and word-final; no merges): any text encodes."""
+    from transformers import CLIPTokenizer
+
     alphabet = _byte_alphabet()
     tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [char + "</w>" for char in alphabet]
     vocab = {token: index for index, token in enumerate(tokens)}
@@ -66,6 +52,8 @@ def clip_tokenizer() -> CLIPTokenizer:
 
 def t5_tokenizer() -> T5Tokenizer:
     """A character-level Unigram T5 tokenizer: pad, eos, unk, the word-start marker and printable ASCII."""
+    from transformers import T5Tokenizer
+
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
     pieces += [("▁" + chr(code), -2.5) for code in range(ord("a"), ord("z") + 1)]
@@ -73,6 +61,8 @@ def t5_tokenizer() -> T5Tokenizer:
 
 
 def _clip_config(vocab_size: int, **extra) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_WIDTH,
@@ -89,6 +79,8 @@ def _clip_config(vocab_size: int, **extra) -> CLIPTextConfig:
 
 def _vae(**extra) -> AutoencoderKL:
     # Four blocks: the real models' 8x downscale, so latents and buckets have the real shapes, just thin.
+    from diffusers import AutoencoderKL
+
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -103,6 +95,9 @@ def _vae(**extra) -> AutoencoderKL:
 
 
 def _sd15() -> StableDiffusionPipeline:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -135,6 +130,9 @@ def _sd15() -> StableDiffusionPipeline:
 
 
 def _sdxl() -> StableDiffusionXLPipeline:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     tokenizer = clip_tokenizer()
     time_embed_dim = 8
     unet = UNet2DConditionModel(
@@ -173,6 +171,9 @@ def _sdxl() -> StableDiffusionXLPipeline:
 
 
 def _flux() -> FluxPipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     latent_channels = 4
     transformer = FluxTransformer2DModel(
@@ -222,6 +223,8 @@ BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "flux": _flux}
 
 def make_model(family: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny random-weight `family` model to `out` (diffusers layout, model_index.json at the top)."""
+    import torch
+
     torch.manual_seed(seed)
     pipeline = BUILDERS[family]()
     out = Path(out)

@@ -239,8 +239,9 @@ def save_sample_images(paths: RunPaths, step: int, images: list, prompts: list[s
 
 
 def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[str, str]):
-    """A W&B run when the spec names a project: online with WANDB_API_KEY, else offline on the volume
-    (`wandb sync runs/<id>/wandb/offline-run-*` uploads it later). None when no project is set."""
+    """A W&B run when the spec names a project: online with WANDB_API_KEY, else offline on the volume, where wandb
+    writes it under its own `wandb/` folder in `dir`: runs/<id>/wandb/wandb/offline-run-<time>-<id>/, uploaded later
+    by `wandb sync` of that folder (the log says which). None when no project is set."""
     if not spec.wandb_project:
         return None
     import wandb
@@ -248,7 +249,7 @@ def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[
     online = bool(environ.get(ENV_WANDB_API_KEY))
     folder = paths.run / "wandb"
     folder.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
+    run = wandb.init(
         project=spec.wandb_project,
         name=run_id,
         id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:64],  # the same id on a restarted pod: one W&B run
@@ -258,3 +259,12 @@ def start_wandb(spec: TrainSpec, paths: RunPaths, run_id: str, environ: Mapping[
         config=spec.model_dump(mode="json", by_alias=True),
         settings=wandb.Settings(console="off"),  # keep wandb off stdout: the pod log is ours
     )
+    if not online:
+        print(f"W&B is offline ({ENV_WANDB_API_KEY} is not set): upload this run later with "
+              f"`wandb sync {wandb_offline_runs(paths)}`", flush=True)
+    return run
+
+
+def wandb_offline_runs(paths: RunPaths) -> str:
+    """Where an offline run lands: wandb writes `wandb/offline-run-<time>-<id>/` inside the `dir` it is given."""
+    return f"{paths.run / 'wandb' / 'wandb'}/offline-run-*"

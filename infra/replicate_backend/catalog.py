@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-REPLICATE_PRICES_SOURCE = "Replicate public pricing (replicate.com/pricing), $/second, undated copy (shared/reference)"
+REPLICATE_PRICES_SOURCE = "Replicate public pricing (replicate.com/pricing), $/second, undated copy"
 
 # The GPU behind each Replicate SKU, for the seconds-per-step table.
 REPLICATE_SKU_GPU = {
