@@ -17,6 +17,7 @@ import pytest
 from emulator.runpod import RunpodApi
 from emulator.server import serve
 from infra import credentials, ops, reaper, stack_files
+from infra.runpod_backend import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "rp-from-stack-config-7d2e"
@@ -97,7 +98,7 @@ def test_make_status_uses_the_stacks_key_and_never_prints_it(stacks_dir, tmp_pat
         monkeypatch.setenv("RUNPOD_API_BASE_URL", base_url)
         monkeypatch.setenv("RUNPOD_API_KEY", "")  # restored (removed) after the test: status writes it
         monkeypatch.setenv(credentials.PULUMI_ENV, str(fake_pulumi(tmp_path, KEY, tmp_path / "calls")))
-        monkeypatch.setattr(ops, "STATUS_READ_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(runs, "STATUS_READ_TIMEOUT_S", 0.5)
         out = io.StringIO()
         assert ops.main(["status", "sdxl-4090"], out=out) == 0
     err = capsys.readouterr().err
