@@ -18,8 +18,9 @@ from pathlib import Path
 
 from infra.paths import REPO_ROOT
 
-# Changes under these affect every stack: the program, the trainer in the image, the image, the policies.
-SHARED_PREFIXES = ("infra/", "training/", "container/", "policy/")
+# Changes under these affect every stack: the program, what it shares with the trainer (contract, vendor clients),
+# the trainer in the image, the run report, the image, the policies.
+SHARED_PREFIXES = ("infra/", "contract/", "cloudapi/", "training/", "report/", "container/", "policy/")
 # Single files with the same reach: the Pulumi project file and the pinned dependencies.
 SHARED_FILES = ("Pulumi.yaml", "pyproject.toml")
 _STACK_FILE = re.compile(r"^stacks/Pulumi\.([^/]+)\.yaml$")
