@@ -22,6 +22,10 @@ setup: ## create .venv with the pinned dependencies and the project itself (edit
 	# torch first, pinned; TORCH_INDEX picks the build (PyTorch's CPU index skips gigabytes of CUDA libraries)
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[infra,train,dev]'
+	@# headless Chromium for the report's browser test: Debian's package where this is root on Debian, else a note
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "note: no chromium here; tests/test_report.py's browser check will be skipped (apt-get install chromium)"; fi; }
 
 test: ## run the offline test suite (no cloud, no GPU)
 	$(PY) -m pytest
