@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from infra import pricing
-from training import memory
+from contract import memory
 from contract.spec import RunLimits, TrainSpec
 from training.version import __version__
 

@@ -2,8 +2,8 @@
 
 The stack's pod is found by name (`contract.naming.pod_name(stack)`) in the RunPod API's pod list. Progress comes from
 `runs/<run-id>/status.json` when the network volume is mounted here (LORASTACK_WORKSPACE points at it, as
-on a pod or in `make demo`), otherwise from the newest progress line in the pod's log stream, which the
-trainer prints as `step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)`.
+on a pod or in `make demo`), otherwise from the newest progress record in the pod's log stream, the JSON line
+the trainer prints with each progress update (`contract.progress`).
 
 `fetch` downloads the LoRA into outputs/<stack>/: from the Hugging Face Hub when train.hfRepo is set, from
 the volume when it is mounted here, else through RunPod's S3-compatible API for network volumes (boto3,
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +25,7 @@ from typing import TextIO
 import requests
 
 from contract.naming import pod_name, run_id
+from contract.progress import Progress, parse_progress
 from infra.config import StackConfig
 from infra.credentials import SECRETS
 from infra.stack_files import STACKS_DIR, StackError, load_stack
@@ -44,56 +43,13 @@ S3_ACCESS_KEY_ENV = "RUNPOD_S3_ACCESS_KEY"  # RunPod S3 API key: access key (use
 S3_SECRET_KEY_ENV = "RUNPOD_S3_SECRET_KEY"  # and its secret (rps_...)
 S3_ENDPOINT_ENV = "RUNPOD_S3_ENDPOINT_URL"  # overrides https://s3api-<dc>.runpod.io (tests, new data centers)
 
-# `step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)` (training/tracking.py)
-_PROGRESS = re.compile(
-    r"\bstep (?P<step>\d+)/(?P<total>\d+)"
-    r"(?: loss (?P<loss>\S+))?"
-    r"(?: lr \S+)?"
-    r"(?: (?P<per_step>[\d.]+) s/step ETA (?P<eta>\S+))?"
-    r"(?: cost \$(?P<cost>[\d.]+))?"
-)
-# `succeeded: <message> (step 1000/1000, 1h02m, cost $0.60)`: the trainer's last line
-_FINISHED = re.compile(r"^(?P<state>succeeded|failed|limit|stalled|interrupted): .*\(step (?P<step>\d+)/(?P<total>\d+), "
-                       r"\S+, cost \$(?P<cost>[\d.]+)\)$")
-
-
 class OpsError(Exception):
     """A problem a person can act on; printed as one message, exit status 2."""
 
 
-@dataclass
-class Progress:
-    source: str  # where the numbers came from: status.json or the pod log
-    state: str | None = None  # the trainer's state: running, succeeded, failed, limit, stalled, interrupted
-    step: int | None = None
-    total: int | None = None
-    loss: float | None = None
-    seconds_per_step: float | None = None
-    eta: str | None = None
-    cost_usd: float | None = None
-
-
 def parse_progress_line(line: str) -> Progress | None:
-    """The numbers in one trainer log line, or None when it is not a progress or final line."""
-    finished = _FINISHED.match(line.strip())
-    if finished:
-        return Progress("pod log", finished["state"], int(finished["step"]), int(finished["total"]),
-                        cost_usd=float(finished["cost"]))
-    match = _PROGRESS.search(line)
-    if not match:
-        return None
-    return Progress(
-        "pod log", "running", int(match["step"]), int(match["total"]),
-        loss=_float(match["loss"]), seconds_per_step=_float(match["per_step"]), eta=match["eta"],
-        cost_usd=_float(match["cost"]),
-    )
-
-
-def _float(text: str | None) -> float | None:
-    try:
-        return None if text is None else float(text)
-    except ValueError:
-        return None
+    """The trainer's progress record in one pod log line (contract/progress.py), or None for any other line."""
+    return parse_progress(line, source="pod log")
 
 
 def progress_from_status_file(status: dict) -> Progress:

@@ -27,21 +27,22 @@ import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # the key diffusers' loader reads the LoraConfig from
 
+from contract.families import KohyaLabels
 from contract.spec import TrainSpec
-from training.version import __version__
 from contract.workspace import RunPaths, atomic_write_bytes
+from training.families import family_for
+from training.version import __version__
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ENV_HF_TOKEN = "HF_TOKEN"
 
-# kohya prefixes of the text encoders, per family (A1111 and ComfyUI key on these exact names)
-KOHYA_TEXT_ENCODER_PREFIXES = {
-    "sd15": {"text_encoder": "lora_te"},
-    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
-# what kohya's sd-scripts write as ss_base_model_version; webui extensions filter LoRAs by it
-KOHYA_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+def kohya_labels(family: str) -> KohyaLabels:
+    """The family's kohya names (text encoder prefixes, ss_base_model_version, modelspec architecture)."""
+    labels = family_for(family).facts.kohya
+    if labels is None:
+        raise ValueError(f"no kohya layout for family {family!r}")
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,8 +211,8 @@ def lorastack_metadata(spec: TrainSpec, data_hash: str, family: str) -> dict[str
 
 
 def is_sd2_unet(family: str, config) -> bool:
-    """SD 2.x runs through the sd15 path; its UNet attends to OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
-    return family == "sd15" and getattr(config, "cross_attention_dim", None) == 1024
+    """Whether the family labels a LoRA on this UNet as SD 2.x (its base runs through the SD 1.x family)."""
+    return family_for(family).kohya_sd2_base(config)
 
 
 def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str, sd2: bool = False) -> dict[str, str]:
@@ -220,14 +221,15 @@ def kohya_metadata(spec: TrainSpec, data_hash: str, family: str, name: str, sd2:
     `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
     default hides the ones that do not match the loaded checkpoint."""
     now = datetime.now(timezone.utc)
-    architecture = MODELSPEC_ARCHITECTURE[family]
+    labels = kohya_labels(family)
+    architecture = labels.modelspec_architecture
     if sd2:  # kohya: 768-v for the v-prediction 768 models, 512 for the base
         architecture = f"stable-diffusion-v2-{'768-v' if spec.resolution >= 768 else '512'}/lora"
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": _number(spec.lora_alpha),
-        "ss_base_model_version": "sd_v2" if sd2 else KOHYA_BASE_MODEL_VERSION[family],
+        "ss_base_model_version": "sd_v2" if sd2 else labels.base_model_version,
         "ss_sd_model_name": spec.base_model,
         "ss_v2": str(sd2),
         "ss_resolution": f"({spec.resolution}, {spec.resolution})",
@@ -291,14 +293,13 @@ def kohya_state_dict(
     denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None, family: str
 ) -> dict[str, torch.Tensor]:
     """`lora_unet_<ldm name>` / `lora_te*_<name>` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`."""
-    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
-        raise ValueError(f"no kohya layout for family {family!r}")
+    prefixes = kohya_labels(family).text_encoder_prefixes
     block_prefixes = unet_block_prefixes(_unwrap(denoiser).config)
     named: list[tuple[str, LoraModule]] = [
         ("lora_unet_" + ldm_unet_module_name(module.name, block_prefixes), module) for module in lora_modules(denoiser)
     ]
     for component, encoder in (text_encoders or {}).items():
-        prefix = KOHYA_TEXT_ENCODER_PREFIXES[family].get(component)
+        prefix = prefixes.get(component)
         if prefix is None:
             raise ValueError(f"{family} has no text encoder {component!r}")
         name_prefix = checkpoint_name_prefix(encoder)
@@ -315,14 +316,6 @@ def kohya_state_dict(
     return tensors
 
 
-def _lora_loader_class(family: str):
-    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    return {"sd15": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin, "flux": FluxLoraLoaderMixin}[
-        family
-    ]
-
-
 def _peft_config_dict(model: torch.nn.Module) -> dict:
     model = _unwrap(model)
     config = model.peft_config[adapter_name_of(model)].to_dict()
@@ -336,19 +329,17 @@ def write_diffusers_file(
     folder: Path,
     metadata: dict[str, str],
 ) -> Path:
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    loader = _lora_loader_class(family)
+    model_family = family_for(family)
+    loader = model_family.lora_loader
 
     def layers(model: torch.nn.Module, name_prefix: str = "") -> dict[str, torch.Tensor]:
         model = _unwrap(model)
         state = get_peft_model_state_dict(model, adapter_name=adapter_name_of(model))
-        state = {f"{name_prefix}{key}": value for key, value in state.items()}
-        # diffusers' SD/SDXL examples save in diffusers naming (lora.down/up), the FLUX one keeps peft's
-        return state if family == "flux" else convert_state_dict_to_diffusers(state)
+        return model_family.diffusers_lora_layers({f"{name_prefix}{key}": value for key, value in state.items()})
 
-    denoiser_component = "transformer" if family == "flux" else "unet"
+    denoiser_component = model_family.denoiser_name
     arguments: dict[str, object] = {f"{denoiser_component}_lora_layers": layers(denoiser)}
     adapter_configs = {denoiser_component: _peft_config_dict(denoiser)}
     for component, encoder in (text_encoders or {}).items():
@@ -455,11 +446,12 @@ def export_lora(
     folder = paths.lora
     folder.mkdir(parents=True, exist_ok=True)
     metadata = lorastack_metadata(spec, data_hash, family)
-    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
+    writes_kohya = family_for(family).facts.kohya is not None
+    if not writes_kohya:
         metadata["lorastack.kohya"] = "not written for this family: use the diffusers-format file"
 
     files: dict[str, Path] = {"diffusers": write_diffusers_file(denoiser, text_encoders, family, folder, metadata)}
-    if family in KOHYA_TEXT_ENCODER_PREFIXES:
+    if writes_kohya:
         target = folder / f"{lora_file_stem(spec, paths)}.safetensors"
         files["kohya"] = write_kohya_file(denoiser, text_encoders, spec, family, target, metadata, data_hash)
     card = folder / "README.md"
