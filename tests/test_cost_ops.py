@@ -314,7 +314,6 @@ def test_logs_follow_the_pod_until_it_stops(runpod):
     def later() -> None:
         time.sleep(0.3)
         api.append_log(pod_id, "succeeded: LoRA exported (step 1500/1500, 28m01s, cost $0.28)")
-    api.append_log(pod_id, progress_record("succeeded", 1500, 1500, cost_usd=0.28))
         api.set_status(pod_id, "EXITED")
 
     threading.Thread(target=later, daemon=True).start()
