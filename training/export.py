@@ -478,7 +478,7 @@ __all__ = [
 
 
 def export_trained(state, environ: dict[str, str] | None = None) -> dict[str, Path]:
-    """export_lora for a finished run (a training.loop.TrainState): its adapters, data hash and spec."""
+    """export_lora for a finished run (a training.state.TrainState): its adapters, data hash and spec."""
     spec, models = state.spec, state.models
     return export_lora(
         models.denoiser,
