@@ -2,6 +2,11 @@
 
 Each family is the module `training.families.<name>` for every name contract/families.py registers,
 imported on first use (tiny.py and the family modules import each other's helpers, never at import time).
+
+Adding a family: its `FamilyFacts` in contract/families.py (the schema accepts the name from then on), the
+module here with `FAMILY = <ModelFamily subclass>()` including its tiny model, and for the full-size
+benchmark its published configs in bench/configs/<name>.json. tests/training/test_families.py trains every
+registered family's tiny model one step through this interface.
 """
 
 from __future__ import annotations
