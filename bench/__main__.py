@@ -20,9 +20,9 @@ import torch
 
 from bench import flops, harness, report
 from bench.models import architecture
+from contract.families import FAMILY_NAMES
 from training import tiny
 
-FAMILIES = ("sdxl", "sd15", "flux")
 TINY_RESOLUTION = 256  # TrainSpec's smallest: the smoke run's steps take milliseconds
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     stacks = [harness.load_bench_stack(name) for name in args.stacks]
 
     if args.per_image_flops:
-        full = {family: architecture(family, "full") for family in FAMILIES}
+        full = {family: architecture(family, "full") for family in FAMILY_NAMES}
         counts = flops.per_image_counts([(stack.name, stack.spec) for stack in stacks], full)
         document = {"method": flops.METHOD, "versions": report.versions(), "counts": counts}
         args.results.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny.make_dataset(images, harness.DATASET_IMAGES)
         setup = harness.Setup(
             device=device,
-            architectures={family: architecture(family, size) for family in FAMILIES},
+            architectures={family: architecture(family, size) for family in FAMILY_NAMES},
             work=Path(work),
             images=images,
             steps=args.steps or (10 if on_gpu else 2),

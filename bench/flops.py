@@ -21,10 +21,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.models import Architecture, in_memory_source
-from training.latents import Batch
-from training.loop import TrainState, compute_loss
-from training.models import load_models
+from contract.families import facts_for
 from contract.spec import TrainSpec
+from training.latents import Batch
+from training.loop import compute_loss
+from training.models import load_models
+from training.state import TrainState
 
 META = torch.device("meta")
 LORA_LEAVES = (".lora_A.default", ".lora_B.default")  # peft's module names for the default adapter
@@ -111,12 +113,6 @@ def count_step_flops(model: Architecture, spec: TrainSpec, batch_size: int) -> S
     )
 
 
-# The figures, TFLOP per image: the frozen model's forward alone, and forward + backward with LoRA.
-QUOTED_TFLOP_PER_IMAGE = {
-    "sdxl": {"forward": 6.76, "total": 14.2},
-    "sd15": {"forward": 0.80, "total": 1.73},
-    "flux": {"forward": 74.4, "total": 164.0},
-}
 METHOD = (
     "training.models.load_models and training.loop.compute_loss on torch.device('meta') with the published "
     "configs, torch.utils.flop_counter, batch 1, no gradient checkpointing, SDPA as two matmuls"
@@ -145,6 +141,6 @@ def per_image_counts(stacks: list[tuple[str, TrainSpec]], architectures: dict[st
                 "rank": spec.rank,
                 "settings": label,
                 "flops": flops.as_json(),
-                "quoted": QUOTED_TFLOP_PER_IMAGE[spec.family] if counted_spec is cached else None,
+                "quoted": facts_for(spec.family).quoted_tflop_per_image if counted_spec is cached else None,
             })
     return counts

@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.flops import count_step_flops
 from bench.models import Architecture, in_memory_source
 from infra.stack_files import load_stack
-from training import memory
+from contract import memory
+from contract.families import facts_for
 from training.loop import build_state, next_micro_batches, train_step
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
@@ -95,7 +96,7 @@ VARIANTS = {variant.name: variant for variant in (BASELINE, *CHECKPOINTING, *OPT
 def applies(variant: Variant, family: str, device: torch.device) -> bool:
     if variant.cuda_only and device.type != "cuda":
         return False
-    return not (variant.unet_only and family == "flux")
+    return not (variant.unet_only and facts_for(family).denoiser != "unet")
 
 
 @dataclass

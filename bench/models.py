@@ -17,27 +17,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from diffusers import ModelMixin
+from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
 
-from training.models import ComponentSource
 from contract.spec import TrainSpec
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxTransformer2DModel,
-    UNet2DConditionModel,
-)
 from training import tiny
+from training.families import family_for
+from training.models import ComponentSource
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Size = Literal["full", "tiny"]
-# The components a model folder of each family holds (what training.models.read_components returns).
-COMPONENTS = {
-    "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-}
+# Character-level tokenizers with the published padded lengths: token ids do not change the step's cost,
+# the sequence length does (77 CLIP tokens, 512 T5 tokens for FLUX.1-dev).
+TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer}
 
 
 @dataclass(frozen=True)
@@ -51,14 +43,14 @@ class Architecture:
 
 def full_size(family: str) -> Architecture:
     raw = json.loads((CONFIG_DIR / f"{family}.json").read_text())
-    return Architecture(family, "full", {name: raw[name] for name in COMPONENTS[family]})
+    return Architecture(family, "full", {name: raw[name] for name in family_for(family).components})
 
 
 def tiny_size(family: str) -> Architecture:
     """The configs of training.tiny's model of this family: the models the trainer's tests train."""
-    pipeline = tiny.BUILDERS[family]()
+    pipeline = family_for(family).tiny_pipeline()
     configs = {}
-    for name in COMPONENTS[family]:
+    for name in family_for(family).components:
         component = getattr(pipeline, name)
         if name.startswith("tokenizer"):
             configs[name] = {"model_max_length": component.model_max_length}
@@ -84,46 +76,30 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _tokenizer(name: str, family: str, config: dict[str, Any]):
-    # Character-level tokenizers with the published padded lengths: token ids do not change the step's
-    # cost, the sequence length does (77 CLIP tokens, 512 T5 tokens for FLUX.1-dev).
-    tokenizer = tiny.t5_tokenizer() if (family, name) == ("flux", "tokenizer_2") else tiny.clip_tokenizer()
-    tokenizer.model_max_length = config["model_max_length"]
-    return tokenizer
-
-
-def _text_encoder(name: str, family: str, config: dict[str, Any]) -> torch.nn.Module:
-    if name == "text_encoder":
-        return CLIPTextModel(CLIPTextConfig(**config))
-    if family == "sdxl":
-        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    return T5EncoderModel(T5Config(**config))
-
-
 def build_components(
     model: Architecture, device: torch.device, weight_dtype: torch.dtype, seed: int = 0
 ) -> dict[str, Any]:
     """Random-weight components on `device`, in the classes and dtypes training.models.read_components uses."""
-    family, configs = model.family, model.configs
+    family, configs = family_for(model.family), model.configs
     torch.manual_seed(seed)
-    # Built outside the dtype context: a scheduler's noise tables must stay fp32.
-    scheduler_class = FlowMatchEulerDiscreteScheduler if family == "flux" else DDPMScheduler
-    components: dict[str, Any] = {"scheduler": scheduler_class.from_config(configs["scheduler"])}
-    # As read_components: SDXL's VAE stays fp32 (it overflows in fp16), every other component is in weight_dtype.
-    vae_dtype = torch.float32 if family == "sdxl" else weight_dtype
+    components: dict[str, Any] = {}
+    for name, component_class in family.components.items():
+        config = configs[name]
+        if name.startswith("tokenizer"):
+            components[name] = TINY_TOKENIZERS[component_class]()
+            components[name].model_max_length = config["model_max_length"]
+        elif not issubclass(component_class, (ModelMixin, PreTrainedModel)):
+            # a scheduler, built outside the dtype context: its noise tables must stay fp32
+            components[name] = component_class.from_config(config)
+    # As read_components: each model in its family's dtype for it (SDXL's VAE stays fp32)
     with torch.device(device):
-        with _default_dtype(vae_dtype):
-            components["vae"] = AutoencoderKL.from_config(configs["vae"])
-        with _default_dtype(weight_dtype):
-            for name in COMPONENTS[family]:
-                if name == "unet":
-                    components[name] = UNet2DConditionModel.from_config(configs[name])
-                elif name == "transformer":
-                    components[name] = FluxTransformer2DModel.from_config(configs[name])
-                elif name.startswith("text_encoder"):
-                    components[name] = _text_encoder(name, family, configs[name])
-                elif name.startswith("tokenizer"):
-                    components[name] = _tokenizer(name, family, configs[name])
+        for name, component_class in family.components.items():
+            dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
+            with _default_dtype(dtype):
+                if issubclass(component_class, ModelMixin):
+                    components[name] = component_class.from_config(configs[name])
+                elif issubclass(component_class, PreTrainedModel):
+                    components[name] = component_class(component_class.config_class(**configs[name]))
     return components
 
 

@@ -16,10 +16,8 @@ from cog import BaseRunner, Input, Path
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
 
+from contract.families import facts_for
 from training.export import DIFFUSERS_WEIGHT_NAME
-
-DEFAULT_STEPS = {"flux": 28, "sdxl": 30, "sd15": 30}
-DEFAULT_GUIDANCE = {"flux": 3.5, "sdxl": 7.0, "sd15": 7.5}
 
 
 def lora_folder(weights: LocalPath) -> LocalPath:
@@ -38,7 +36,11 @@ def lora_folder(weights: LocalPath) -> LocalPath:
 
 def lora_metadata(folder: LocalPath) -> dict[str, str]:
     with safe_open(folder / DIFFUSERS_WEIGHT_NAME, framework="pt") as handle:
-        return handle.metadata() or {}
+        metadata = handle.metadata() or {}
+    missing = [key for key in ("lorastack.family", "lorastack.base_model") if not metadata.get(key)]
+    if missing:
+        raise ValueError(f"{folder / DIFFUSERS_WEIGHT_NAME}: no {' or '.join(missing)} metadata: not a lorastack LoRA")
+    return metadata
 
 
 class Predictor(BaseRunner):
@@ -47,7 +49,8 @@ class Predictor(BaseRunner):
             raise ValueError("this model runs a trained LoRA: use a version made by a training (it brings `weights`)")
         folder = lora_folder(LocalPath(str(weights)))
         metadata = lora_metadata(folder)
-        self.family = metadata.get("lorastack.family", "flux")
+        # steps and guidance when a request leaves them out: the family's, as the trainer's samples use
+        self.sample_defaults = facts_for(metadata["lorastack.family"]).sample
         self.trigger_word = metadata.get("lorastack.trigger_word", "")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -73,8 +76,8 @@ class Predictor(BaseRunner):
             prompt,
             width=width,
             height=height,
-            num_inference_steps=num_inference_steps or DEFAULT_STEPS[self.family],
-            guidance_scale=DEFAULT_GUIDANCE[self.family] if guidance_scale is None else guidance_scale,
+            num_inference_steps=num_inference_steps or self.sample_defaults.steps,
+            guidance_scale=self.sample_defaults.guidance if guidance_scale is None else guidance_scale,
             generator=torch.Generator().manual_seed(seed),
         ).images[0]
         output = LocalPath(tempfile.mkdtemp(prefix="out-")) / "output.png"

@@ -18,6 +18,7 @@ from pathlib import Path as LocalPath
 
 from cog import BaseModel, Input, Path, Secret
 
+from contract.families import FAMILY_NAMES
 from contract.spec import RunLimits, parse_spec
 from contract.workspace import RunPaths
 
@@ -37,7 +38,7 @@ def train(
     learning_rate: float = Input(default=4e-4, ge=1e-7, le=1e-2),
     batch_size: int = Input(default=1, ge=1, le=64),
     resolution: str = Input(default="1024", description="Training size; a comma-separated list trains at the largest"),
-    family: str = Input(default="flux", choices=["flux", "sdxl", "sd15"]),
+    family: str = Input(default="flux", choices=list(FAMILY_NAMES)),
     base_model: str = Input(default="black-forest-labs/FLUX.1-dev", description="Hugging Face id or path of the base"),
     seed: int = Input(default=42, ge=0),
     hf_repo_id: str = Input(default=None, description="Push the LoRA to this Hugging Face repository"),

@@ -15,7 +15,9 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-Family = Literal["sdxl", "sd15", "flux"]
+from contract.families import FAMILY_NAMES, facts_for
+
+Family = Literal[FAMILY_NAMES]  # the names contract/families.py registers, in its order
 Precision = Literal["bf16", "fp16", "fp32"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Toggle = Literal["auto", "on", "off"]
@@ -114,11 +116,11 @@ class TrainSpec(_Schema):
             raise ValueError(f"resolution must be a multiple of 64 (got {self.resolution})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmupSteps ({self.warmup_steps}) must be less than steps ({self.steps})")
-        if self.family == "flux":
-            if self.train_text_encoder:
-                raise ValueError("trainTextEncoder is not supported for flux (transformer LoRA only)")
-            if self.precision == "fp16":
-                raise ValueError("flux trains in bf16 or fp32: its activations overflow fp16")
+        facts = facts_for(self.family)
+        if self.train_text_encoder and not facts.trains_text_encoder:
+            raise ValueError(f"trainTextEncoder is not supported for {facts.name} ({facts.denoiser} LoRA only)")
+        if self.precision == "fp16" and not facts.trains_in_fp16:
+            raise ValueError(f"{facts.name} trains in bf16 or fp32: its activations overflow fp16")
         if self.sample_every is not None and not self.sample_prompts:
             raise ValueError("sampleEvery is set but samplePrompts is empty")
         if self.text_encoder_learning_rate is not None and not self.train_text_encoder:

@@ -14,12 +14,12 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from contract import memory
 from contract.spec import RunLimits, TrainSpec, _Schema
 from infra import backends, pricing
 from infra.backends import Backend, ProviderName
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
-from training import memory
 from training.version import __version__
 
 NAMESPACE = "lorastack"

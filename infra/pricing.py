@@ -11,20 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.families import FAMILIES, facts_for
 from infra.paths import REPO_ROOT
 
-# Seconds per optimisation step at batch 1 (family, GPU id, resolution), bf16, cached latents. Estimates from
-# public LoRA-training reports until `make bench` replaces a row with a measurement (bench/results/*.json).
+# Seconds per optimisation step at batch 1 (family, GPU id, resolution), bf16, cached latents: each family's
+# estimates from contract/families.py until `make bench` replaces a row with a measurement (bench/results/*.json).
 SECONDS_PER_STEP: dict[tuple[str, str, int], float] = {
-    ("sd15", "NVIDIA GeForce RTX 3090", 512): 0.35,
-    ("sd15", "NVIDIA GeForce RTX 4090", 512): 0.22,
-    ("sdxl", "NVIDIA GeForce RTX 4090", 1024): 1.10,
-    ("sdxl", "NVIDIA GeForce RTX 3090", 1024): 1.80,
-    ("sdxl", "NVIDIA L40S", 1024): 1.00,
-    ("sdxl", "NVIDIA H100 80GB HBM3", 1024): 0.45,
-    ("flux", "NVIDIA H100 80GB HBM3", 1024): 1.60,
-    ("flux", "NVIDIA A100-SXM4-80GB", 1024): 3.00,
-    ("flux", "NVIDIA L40S", 1024): 4.20,
+    (facts.name, gpu_id, facts.native_resolution): seconds
+    for facts in FAMILIES.values()
+    for gpu_id, seconds in facts.seconds_per_step.items()
 }
 # Relative speed of GPUs, for combinations the table lacks (RTX 4090 = 1).
 RELATIVE_SPEED = {
@@ -34,7 +29,6 @@ RELATIVE_SPEED = {
     "NVIDIA A100 80GB PCIe": 1.3, "NVIDIA A100-SXM4-80GB": 1.5, "NVIDIA H100 PCIe": 1.9,
     "NVIDIA H100 80GB HBM3": 2.4, "NVIDIA H100 NVL": 2.2, "NVIDIA H200": 2.6,
 }
-REFERENCE_RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 
 
@@ -69,7 +63,7 @@ def seconds_per_step(
     exact = measured.get((family, gpu_id, resolution, batch_size))
     if exact is not None:
         return exact
-    reference = REFERENCE_RESOLUTION[family]
+    reference = facts_for(family).native_resolution
     # measured batch-1 rows take the place of the estimates
     table = {**SECONDS_PER_STEP, **{(f, g, r): s for (f, g, r, b), s in measured.items() if b == 1}}
     known = table.get((family, gpu_id, reference))

@@ -17,6 +17,7 @@ from emulator.server import Fault, JsonApi, serve
 from infra import affected, cost, ops, progress
 from infra import paths as project_paths
 from contract.naming import pod_name, run_id
+from contract.progress import progress_record
 from infra.stack_files import load_stack, parse_stack
 from cloudapi.runpod_rest import RunpodClient
 from infra.runpod_backend import runs
@@ -245,8 +246,10 @@ def _run(*argv: str) -> tuple[int, str]:
 def test_status_reads_the_newest_progress_line_from_the_pod_log(runpod):
     api, client = runpod
     pod_id = _start_pod(client, "sdxl-4090")
-    api.append_log(pod_id, "step 1/1500 loss 0.2000 lr 1.0e-04 cost $0.00 (est. $0.00)")
+    api.append_log(pod_id, progress_record("running", 1, 1500, loss=0.2, lr=1e-4, cost_usd=0.0))
     api.append_log(pod_id, "step 120/1500 loss 0.1234 lr 1.0e-04 1.10 s/step ETA 25m18s cost $0.03 (est. $0.28)")
+    api.append_log(pod_id, progress_record("running", 120, 1500, loss=0.1234, lr=1e-4, seconds_per_step=1.1,
+                                           eta_seconds=1518.0, cost_usd=0.03, estimated_cost_usd=0.28))
     api.append_log(pod_id, "samples at step 120: 2 images in /workspace/runs/x/samples")
     started = time.monotonic()
     code, out = _run("status", "sdxl-4090")
@@ -261,6 +264,7 @@ def test_status_of_a_finished_run_shows_the_trainers_last_word(runpod):
     api, client = runpod
     pod_id = _start_pod(client, "sdxl-4090")
     api.append_log(pod_id, "succeeded: LoRA exported (step 1500/1500, 28m01s, cost $0.28)")
+    api.append_log(pod_id, progress_record("succeeded", 1500, 1500, cost_usd=0.28))
     api.set_status(pod_id, "EXITED")
     code, out = _run("status", "sdxl-4090")
     assert code == 0
@@ -418,9 +422,15 @@ def test_fetch_through_the_s3_api_writes_every_file_under_the_lora_folder(tmp_pa
     assert made[0]["endpoint_url"] == "https://s3api-eu-ro-1.runpod.io" and made[0]["region_name"] == "EU-RO-1"
 
 
-def test_progress_lines_parse_and_other_lines_do_not():
-    parsed = progress.parse_progress_line("step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12 (est. $0.30)")
-    assert (parsed.step, parsed.total, parsed.loss, parsed.seconds_per_step, parsed.eta, parsed.cost_usd) == (
-        120, 1000, 0.1234, 0.85, "12m45s", 0.12)
+def test_progress_records_parse_and_other_lines_do_not():
+    line = progress_record("running", 120, 1000, loss=0.1234, lr=1e-4, seconds_per_step=0.85, eta_seconds=765.0,
+                           cost_usd=0.12, estimated_cost_usd=0.30)
+    parsed = progress.parse_progress_line(line)
+    assert (parsed.state, parsed.step, parsed.total, parsed.loss, parsed.seconds_per_step, parsed.eta,
+            parsed.cost_usd, parsed.source) == ("running", 120, 1000, 0.1234, 0.85, "12m45s", 0.12, "pod log")
+    # the human line beside it, other log lines and other JSON are not progress
+    assert progress.parse_progress_line("step 120/1000 loss 0.1234 lr 1.0e-04 0.85 s/step ETA 12m45s cost $0.12") is None
     assert progress.parse_progress_line("samples at step 500: 2 images in /workspace/runs/x/samples") is None
+    assert progress.parse_progress_line('{"level": "info", "step": 3, "total": 9}') is None
+    assert progress.parse_progress_line(line[:-5]) is None  # a line cut off mid-record
     assert progress.parse_progress_line("Model loaded.") is None

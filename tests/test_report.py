@@ -201,12 +201,18 @@ def local_run(tmp_path_factory):
     """`make train-local` on the tiny SD 1.5 with two sample prompts: stopped after step 1, then run to the end."""
     import torch
 
-    from training import local, loop, tiny
+    from dataclasses import replace
+
+    from contract import families
+    from training import local, tiny
+    from training.families import sd15
 
     torch.set_num_threads(2)
     patch = pytest.MonkeyPatch()
     # 2 denoising steps instead of 30: the same pipeline and saving path, at a fifteenth of the CPU time
-    patch.setitem(loop.SAMPLE_STEPS, "sd15", 2)
+    quick = replace(families.SD15, sample=replace(families.SD15.sample, steps=2))
+    patch.setitem(families.FAMILIES, "sd15", quick)
+    patch.setattr(type(sd15.FAMILY), "facts", quick)
     root = tmp_path_factory.mktemp("local-run")
     model = tiny.make_model("sd15", root / "tiny-sd15")
     tiny.make_dataset(root / "data", 4)

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from contract import history
 from contract.workspace import RunPaths
-
-if TYPE_CHECKING:
-    from training.loop import TrainState
+from training.state import TrainState
 
 _NAME = re.compile(r"^step-(\d+)$")
 TRAINER_FILE = "trainer.json"  # written last: its presence is the sign of a complete checkpoint

@@ -27,24 +27,24 @@ import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY  # the key diffusers' loader reads the LoraConfig from
 
+from contract.families import KohyaLabels
 from contract.spec import TrainSpec
-from training import lora_formats
-from training.version import __version__
 from contract.workspace import RunPaths, atomic_write_bytes
+from training import lora_formats
+from training.families import family_for
+from training.version import __version__
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ENV_HF_TOKEN = "HF_TOKEN"
 
-# kohya prefixes of the text encoders, per family (A1111 and ComfyUI key on these exact names)
-KOHYA_TEXT_ENCODER_PREFIXES = {
-    "sd15": {"text_encoder": "lora_te"},
-    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
-# what kohya's sd-scripts write as ss_base_model_version; webui extensions filter LoRAs by it
-KOHYA_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-# sd-scripts' modelspec.implementation: "diffusers" for SD 1.x/2.x LoRAs, Stability's repository for SDXL ones
-MODELSPEC_IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+def kohya_labels(family: str) -> KohyaLabels:
+    """The family's kohya names (text encoder prefixes, ss_base_model_version, modelspec architecture)."""
+    labels = family_for(family).facts.kohya
+    if labels is None:
+        raise ValueError(f"no kohya layout for family {family!r}")
+    return labels
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def lorastack_metadata(spec: TrainSpec, data_hash: str, family: str) -> dict[str
 
 
 def is_sd2_unet(family: str, config) -> bool:
-    """SD 2.x runs through the sd15 path; its UNet attends to OpenCLIP ViT-H's 1024-wide states (SD 1.x: 768)."""
-    return family == "sd15" and getattr(config, "cross_attention_dim", None) == 1024
+    """Whether the family labels a LoRA on this UNet as SD 2.x (its base runs through the SD 1.x family)."""
+    return family_for(family).kohya_sd2_base(config)
 
 
 def kohya_metadata(
@@ -145,12 +145,13 @@ def kohya_metadata(
     default hides the ones that do not match the loaded checkpoint. `v_prediction`: the base model's scheduler
     predicts v (SD 2.x 768-v); sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
     now = datetime.now(timezone.utc)
-    architecture = MODELSPEC_ARCHITECTURE[family]
-    base_model_version = KOHYA_BASE_MODEL_VERSION[family]
+    labels = kohya_labels(family)
+    architecture = labels.modelspec_architecture
+    base_model_version = labels.base_model_version
     if sd2:
         architecture = f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}/lora"
         base_model_version = "sd_v2"
-    if v_prediction and family != "sdxl":  # sd-scripts' SD 1.x/2.x version string ends in _v for v-prediction
+    if v_prediction and labels.marks_v_prediction:  # sd-scripts: the version string ends in _v for v-prediction
         base_model_version += "_v"
     return {
         "ss_network_module": "networks.lora",
@@ -184,7 +185,7 @@ def kohya_metadata(
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.implementation": labels.modelspec_implementation,
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "modelspec.title": name,
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -222,14 +223,14 @@ def kohya_state_dict(
 ) -> dict[str, torch.Tensor]:
     """`lora_unet_<sd-scripts module name>` / `lora_te*_<name>` with `.lora_down.weight`, `.lora_up.weight` and
     `.alpha`, the UNet named as sd-scripts' UNet of the family names it (`lora_formats.kohya_unet_module_name`)."""
-    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
-        raise ValueError(f"no kohya layout for family {family!r}")
-    unet_module_name = lora_formats.kohya_unet_module_name(family, _unwrap(denoiser).config)
+    labels = kohya_labels(family)
+    prefixes = labels.text_encoder_prefixes
+    unet_module_name = lora_formats.kohya_unet_module_name(labels.unet_block_names, _unwrap(denoiser).config)
     named: list[tuple[str, LoraModule]] = [
         ("lora_unet_" + unet_module_name(module.name), module) for module in lora_modules(denoiser)
     ]
     for component, encoder in (text_encoders or {}).items():
-        prefix = KOHYA_TEXT_ENCODER_PREFIXES[family].get(component)
+        prefix = prefixes.get(component)
         if prefix is None:
             raise ValueError(f"{family} has no text encoder {component!r}")
         name_prefix = checkpoint_name_prefix(encoder)
@@ -244,14 +245,6 @@ def kohya_state_dict(
         tensors[f"{key}.lora_up.weight"] = module.up
         tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
     return tensors
-
-
-def _lora_loader_class(family: str):
-    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    return {"sd15": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin, "flux": FluxLoraLoaderMixin}[
-        family
-    ]
 
 
 def _peft_config_dict(model: torch.nn.Module) -> dict:
@@ -269,8 +262,9 @@ def write_diffusers_file(
 ) -> Path:
     from peft.utils import get_peft_model_state_dict
 
-    loader = _lora_loader_class(family)
-    baked = lora_formats.strength_in_weights(family)  # alpha/rank inside lora_B, the config saying alpha == rank
+    model_family = family_for(family)
+    loader = model_family.lora_loader
+    baked = model_family.facts.lora_strength_in_weights  # alpha/rank inside lora_B, the config saying alpha == rank
 
     def layers(model: torch.nn.Module, name_prefix: str = "") -> dict[str, torch.Tensor]:
         model = _unwrap(model)
@@ -286,7 +280,7 @@ def write_diffusers_file(
         config = _peft_config_dict(model)
         return lora_formats.unit_strength_config(config) if baked else config
 
-    denoiser_component = "transformer" if family == "flux" else "unet"
+    denoiser_component = model_family.denoiser_name
     arguments: dict[str, object] = {f"{denoiser_component}_lora_layers": layers(denoiser)}
     adapter_configs = {denoiser_component: adapter_config(denoiser)}
     for component, encoder in (text_encoders or {}).items():
@@ -418,11 +412,12 @@ def export_lora(
     folder = paths.lora
     folder.mkdir(parents=True, exist_ok=True)
     metadata = lorastack_metadata(spec, data_hash, family)
-    if family not in KOHYA_TEXT_ENCODER_PREFIXES:
+    writes_kohya = family_for(family).facts.kohya is not None
+    if not writes_kohya:
         metadata["lorastack.kohya"] = "not written for this family: use the diffusers-format file"
 
     files: dict[str, Path] = {"diffusers": write_diffusers_file(denoiser, text_encoders, family, folder, metadata)}
-    if family in KOHYA_TEXT_ENCODER_PREFIXES:
+    if writes_kohya:
         target = folder / f"{lora_file_stem(spec, paths)}.safetensors"
         files["kohya"] = write_kohya_file(
             denoiser, text_encoders, spec, family, target, metadata, data_hash, prediction_type
@@ -449,7 +444,7 @@ __all__ = [
 
 
 def export_trained(state, environ: dict[str, str] | None = None) -> dict[str, Path]:
-    """export_lora for a finished run (a training.loop.TrainState): its adapters, data hash and spec."""
+    """export_lora for a finished run (a training.state.TrainState): its adapters, data hash and spec."""
     spec, models = state.spec, state.models
     return export_lora(
         models.denoiser,

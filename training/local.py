@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from contract.families import FAMILY_NAMES, facts_for
 from contract.spec import SpecError, TrainSpec, parse_spec
 from contract.workspace import RunPaths
-
-DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "flux": 1024}
 
 
 def spec_from_args(args: argparse.Namespace) -> TrainSpec:
@@ -27,7 +26,7 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         "baseModel": args.model,
         "dataset": {"source": str(args.data)},
         "steps": args.steps,
-        "resolution": args.resolution or DEFAULT_RESOLUTION[args.family],
+        "resolution": args.resolution or facts_for(args.family).native_resolution,
         "rank": args.rank,
         "learningRate": args.learning_rate,
         "seed": args.seed,
@@ -44,11 +43,11 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.local", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder of images with .txt captions")
-    parser.add_argument("--family", choices=sorted(DEFAULT_RESOLUTION), required=True)
+    parser.add_argument("--family", choices=FAMILY_NAMES, required=True)
     parser.add_argument("--model", required=True, help="Hugging Face model id or a local diffusers folder")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("outputs/local"))
-    parser.add_argument("--resolution", type=int, help="default: 512 for sd15, 1024 otherwise")
+    parser.add_argument("--resolution", type=int, help="default: the family's native resolution")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--trigger-word")

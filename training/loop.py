@@ -1,4 +1,4 @@
-"""The training step and loop: noise, timesteps and loss per family; optimiser, schedule, checkpoints, samples.
+"""The training step and loop: noise, the family's loss; optimiser, schedule, checkpoints, samples.
 
 `train_step(state, micro_batches)` is THE optimisation step (the benchmark imports and times it);
 `train(spec, paths, ...)` is the whole run: prepare data, load the model, cache features, resume from the
@@ -18,57 +18,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from PIL import Image
 
-from diffusers import FluxPipeline
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
-from training import checkpoints
-from training.data import BucketBatchSampler, PreparedDataset, prepare_dataset
-from training.latents import Batch, FeatureCache, build_feature_cache, collate
-from training.models import (
-    ComponentSource,
-    ModelBundle,
-    load_models,
-    mixed_precision_name,
-    read_components,
-    weight_dtype_for,
-)
 from contract import history
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
-
-# train_dreambooth_lora_flux.py's default: FLUX.1-dev is guidance-distilled and trains with this embedding.
-FLUX_TRAINING_GUIDANCE = 3.5
-# Sample images: sampler steps and classifier-free guidance each family is usually run with.
-SAMPLE_STEPS = {"sd15": 30, "sdxl": 30, "flux": 28}
-SAMPLE_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0, "flux": 3.5}
+from training import checkpoints
+from training.data import BucketBatchSampler, prepare_dataset
+from training.families import StepInputs
+from training.latents import Batch, build_feature_cache, collate
+from training.models import ComponentSource, load_models, mixed_precision_name, read_components, weight_dtype_for
+from training.state import TrainState
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, learning rate)
 SamplesCallback = Callable[[int, list[Image.Image], list[str]], None]  # (step, images, prompts)
-
-
-@dataclass
-class TrainState:
-    spec: TrainSpec
-    paths: RunPaths
-    models: ModelBundle
-    dataset: PreparedDataset
-    features: FeatureCache | None  # None when latents are encoded on the fly (cacheLatents: false)
-    sampler: BucketBatchSampler
-    accelerator: Accelerator
-    trained: dict[str, torch.nn.Module]  # the LoRA-carrying modules as accelerate prepared them (DDP-wrapped)
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    noise_generator: torch.Generator  # CPU generator: noise, timesteps; saved in checkpoints for exact resume
-    step: int = 0
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.trained[self.models.denoiser_name]
 
 
 @dataclass
@@ -178,79 +144,11 @@ def _noise(state: TrainState, latents: torch.Tensor) -> torch.Tensor:
     return noise
 
 
-def _ddpm_loss(state: TrainState, batch: Batch, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-    spec, scheduler = state.spec, state.models.noise_scheduler
-    noise = _noise(state, latents)
-    size = latents.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=state.noise_generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"{spec.base_model}: unsupported prediction type {prediction_type!r}")
-
-    conditioning = {}
-    if state.models.family == "sdxl":
-        conditioning["added_cond_kwargs"] = {
-            "text_embeds": text["pooled_prompt_embeds"],
-            "time_ids": batch.time_ids.to(latents.device, dtype=latents.dtype),
-        }
-    prediction = state.denoiser(noisy, timesteps, text["prompt_embeds"], return_dict=False, **conditioning)[0]
-
-    if spec.min_snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    # Min-SNR-gamma (Hang et al., 2023), as diffusers' examples weight it.
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=spec.min_snr_gamma)
-    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
-def _flow_matching_loss(state: TrainState, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rectified-flow loss on packed latents, as train_dreambooth_lora_flux.py (uniform timestep density).
-
-    Min-SNR weighting is a DDPM notion and does not apply here.
-    """
-    models, scheduler = state.models, state.models.noise_scheduler
-    size, channels, height, width = latents.shape
-    noise = _noise(state, latents)
-    indices = (torch.rand((size,), generator=state.noise_generator) * scheduler.config.num_train_timesteps).long()
-    sigmas = scheduler.sigmas[indices].to(latents.device, dtype=latents.dtype).view(size, 1, 1, 1)
-    timesteps = scheduler.timesteps[indices].to(latents.device)
-    noisy = (1.0 - sigmas) * latents + sigmas * noise
-
-    packed = FluxPipeline._pack_latents(noisy, size, channels, height, width)
-    image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, latents.device, latents.dtype)
-    prompt_embeds = text["prompt_embeds"]
-    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
-    guidance = None
-    if models.denoiser.config.guidance_embeds:
-        guidance = torch.full((size,), FLUX_TRAINING_GUIDANCE, device=latents.device, dtype=torch.float32)
-    prediction = state.denoiser(
-        hidden_states=packed,
-        timestep=timesteps / 1000,
-        guidance=guidance,
-        pooled_projections=text["pooled_prompt_embeds"],
-        encoder_hidden_states=prompt_embeds,
-        txt_ids=text_ids,
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
-    scale = models.vae_scale_factor
-    prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
-    return F.mse_loss(prediction.float(), (noise - latents).float())
-
-
 def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
     latents, text = _inputs(state, batch)
-    if state.models.family == "flux":
-        return _flow_matching_loss(state, latents, text)
-    return _ddpm_loss(state, batch, latents, text)
+    noise = _noise(state, latents)
+    inputs = StepInputs(latents, text, noise, batch.time_ids, state.noise_generator)
+    return state.models.family.loss(state.models, state.denoiser, inputs, state.spec)
 
 
 # ------------------------------------------------------------------------------------------------- step
@@ -287,6 +185,7 @@ def generate_samples(state: TrainState) -> list[Image.Image]:
     Uses its own generators, so taking samples does not change the training run's random stream.
     """
     spec, models = state.spec, state.models
+    defaults = models.family.facts.sample
     models.load_encoders()
     pipeline = models.pipeline()
     pipeline.set_progress_bar_config(disable=True)
@@ -295,8 +194,8 @@ def generate_samples(state: TrainState) -> list[Image.Image]:
         for index, prompt in enumerate(spec.sample_prompts):
             generated = pipeline(
                 prompt,
-                num_inference_steps=SAMPLE_STEPS[spec.family],
-                guidance_scale=SAMPLE_GUIDANCE[spec.family],
+                num_inference_steps=defaults.steps,
+                guidance_scale=defaults.guidance,
                 height=spec.resolution,
                 width=spec.resolution,
                 generator=torch.Generator().manual_seed(spec.seed + index),

@@ -41,17 +41,13 @@ if TYPE_CHECKING:
 # kohya UNet module names, per family
 # ---------------------------------------------------------------------------------------------------------
 
-# sd-scripts' UNet per family: "diffusers" block names (SD 1.x/2.x) or the original "ldm" checkpoint's (SDXL)
-KOHYA_UNET_BLOCK_NAMES = {"sd15": "diffusers", "sdxl": "ldm"}
-
-
-def kohya_unet_module_name(family: str, unet_config) -> Callable[[str], str]:
-    """diffusers UNet module path -> the module path sd-scripts' UNet of `family` has (before '.' -> '_')."""
-    naming = KOHYA_UNET_BLOCK_NAMES.get(family)
-    if naming is None:
-        raise ValueError(f"no kohya UNet naming for family {family!r} (known: {sorted(KOHYA_UNET_BLOCK_NAMES)})")
+def kohya_unet_module_name(naming: str, unet_config) -> Callable[[str], str]:
+    """diffusers UNet module path -> the module path sd-scripts' UNet has (before '.' -> '_'), for the family's
+    `KohyaLabels.unet_block_names`: "diffusers" (kept as is) or "ldm" (the original checkpoint's names)."""
     if naming == "diffusers":
         return lambda name: name
+    if naming != "ldm":
+        raise ValueError(f"unknown kohya UNet naming {naming!r} (diffusers or ldm)")
     block_prefixes = unet_block_prefixes(unet_config)
     return lambda name: ldm_unet_module_name(name, block_prefixes)
 
@@ -136,15 +132,6 @@ def ldm_unet_module_name(diffusers_name: str, block_prefixes: dict[str, str]) ->
 # ---------------------------------------------------------------------------------------------------------
 # strength carried in the weights (FLUX)
 # ---------------------------------------------------------------------------------------------------------
-
-# families whose diffusers file carries alpha/rank inside lora_B (see the module docstring: ComfyUI and Forge
-# load FLUX from the diffusers file and read no metadata)
-STRENGTH_IN_WEIGHTS = {"flux"}
-
-
-def strength_in_weights(family: str) -> bool:
-    return family in STRENGTH_IN_WEIGHTS
-
 
 def strength_baked_layers(modules: Iterable[LoraModule]) -> dict[str, torch.Tensor]:
     """peft-named `<module>.lora_A.weight` / `.lora_B.weight` with the module's alpha/rank multiplied into lora_B,

@@ -16,43 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
-
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
-from training import memory
-from contract.spec import TrainSpec
+from peft import LoraConfig
 
-# The attention projections diffusers' LoRA training examples adapt (train_text_to_image_lora*.py).
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# train_dreambooth_lora_flux.py's list: joint-attention projections of both streams and their MLPs.
-FLUX_LORA_TARGETS = [
-    "attn.to_k",
-    "attn.to_q",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-]
-T5_MAX_LENGTH = 512  # FLUX.1-dev's T5 context; tokenizers that declare less (tiny models) use theirs
+from contract import memory
+from contract.spec import TrainSpec
+from training.families import ModelFamily, family_for
 
 
 def weight_dtype_for(spec: TrainSpec, device: torch.device) -> torch.dtype:
@@ -61,8 +31,8 @@ def weight_dtype_for(spec: TrainSpec, device: torch.device) -> torch.dtype:
         return torch.float32
     if spec.precision == "bf16" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    # fp16 asked for, or bf16 on a GPU without it; FLUX overflows fp16, so it falls back to fp32 there
-    return torch.float32 if spec.family == "flux" else torch.float16
+    # fp16 asked for, or bf16 on a GPU without it; a family whose activations overflow fp16 gets fp32
+    return torch.float16 if family_for(spec.family).facts.trains_in_fp16 else torch.float32
 
 
 def mixed_precision_name(dtype: torch.dtype) -> str:
@@ -80,12 +50,12 @@ def wants_gradient_checkpointing(spec: TrainSpec, device: torch.device) -> bool:
 
 @dataclass
 class ModelBundle:
-    family: str
-    denoiser: torch.nn.Module  # UNet2DConditionModel (sd15, sdxl) or FluxTransformer2DModel (flux)
+    family: ModelFamily
+    denoiser: torch.nn.Module  # the UNet or transformer
     vae: AutoencoderKL
     text_encoders: dict[str, torch.nn.Module]  # "text_encoder", "text_encoder_2", as in the pipeline folders
     tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2"
-    noise_scheduler: Any  # DDPMScheduler (sd15, sdxl) or FlowMatchEulerDiscreteScheduler (flux)
+    noise_scheduler: Any  # the family's training scheduler (DDPM, flow matching)
     weight_dtype: torch.dtype
     device: torch.device
     train_text_encoder: bool
@@ -98,7 +68,7 @@ class ModelBundle:
 
     @property
     def denoiser_name(self) -> str:
-        return "transformer" if self.family == "flux" else "unet"
+        return self.family.denoiser_name
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         """The modules carrying LoRA adapters, by their pipeline name."""
@@ -129,20 +99,12 @@ class ModelBundle:
         # Sample on the CPU generator, so the draw does not depend on the device (resume is exact).
         noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32)
         latents = distribution.mean + distribution.std * noise.to(distribution.mean)
-        shift = (self.vae.config.shift_factor or 0.0) if self.family == "flux" else 0.0
+        shift = self.family.latent_shift(self.vae.config)
         return ((latents - shift) * self.vae.config.scaling_factor).to(self.weight_dtype)
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Token ids per tokenizer, padded to the length each text encoder was trained with."""
-        ids = {}
-        for name, tokenizer in self.tokenizers.items():
-            length = tokenizer.model_max_length
-            if self.family == "flux" and name == "tokenizer_2":
-                length = min(length, T5_MAX_LENGTH)
-            ids[name] = tokenizer(
-                captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            ).input_ids
-        return ids
+        return self.family.tokenize(self.tokenizers, captions)
 
     def encode_text(
         self, token_ids: dict[str, torch.Tensor], encoders: dict[str, torch.nn.Module] | None = None
@@ -154,19 +116,8 @@ class ModelBundle:
         """
         encoders = encoders or self.text_encoders
         device = self.text_encoders["text_encoder"].device
-        if self.family == "sd15":
-            hidden = encoders["text_encoder"](token_ids["tokenizer"].to(device))[0]
-            return {"prompt_embeds": hidden.to(self.weight_dtype)}
-        if self.family == "sdxl":
-            first = encoders["text_encoder"](token_ids["tokenizer"].to(device), output_hidden_states=True)
-            second = encoders["text_encoder_2"](token_ids["tokenizer_2"].to(device), output_hidden_states=True)
-            # SDXL conditions on both encoders' penultimate layers and the second one's projected pooled output.
-            hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            pooled = second[0]  # CLIPTextModelWithProjection's text_embeds
-            return {"prompt_embeds": hidden.to(self.weight_dtype), "pooled_prompt_embeds": pooled.to(self.weight_dtype)}
-        pooled = encoders["text_encoder"](token_ids["tokenizer"].to(device)).pooler_output
-        hidden = encoders["text_encoder_2"](token_ids["tokenizer_2"].to(device))[0]
-        return {"prompt_embeds": hidden.to(self.weight_dtype), "pooled_prompt_embeds": pooled.to(self.weight_dtype)}
+        encoded = self.family.encode_text(encoders, token_ids, device)
+        return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
     # ------------------------------------------------------------------------------ device placement
 
@@ -193,71 +144,12 @@ class ModelBundle:
 
     def pipeline(self) -> Any:
         """An inference pipeline over the live modules (LoRA applied), for sample images during training."""
-        if self.family == "flux":
-            return FluxPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoders["text_encoder"],
-                text_encoder_2=self.text_encoders["text_encoder_2"],
-                tokenizer=self.tokenizers["tokenizer"],
-                tokenizer_2=self.tokenizers["tokenizer_2"],
-                transformer=self.denoiser,
-                scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.noise_scheduler.config),
-            )
-        scheduler = EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
-        if self.family == "sdxl":
-            return StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoders["text_encoder"],
-                text_encoder_2=self.text_encoders["text_encoder_2"],
-                tokenizer=self.tokenizers["tokenizer"],
-                tokenizer_2=self.tokenizers["tokenizer_2"],
-                unet=self.denoiser,
-                scheduler=scheduler,
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoders["text_encoder"],
-            tokenizer=self.tokenizers["tokenizer"],
-            unet=self.denoiser,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return self.family.sample_pipeline(self)
 
 
 def read_components(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
-    """Each component read straight into its dtype: FLUX in fp32 would not even fit in the pod's RAM."""
-    source = spec.base_model
-    common = {"revision": spec.revision, "cache_dir": cache_dir}
-    weights = {**common, "torch_dtype": weight_dtype}
-    # SDXL's VAE overflows in fp16; it runs once per image when latents are cached, so fp32 costs little.
-    vae_dtype = torch.float32 if spec.family == "sdxl" else weight_dtype
-    components: dict[str, Any] = {
-        "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **common, torch_dtype=vae_dtype),
-        "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common, dtype=weight_dtype),
-    }
-    if spec.family == "flux":
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", **weights)
-        components["tokenizer_2"] = T5Tokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
-        components["text_encoder_2"] = T5EncoderModel.from_pretrained(
-            source, subfolder="text_encoder_2", **common, dtype=weight_dtype
-        )
-        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            source, subfolder="scheduler", **common
-        )
-        return components
-    components["unet"] = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
-    # Training adds noise with DDPM whatever sampler the model ships with (diffusers' examples do the same);
-    # its config keeps the model's beta schedule and prediction type (epsilon, or v for SD 2.x-v).
-    components["scheduler"] = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
-    if spec.family == "sdxl":
-        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
-        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-            source, subfolder="text_encoder_2", **common, dtype=weight_dtype
-        )
-    return components
+    """The base model's components, each read straight into its dtype, as its family loads them."""
+    return family_for(spec.family).read_components(spec, cache_dir, weight_dtype)
 
 
 ComponentSource = Callable[[TrainSpec, Path | None, torch.dtype], dict[str, Any]]
@@ -271,9 +163,10 @@ def load_models(
     `cache_dir`: where hub downloads go (the volume's HF_HOME/hub in a pod); local paths ignore it.
     `source`: where the components come from; the benchmark builds random-weight ones in memory instead.
     """
+    family = family_for(spec.family)
     weight_dtype = weight_dtype_for(spec, device)
     components = source(spec, cache_dir, weight_dtype)
-    denoiser = components["transformer" if spec.family == "flux" else "unet"]
+    denoiser = components[family.denoiser_name]
     text_encoders = {name: components[name] for name in ("text_encoder", "text_encoder_2") if name in components}
     tokenizers = {name: components[name] for name in ("tokenizer", "tokenizer_2") if name in components}
     vae = components["vae"]
@@ -284,27 +177,20 @@ def load_models(
         module.to(device)
 
     torch.manual_seed(spec.seed)  # the gaussian LoRA init: same seed, same starting adapter
-    targets = FLUX_LORA_TARGETS if spec.family == "flux" else UNET_LORA_TARGETS
     denoiser.add_adapter(
-        LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+        LoraConfig(
+            r=spec.rank, lora_alpha=spec.lora_alpha, init_lora_weights="gaussian", target_modules=family.lora_targets
+        )
     )
     if spec.train_text_encoder:
         for name, encoder in text_encoders.items():
-            layers = {}
-            if spec.family == "sdxl" and name == "text_encoder":
-                # SDXL reads the first encoder's penultimate layer: its last layer never reaches the loss (or an
-                # image), and an adapter there gets no gradient, which DistributedDataParallel refuses.
-                layers = {
-                    "layers_to_transform": list(range(encoder.config.num_hidden_layers - 1)),
-                    "layers_pattern": "layers",
-                }
             encoder.add_adapter(
                 LoraConfig(
                     r=spec.rank,
                     lora_alpha=spec.lora_alpha,
                     init_lora_weights="gaussian",
-                    target_modules=TEXT_ENCODER_LORA_TARGETS,
-                    **layers,
+                    target_modules=family.text_encoder_lora_targets,
+                    **family.text_encoder_lora_options(name, encoder),
                 )
             )
     trained = [denoiser, *(text_encoders.values() if spec.train_text_encoder else [])]
@@ -320,7 +206,7 @@ def load_models(
                 encoder.activation_checkpointing_enable()
 
     return ModelBundle(
-        family=spec.family,
+        family=family,
         denoiser=denoiser,
         vae=vae,
         text_encoders=text_encoders,

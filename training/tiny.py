@@ -2,7 +2,8 @@
 
 Tests, `make demo` and the benchmark's CPU mode train these: same classes and folder layout as the real
 SD 1.5 / SDXL / FLUX.1 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
-small enough that a training step on CPU takes a fraction of a second.
+small enough that a training step on CPU takes a fraction of a second. Each family builds its own
+(`ModelFamily.tiny_pipeline`, training/families/) from the parts here.
 
     python -m training.tiny --family sdxl --out /tmp/tiny-sdxl
 """
@@ -13,13 +14,16 @@ import argparse
 import json
 import random
 from pathlib import Path
+
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
+from contract.families import FAMILY_NAMES
+
 # torch, transformers and diffusers load inside the builders: `python -m training.tiny --help` answers at once.
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTokenizer, T5Tokenizer
 
 TEXT_WIDTH = 32  # hidden size of every tiny text encoder
@@ -60,7 +64,7 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def _clip_config(vocab_size: int, **extra) -> CLIPTextConfig:
+def clip_text_config(vocab_size: int, **extra) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -77,10 +81,10 @@ def _clip_config(vocab_size: int, **extra) -> CLIPTextConfig:
     )
 
 
-def _vae(**extra) -> AutoencoderKL:
-    # Four blocks: the real models' 8x downscale, so latents and buckets have the real shapes, just thin.
+def vae(**extra) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
+    # Four blocks: the real models' 8x downscale, so latents and buckets have the real shapes, just thin.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -94,139 +98,14 @@ def _vae(**extra) -> AutoencoderKL:
     )
 
 
-def _sd15() -> StableDiffusionPipeline:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    tokenizer = clip_tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-    )
-    return StableDiffusionPipeline(
-        vae=_vae(scaling_factor=0.18215),
-        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _sdxl() -> StableDiffusionXLPipeline:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer = clip_tokenizer()
-    time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        transformer_layers_per_block=(1, 2),
-        # six micro-conditioning numbers (original size, crop, target size) plus the pooled text embedding
-        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_WIDTH,
-        cross_attention_dim=2 * TEXT_WIDTH,  # both encoders' hidden states, concatenated
-        norm_num_groups=16,
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-    return StableDiffusionXLPipeline(
-        vae=_vae(scaling_factor=0.13025),
-        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_config(len(tokenizer), projection_dim=TEXT_WIDTH)),
-        tokenizer=tokenizer,
-        tokenizer_2=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-    )
-
-
-def _flux() -> FluxPipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-    latent_channels = 4
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=latent_channels * 4,  # latents are packed in 2x2 patches
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_WIDTH,
-        pooled_projection_dim=TEXT_WIDTH,
-        guidance_embeds=True,  # as FLUX.1-dev
-        axes_dims_rope=(4, 4, 8),
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=TEXT_WIDTH,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    return FluxPipeline(
-        vae=_vae(
-            latent_channels=latent_channels,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-        ),
-        text_encoder=CLIPTextModel(_clip_config(len(tokenizer))),
-        text_encoder_2=t5,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "flux": _flux}
-
-
 def make_model(family: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny random-weight `family` model to `out` (diffusers layout, model_index.json at the top)."""
     import torch
 
+    from training.families import family_for
+
     torch.manual_seed(seed)
-    pipeline = BUILDERS[family]()
+    pipeline = family_for(family).tiny_pipeline()
     out = Path(out)
     pipeline.save_pretrained(out, safe_serialization=True)
     return out
@@ -264,7 +143,7 @@ def make_dataset(directory: Path, n: int, seed: int = 0, caption_extension: str 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
+    parser.add_argument("--family", choices=FAMILY_NAMES, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", type=Path, help="also write a toy dataset to this folder")

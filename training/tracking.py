@@ -1,4 +1,7 @@
-"""Progress of a run: a line in the pod's log, status.json on the volume, and W&B when configured.
+"""Progress of a run: lines in the pod's log, status.json on the volume, and W&B when configured.
+
+Each update prints a line for people and a JSON record for machines (`contract.progress`: its one writer
+and reader; `make status` reads the newest record from the pod's log when the volume is not mounted).
 
 status.json (paths.status) is what `make status` and the reaper read; every write replaces it atomically:
 
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from contract import history
+from contract.progress import format_duration, progress_record
 from contract.spec import RunLimits, TrainSpec
 from contract.workspace import RunPaths, atomic_write_json, read_json
 
@@ -63,15 +67,6 @@ def update_status(paths: RunPaths, fields: dict, environ: Mapping[str, str] | No
     status["updated_at"] = utc_now()
     atomic_write_json(paths.status, status)
     return status
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Reporter:
@@ -165,20 +160,17 @@ class Reporter:
             parts += [f"{per_step:.2f} s/step", f"ETA {format_duration(eta)}"]
         parts.append(f"cost ${cost:.2f} (est. ${estimated:.2f})")
         self._print(" ".join(parts))
+        fields = {
+            "loss": loss,
+            "lr": self._lr,
+            "seconds_per_step": per_step,
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "cost_usd": round(cost, 4),
+            "estimated_cost_usd": round(estimated, 4),
+        }
+        self._print(progress_record("running", self._step, self.total_steps, **fields))
         update_status(
-            self.paths,
-            {
-                "state": "running",
-                "step": self._step,
-                "total": self.total_steps,
-                "loss": loss,
-                "lr": self._lr,
-                "seconds_per_step": per_step,
-                "eta_seconds": None if eta is None else round(eta, 1),
-                "cost_usd": round(cost, 4),
-                "estimated_cost_usd": round(estimated, 4),
-            },
-            self._environ,
+            self.paths, {"state": "running", "step": self._step, "total": self.total_steps, **fields}, self._environ
         )
 
     def samples(self, step: int, images: list, prompts: list[str]) -> list[Path]:
@@ -218,6 +210,7 @@ class Reporter:
             f"{state}: {status['message']} (step {self._step}/{self.total_steps}, "
             f"{format_duration(now - self._started)}, cost ${self.cost_usd:.2f})"
         )
+        self._print(progress_record(state, self._step, self.total_steps, cost_usd=status["cost_usd"]))
         if self._wandb is not None:
             self._wandb.summary.update({"state": state, "final_step": self._step})
             self._wandb.finish(exit_code=0 if state == "succeeded" else 1)

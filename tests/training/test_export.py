@@ -565,10 +565,13 @@ def test_ldm_block_mapping_matches_the_diffusers_reference_scripts(config, refer
 
 
 def test_kohya_naming_is_known_per_family():
-    assert lora_formats.kohya_unet_module_name("sd15", SD15_CONFIG)("down_blocks.0.attentions.1.proj_in") == "down_blocks.0.attentions.1.proj_in"
-    assert lora_formats.kohya_unet_module_name("sdxl", SDXL_CONFIG)("down_blocks.1.attentions.1.proj_in") == "input_blocks.5.1.proj_in"
-    with pytest.raises(ValueError, match="no kohya UNet naming for family 'flux'"):
-        lora_formats.kohya_unet_module_name("flux", None)
+    def unet_name(family, config, module):
+        return lora_formats.kohya_unet_module_name(export.kohya_labels(family).unet_block_names, config)(module)
+
+    assert unet_name("sd15", SD15_CONFIG, "down_blocks.0.attentions.1.proj_in") == "down_blocks.0.attentions.1.proj_in"
+    assert unet_name("sdxl", SDXL_CONFIG, "down_blocks.1.attentions.1.proj_in") == "input_blocks.5.1.proj_in"
+    with pytest.raises(ValueError, match="no kohya layout for family 'flux'"):
+        export.kohya_labels("flux")
 
 
 def test_hub_push_failure_is_reported_without_the_token(tmp_path):

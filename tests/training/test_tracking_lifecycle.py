@@ -13,6 +13,7 @@ import pytest
 
 from emulator.server import ApiError, Fault, JsonApi, Request, serve
 from training.lifecycle import EXIT_STALLED, EXIT_STOP_FAILED, Lifecycle, already_done
+from contract.progress import parse_progress
 from contract.spec import RunLimits, TrainSpec
 from training.tracking import Reporter, redact
 from contract.workspace import RunPaths, read_json
@@ -225,7 +226,12 @@ def test_reporter_writes_status_and_progress_lines(paths):
         reporter.step(step, loss=0.1, lr=1e-4)
     lines = out.getvalue().splitlines()
     assert lines[0] == "step 1/100 loss 0.1000 lr 1.0e-04 2.00 s/step ETA 3m18s cost $0.00 (est. $0.03)"
-    assert len(lines) == 4  # the first step, then once 5 s have passed: steps 4, 7, 10
+    # each update: the line for people, then the record `make status` reads (contract/progress.py)
+    records = [parse_progress(line) for line in lines[1::2]]
+    assert all(parse_progress(line) is None for line in lines[::2])
+    assert [(r.state, r.step, r.total) for r in records] == [("running", step, 100) for step in (1, 4, 7, 10)]
+    assert len(lines) == 8  # the first step, then once 5 s have passed: steps 4, 7, 10
+    assert (records[0].loss, records[0].seconds_per_step, records[0].eta) == (0.1, 2.0, "3m18s")
     status = read_json(paths.status)
     assert status["state"] == "running" and status["run_id"] == "run-1"
     assert (status["step"], status["total"]) == (10, 100)
@@ -238,7 +244,9 @@ def test_reporter_writes_status_and_progress_lines(paths):
     status = read_json(paths.status)
     assert status["state"] == "succeeded" and status["message"] == "trained 100 steps"
     assert status["outputs"] == {"kohya": str(paths.lora / "x.safetensors")}
-    assert out.getvalue().splitlines()[-1].startswith("succeeded: trained 100 steps (step 10/100")
+    assert out.getvalue().splitlines()[-2].startswith("succeeded: trained 100 steps (step 10/100")
+    final = parse_progress(out.getvalue().splitlines()[-1])
+    assert (final.state, final.step, final.total, final.cost_usd) == ("succeeded", 10, 100, status["cost_usd"])
 
 
 def test_reporter_never_shows_secrets(paths):

@@ -1,34 +1,20 @@
 """Peak GPU memory of a LoRA training step, estimated from the spec alone (no torch).
 
 Two users: infra refuses a stack whose settings cannot fit the chosen GPU before anything is billed, and
-the trainer decides `gradientCheckpointing: auto` with the same numbers. The per-family figures are
-bf16 measurements' orders of magnitude (frozen base weights, SDPA attention, activations linear in pixels);
-`bench/` keeps them honest. They are not measurements yet: `make bench` on a GPU records the peak memory of
-each stack's settings with checkpointing off and on (bench/results/<gpu>.json, `peak_memory_gib`), the
-figures to put here.
+the trainer decides `gradientCheckpointing: auto` with the same numbers. The per-family figures
+(`contract.families`, `FamilyFacts.memory`) are bf16 measurements' orders of magnitude (frozen base weights,
+SDPA attention, activations linear in pixels); `bench/` keeps them honest. They are not measurements yet:
+`make bench` on a GPU records the peak memory of each stack's settings with checkpointing off and on
+(bench/results/<gpu>.json, `peak_memory_gib`), the figures to put there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contract.families import facts_for
 from contract.spec import TrainSpec
 
-
-@dataclass(frozen=True)
-class FamilyFootprint:
-    denoiser_params_b: float  # UNet / transformer parameters, billions
-    encoders_params_b: float  # text encoders (+ VAE), billions: resident only when latents are not cached
-    reference_pixels: int  # resolution at which the activation figures hold
-    activations_gib: float  # per image, bf16, no gradient checkpointing
-    activations_checkpointed_gib: float  # per image, bf16, with gradient checkpointing
-
-
-FOOTPRINTS = {
-    "sdxl": FamilyFootprint(2.57, 0.9, 1024 * 1024, 13.0, 2.6),
-    "sd15": FamilyFootprint(0.86, 0.2, 512 * 512, 3.2, 0.8),
-    "flux": FamilyFootprint(11.9, 4.9, 1024 * 1024, 30.0, 6.0),
-}
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OVERHEAD_GIB = 1.5  # CUDA context, allocator fragmentation, LoRA params and optimizer state
 
@@ -45,7 +31,7 @@ class MemoryEstimate:
 
 
 def estimate(spec: TrainSpec, gradient_checkpointing: bool) -> MemoryEstimate:
-    footprint = FOOTPRINTS[spec.family]
+    footprint = facts_for(spec.family).memory
     width = BYTES[spec.precision]
     params = footprint.denoiser_params_b + (0 if spec.cache_latents else footprint.encoders_params_b)
     weights = params * 1e9 * width / 2**30

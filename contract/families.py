@@ -1,0 +1,145 @@
+"""What lorastack knows about each model family, without torch: names, defaults, memory, speed, labels.
+
+The schema (`contract.spec.Family`), the memory fit (`contract.memory`), the cost model (`infra/pricing.py`),
+the benchmark and the Cog predictor read their per-family facts from `FAMILIES`; the trainer's torch side
+(`training/families/<name>.py`: loading, text encoding, loss, sampling, tiny models, export hooks) carries
+the same name and reads the same facts. Adding a family is one entry here and one module there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SampleDefaults:
+    """How sample images are usually generated with this family (training samples and the Cog predictor)."""
+
+    steps: int
+    guidance: float  # classifier-free guidance scale (FLUX.1-dev: the distilled guidance embedding)
+
+
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """The figures `contract.memory` estimates a step's peak GPU memory from (bf16 orders of magnitude)."""
+
+    denoiser_params_b: float  # UNet / transformer parameters, billions
+    encoders_params_b: float  # text encoders (+ VAE), billions: resident only when latents are not cached
+    reference_pixels: int  # resolution at which the activation figures hold
+    activations_gib: float  # per image, bf16, no gradient checkpointing
+    activations_checkpointed_gib: float  # per image, bf16, with gradient checkpointing
+
+
+@dataclass(frozen=True)
+class KohyaLabels:
+    """The kohya / webui file's family-specific names (A1111 and ComfyUI key on these exact strings)."""
+
+    text_encoder_prefixes: dict[str, str]  # pipeline component -> kohya key prefix
+    base_model_version: str  # what kohya's sd-scripts write as ss_base_model_version
+    modelspec_architecture: str  # modelspec.architecture
+    modelspec_implementation: str  # modelspec.implementation, as sd-scripts writes it for this family
+    # The UNet module names sd-scripts' own UNet of this family has: diffusers' block names (SD 1.x/2.x, whose
+    # `original_unet.py` keeps them) or the original checkpoint's LDM names (SDXL's `sdxl_original_unet.py`)
+    unet_block_names: Literal["diffusers", "ldm"]
+    marks_v_prediction: bool  # sd-scripts appends `_v` to ss_base_model_version for a v-prediction base
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    name: str  # the stack file's `train.family`
+    denoiser: Literal["unet", "transformer"]  # the denoiser's pipeline component name
+    native_resolution: int  # the resolution the base model was trained at (speed figures are quoted there)
+    # ddpm: noise added by DDPM, target by the scheduler's prediction type (epsilon or v); flow_matching:
+    # rectified flow, the target is noise - latents
+    objective: Literal["ddpm", "flow_matching"]
+    trains_text_encoder: bool  # whether trainTextEncoder is supported
+    trains_in_fp16: bool  # False: activations overflow fp16 (bf16 or fp32 only)
+    sample: SampleDefaults
+    memory: MemoryFootprint
+    # Seconds per optimisation step at batch 1 and native resolution, bf16, cached latents, by RunPod GPU id.
+    # Estimates from public LoRA-training reports until `make bench` measures a row (bench/results/*.json).
+    seconds_per_step: dict[str, float]
+    # Published TFLOP per image at native resolution (the benchmark compares its count with these):
+    # the frozen model's forward alone, and forward + backward with LoRA.
+    quoted_tflop_per_image: dict[str, float]
+    kohya: KohyaLabels | None = field(default=None)  # None: no kohya file is written (diffusers format only)
+    # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX, whose
+    # diffusers file ComfyUI and Forge load while reading no metadata
+    lora_strength_in_weights: bool = False
+
+
+SDXL = FamilyFacts(
+    name="sdxl",
+    denoiser="unet",
+    native_resolution=1024,
+    objective="ddpm",
+    trains_text_encoder=True,
+    trains_in_fp16=True,
+    # 5.0: StableDiffusionXLPipeline's own default guidance_scale (diffusers' documented default, and what
+    # the trainer's samples always used); the Cog predictor's former 7.0 was the SD 1.x habit.
+    sample=SampleDefaults(steps=30, guidance=5.0),
+    memory=MemoryFootprint(2.57, 0.9, 1024 * 1024, 13.0, 2.6),
+    seconds_per_step={
+        "NVIDIA GeForce RTX 4090": 1.10,
+        "NVIDIA GeForce RTX 3090": 1.80,
+        "NVIDIA L40S": 1.00,
+        "NVIDIA H100 80GB HBM3": 0.45,
+    },
+    quoted_tflop_per_image={"forward": 6.76, "total": 14.2},
+    kohya=KohyaLabels(
+        text_encoder_prefixes={"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+        base_model_version="sdxl_base_v1-0",
+        modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+        modelspec_implementation="https://github.com/Stability-AI/generative-models",
+        unet_block_names="ldm",
+        marks_v_prediction=False,
+    ),
+)
+
+SD15 = FamilyFacts(
+    name="sd15",
+    denoiser="unet",
+    native_resolution=512,
+    objective="ddpm",
+    trains_text_encoder=True,
+    trains_in_fp16=True,
+    sample=SampleDefaults(steps=30, guidance=7.5),  # StableDiffusionPipeline's default guidance_scale
+    memory=MemoryFootprint(0.86, 0.2, 512 * 512, 3.2, 0.8),
+    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.35, "NVIDIA GeForce RTX 4090": 0.22},
+    quoted_tflop_per_image={"forward": 0.80, "total": 1.73},
+    kohya=KohyaLabels(
+        text_encoder_prefixes={"text_encoder": "lora_te"},
+        base_model_version="sd_v1",
+        modelspec_architecture="stable-diffusion-v1/lora",
+        modelspec_implementation="diffusers",
+        unet_block_names="diffusers",
+        marks_v_prediction=True,
+    ),
+)
+
+FLUX = FamilyFacts(
+    name="flux",
+    denoiser="transformer",
+    native_resolution=1024,
+    objective="flow_matching",
+    trains_text_encoder=False,
+    trains_in_fp16=False,
+    sample=SampleDefaults(steps=28, guidance=3.5),  # FluxPipeline's default guidance_scale
+    memory=MemoryFootprint(11.9, 4.9, 1024 * 1024, 30.0, 6.0),
+    seconds_per_step={"NVIDIA H100 80GB HBM3": 1.60, "NVIDIA A100-SXM4-80GB": 3.00, "NVIDIA L40S": 4.20},
+    quoted_tflop_per_image={"forward": 74.4, "total": 164.0},
+    lora_strength_in_weights=True,
+)
+
+# The order is the schema's: error messages list the families in it.
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX)}
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def facts_for(name: str) -> FamilyFacts:
+    """The facts of a family, or a ValueError naming the families there are."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILY_NAMES)})") from None

@@ -1,0 +1,142 @@
+"""FLUX.1: CLIP (pooled) and T5 (sequence) text encoders, a joint-attention transformer on packed latents,
+rectified-flow (flow matching) training, as diffusers' train_dreambooth_lora_flux.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
+from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from contract.families import FLUX
+from training import tiny
+from training.families.base import ModelFamily, StepInputs
+
+# train_dreambooth_lora_flux.py's list: joint-attention projections of both streams and their MLPs.
+FLUX_LORA_TARGETS = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
+T5_MAX_LENGTH = 512  # FLUX.1-dev's T5 context; tokenizers that declare less (tiny models) use theirs
+# train_dreambooth_lora_flux.py's default: FLUX.1-dev is guidance-distilled and trains with this embedding.
+TRAINING_GUIDANCE = 3.5
+
+
+class Flux(ModelFamily):
+    facts = FLUX
+    components = {
+        "transformer": FluxTransformer2DModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel,
+        "tokenizer": CLIPTokenizer,
+        "tokenizer_2": T5Tokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    }
+    pipeline_class = FluxPipeline
+    sample_scheduler_class = FlowMatchEulerDiscreteScheduler
+    lora_targets = FLUX_LORA_TARGETS
+    lora_loader = FluxLoraLoaderMixin
+
+    def max_token_length(self, name: str, tokenizer: Any) -> int:
+        length = tokenizer.model_max_length
+        return min(length, T5_MAX_LENGTH) if name == "tokenizer_2" else length
+
+    def encode_text(self, encoders, token_ids, device):
+        pooled = encoders["text_encoder"](token_ids["tokenizer"].to(device)).pooler_output
+        hidden = encoders["text_encoder_2"](token_ids["tokenizer_2"].to(device))[0]
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def latent_shift(self, vae_config: Any) -> float:
+        return vae_config.shift_factor or 0.0
+
+    def loss(self, models, denoiser, inputs: StepInputs, spec) -> torch.Tensor:
+        """Rectified-flow loss on packed latents (uniform timestep density). Min-SNR weighting is a DDPM
+        notion and does not apply here."""
+        scheduler, latents, noise = models.noise_scheduler, inputs.latents, inputs.noise
+        size, channels, height, width = latents.shape
+        indices = (torch.rand((size,), generator=inputs.generator) * scheduler.config.num_train_timesteps).long()
+        sigmas = scheduler.sigmas[indices].to(latents.device, dtype=latents.dtype).view(size, 1, 1, 1)
+        timesteps = scheduler.timesteps[indices].to(latents.device)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+
+        packed = FluxPipeline._pack_latents(noisy, size, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, latents.device, latents.dtype)
+        prompt_embeds = inputs.text["prompt_embeds"]
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if models.denoiser.config.guidance_embeds:
+            guidance = torch.full((size,), TRAINING_GUIDANCE, device=latents.device, dtype=torch.float32)
+        prediction = denoiser(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=inputs.text["pooled_prompt_embeds"],
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = models.vae_scale_factor
+        prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+        return F.mse_loss(prediction.float(), (noise - latents).float())
+
+    def tiny_pipeline(self) -> FluxPipeline:
+        tokenizer, tokenizer_2 = tiny.clip_tokenizer(), tiny.t5_tokenizer()
+        latent_channels = 4
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=latent_channels * 4,  # latents are packed in 2x2 patches
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=tiny.TEXT_WIDTH,
+            pooled_projection_dim=tiny.TEXT_WIDTH,
+            guidance_embeds=True,  # as FLUX.1-dev
+            axes_dims_rope=(4, 4, 8),
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=tiny.TEXT_WIDTH,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+        return FluxPipeline(
+            vae=tiny.vae(
+                latent_channels=latent_channels,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                shift_factor=0.1159,
+                scaling_factor=0.3611,
+            ),
+            text_encoder=CLIPTextModel(tiny.clip_text_config(len(tokenizer))),
+            text_encoder_2=t5,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        )
+
+
+FAMILY = Flux()
