@@ -24,7 +24,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
 from training import export, lora_formats
-from training.models import FLUX_LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS, UNET_LORA_TARGETS
+from training.families.base import CLIP_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
+from training.families.flux import FLUX_LORA_TARGETS
+from training.families.sd15 import UNET_LORA_TARGETS
 
 RANK, ALPHA = 4, 8
 # beyond the trainer's attention targets: a resnet's convolution and time projection, the transformer's proj_in,
