@@ -99,7 +99,7 @@ class Emulated:
         return read_json(self.volume_paths(volume_id, run_id).status) or {}
 
     @staticmethod
-    def wait_for_checkpoint(paths: RunPaths, timeout: float = 60) -> None:
+    def wait_for_checkpoint(paths: RunPaths, timeout: float = 180) -> None:  # generous: only a failure waits it out
         deadline = time.monotonic() + timeout
         while checkpoints.latest(paths) is None:
             assert time.monotonic() < deadline, "no checkpoint was written"
