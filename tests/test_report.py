@@ -204,7 +204,7 @@ def local_run(tmp_path_factory):
     from dataclasses import replace
 
     from contract import families
-    from training import local, tiny
+    from training import local, loop, tiny
     from training.families import sd15
 
     torch.set_num_threads(2)
