@@ -72,7 +72,7 @@ def our_top_level_names() -> set[str]:
 
 def test_no_package_of_ours_shadows_a_dependency_or_the_standard_library():
     taken = taken_names()
-    assert {"replicate", "runpod", "docker", "wandb", "pulumi", "json"} <= set(taken)  # the check sees them
+    assert {"replicate", "docker", "wandb", "pulumi", "boto3", "json"} <= set(taken)  # the check sees them
     assert {"infra", "contract", "cloudapi"} <= our_top_level_names()
     problems = [problem for directory in engine_search_dirs() for problem in shadowed(directory, taken)]
     problems += [f"the installed package {name}: shadows `import {name}` ({taken[name]})"
@@ -83,7 +83,7 @@ def test_no_package_of_ours_shadows_a_dependency_or_the_standard_library():
 def test_the_check_catches_a_shadowing_package(tmp_path):
     (tmp_path / "replicate").mkdir()
     (tmp_path / "replicate" / "client.py").write_text("import replicate\n")
-    (tmp_path / "runpod.py").write_text("")
+    (tmp_path / "docker.py").write_text("")
     (tmp_path / "fine_name").mkdir()
     problems = shadowed(tmp_path, taken_names())
-    assert [problem.split(":")[0] for problem in problems] == [f"{tmp_path}/replicate", f"{tmp_path}/runpod"]
+    assert [problem.split(":")[0] for problem in problems] == [f"{tmp_path}/docker", f"{tmp_path}/replicate"]
