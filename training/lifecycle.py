@@ -49,6 +49,9 @@ EXIT_CRASH_LOOP = 5
 LEDGER_FLUSH_S = 10.0  # how often the run's ledger reaches the volume while training
 MAX_STARTS_WITHOUT_PROGRESS = 3
 LEDGER_KEY = "life"
+# how long a pod that refuses its stop (locked, busy) is asked again, at least: beyond the run's own time limit
+# if need be, since exiting instead would only restart the container into another billed run
+STOP_PATIENCE_S = 600.0
 
 
 def already_done(paths: RunPaths) -> bool:
@@ -99,9 +102,11 @@ def host(environ: Mapping[str, str]) -> Host:
     return host_from_environment(environ, lambda line: _log(line, environ))
 
 
-def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5) -> bool:
-    """Stop the machine this trainer runs on; True when stopped or not on one (a local run)."""
-    return host(environ).stop(retries, backoff_s)
+def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5,
+                 keep_trying_s: float = STOP_PATIENCE_S) -> bool:
+    """Stop the machine this trainer runs on; True when stopped or not on one (a local run). A pod that refuses
+    the stop is asked again for `keep_trying_s`."""
+    return host(environ).stop(retries, backoff_s, keep_trying_s)
 
 
 def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
@@ -271,7 +276,10 @@ class Lifecycle:
             return self._pod_stop_result
 
     def _send_stop(self) -> bool:
-        return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s)
+        # a pod that refuses the stop is asked again for what is left of the run's time limit (at least
+        # STOP_PATIENCE_S): the limits are what the stack agreed to pay for
+        left = self.limits.max_hours * 3600 - self.run_seconds()
+        return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s, max(left, STOP_PATIENCE_S))
 
     def _record_failure(self, exc: BaseException) -> None:
         message = describe_failure(exc, self.paths)
