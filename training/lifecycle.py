@@ -71,16 +71,39 @@ def process_age_seconds() -> float:
         return 0.0
 
 
+# How a full volume surfaces: an OSError from Python's own writes, or, from torch.save's C++ writer, a
+# RuntimeError whose text is all that is left of the errno.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXTS = ("no space left on device", "disk quota exceeded", "pytorchstreamwriter failed writing file",
+                  "file write failed", "unexpected pos")
+
+
+def is_volume_full(error: BaseException) -> bool:
+    """True when `error`, or an error it came from, means the disk is out of space, however it surfaced."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        if isinstance(current, (OSError, RuntimeError)) and any(text in str(current).lower() for text in NO_SPACE_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def describe_failure(error: BaseException, paths: RunPaths) -> str:
     """One line for status.json and the log; a full volume says what survived and what to do."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if is_volume_full(error):
         from training.checkpoints import latest_step  # torch: only the trainer reaches this
 
         newest = latest_step(paths)
         kept = f"the newest complete checkpoint, step-{newest}, is intact" if newest else "no checkpoint was complete yet"
+        where = getattr(error, "filename", None) or "a file"
         return (
-            f"the network volume is full (No space left on device) while writing {error.filename or 'a file'}; "
-            f"{kept}. Grow runpod.volume.sizeGb in the stack file (volumes only grow) and run `pulumi up` to resume"
+            f"the network volume is full ({type(error).__name__}: {str(error)[:200]}) while writing {where}; "
+            f"{kept}. Grow runpod.volume.sizeGb in the stack file (volumes only grow) and run `pulumi up`: the pod "
+            "starts again and the run resumes"
         )
     return f"{type(error).__name__}: {error}"
 
