@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from contract.redaction import redacted_source
+
 Family = Literal["sdxl", "sd15", "flux"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -28,6 +30,9 @@ ENV_RUN_ID = "LORASTACK_RUN_ID"
 ENV_STACK = "LORASTACK_STACK"
 ENV_WORKSPACE = "LORASTACK_WORKSPACE"  # the network volume's mount point, /workspace on a pod
 ENV_MANAGED = "LORASTACK_MANAGED"  # "1" on every pod lorastack creates: the reaper's label
+# the dataset URL with its credentials, when it has any (the spec then holds contract.redaction's form); the
+# name says SECRET so that the trainer's redact() hides it in everything it prints
+ENV_DATASET_SOURCE = "LORASTACK_DATASET_SOURCE_SECRET"
 WORKSPACE_MOUNT = "/workspace"
 
 # The spec reaches the pod as one environment variable, and Linux refuses to start a process when one
@@ -137,8 +142,11 @@ class TrainSpec(_Schema):
         return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
-        """Short content hash: a changed spec is a new run (its own directory on the volume)."""
-        return hashlib.sha256(self.to_env_json().encode()).hexdigest()[:10]
+        """Short content hash: a changed spec is a new run (its own directory on the volume). A dataset URL counts
+        without its credentials: a fresh signature is the same run, in infra and in the pod alike."""
+        dataset = self.dataset.model_copy(update={"source": redacted_source(self.dataset.source)})
+        written = self.model_copy(update={"dataset": dataset}).to_env_json()
+        return hashlib.sha256(written.encode()).hexdigest()[:10]
 
 
 class RunLimits(_Schema):

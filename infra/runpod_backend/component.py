@@ -1,8 +1,9 @@
 """RunpodTraining: one stack's training run on RunPod: a network volume (when configured) and the pod.
 
 The pod's environment is the contract of training/spec.py (ENV_*): the spec and limits as JSON, the run id,
-the volume as workspace with the Hugging Face cache on it, the reaper's label; HF_TOKEN / WANDB_API_KEY when
-set, in which case the whole env is a secret Output (it is one property in the state).
+the volume as workspace with the Hugging Face cache on it, the reaper's label, the volume's size; HF_TOKEN /
+WANDB_API_KEY when set, and a dataset URL's credentials: the spec holds the URL without them and the whole URL
+travels as ENV_DATASET_SOURCE. With any of these the whole env is a secret Output (one property in the state).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from contract.workspace import RunPaths
 from infra.config import StackConfig
 from infra.runpod_backend.pod import Pod, PodArgs
 from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
+from contract.redaction import redacted_source
 from contract.spec import (
-    ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, MAX_ENV_VALUE_BYTES, WORKSPACE_MOUNT,
+    ENV_DATASET_SOURCE, ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, MAX_ENV_VALUE_BYTES, WORKSPACE_MOUNT,
 )
 
 # secret config key -> the pod's variable
@@ -116,9 +118,12 @@ def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output
     update starts the stopped pod again and the run resumes (a stopped pod is started only on a new image or env).
     """
     volume = config.runpod.volume if config.runpod else None
+    source = config.train.dataset.source
+    written = redacted_source(source)  # credentials in the URL travel as a secret variable only
+    spec = config.train.model_copy(update={"dataset": config.train.dataset.model_copy(update={"source": written})})
     plain = {
         **({ENV_VOLUME_GB: str(volume.size_gb)} if volume is not None else {}),
-        ENV_SPEC: config.train.to_env_json(),
+        ENV_SPEC: spec.to_env_json(),
         ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
         ENV_RUN_ID: run_id(stack, config.train),
         ENV_STACK: stack,
@@ -127,6 +132,8 @@ def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output
         **MANAGED_LABEL,
     }
     tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}
+    if written != source:
+        tokens[ENV_DATASET_SOURCE] = pulumi.Output.secret(source)
     if not tokens:
         return startable_env(plain)
     return pulumi.Output.secret(pulumi.Output.all(**tokens).apply(lambda values: startable_env({**plain, **values})))
