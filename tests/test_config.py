@@ -259,3 +259,14 @@ def test_a_spec_that_would_not_fit_the_pods_environment_is_refused_and_every_bou
     assert any(f"at most {MAX_SPEC_ENV_BYTES}" in line and "samplePrompts" in line for line in refused.value.problems)
     fits = parse_stack(edited(**{"train.samplePrompts": ["a" * 1000] * 16, "train.sampleEvery": 100}), SOURCE)
     assert len(fits.train.to_env_json()) <= MAX_SPEC_ENV_BYTES < MAX_ENV_VALUE_BYTES
+
+
+def test_a_pod_environment_linux_cannot_start_a_process_with_is_refused_naming_the_variable():
+    from infra.runpod_backend.component import MAX_POD_ENV_BYTES, startable_env
+
+    ok = {"LORASTACK_SPEC": "x" * 1000, "HF_TOKEN": "hf_x"}
+    assert startable_env(ok) == ok
+    with pytest.raises(ValueError, match=r"HF_TOKEN would take 131083 bytes.*over 131072"):
+        startable_env({**ok, "HF_TOKEN": "h" * (128 * 1024 + 1)})
+    with pytest.raises(ValueError, match=f"at most {MAX_POD_ENV_BYTES}"):
+        startable_env({f"V{index}": "v" * 100_000 for index in range(3)})
