@@ -20,8 +20,8 @@ import email.utils
 import os
 import random
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import httpx
