@@ -9,11 +9,12 @@ one line in `host_from_environment`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
 from contract.workspace import workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
@@ -26,8 +27,9 @@ Log = Callable[[str], None]
 class Host(Protocol):
     machine_id: str  # this machine's id on its platform ("" for a local run): a new machine is a fresh start
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
-        """Stop the machine this process runs on; True when it is stopped (or there is none to stop)."""
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
+        """Stop the machine this process runs on; True when it is stopped (or there is none to stop). A machine
+        that refuses (locked, busy) is asked again until `keep_trying_s` has passed."""
 
     def billed_usd_per_hour(self) -> float | None:
         """What the platform bills this machine per hour now; None when it bills nothing of its own; raises when
@@ -45,7 +47,7 @@ class LocalHost:
     def __init__(self, environ: Mapping[str, str], log: Log):
         self._environ, self._log = environ, log
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
         self._log(f"{ENV_POD_ID} is not set (a local run): no pod to stop")
         return True
 
@@ -68,25 +70,58 @@ class RunpodHost:
         return RunpodClient(self._environ.get(ENV_POD_API_KEY, ""), base_url=self._environ.get(ENV_API_BASE_URL) or None,
                             retries=retries, backoff=backoff_s)
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
-        """POST /v2/pods/{RUNPOD_POD_ID}/action {"action": "stop"}."""
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
+        """POST /v2/pods/{RUNPOD_POD_ID}/action {"action": "stop"}.
+
+        A 409 is not proof of a stopped pod: RunPod answers it too for a pod that is locked or busy, which then
+        restarts its container and bills on. So the pod's status decides: stopped when it no longer runs;
+        otherwise the stop is asked again (waits doubling up to a minute) until `keep_trying_s` has passed."""
         pod_id = self.machine_id
-        try:
-            self._client(retries, backoff_s).pod_action(pod_id, "stop")
-        except NotFound:
-            self._log(f"pod {pod_id} is already terminated")
-            return True
-        except RunpodError as error:
-            if error.status != 409:  # 409: not stoppable because it is stopped already (SIGTERM came from a stop)
+        deadline = time.monotonic() + keep_trying_s
+        refusals = 0
+        while True:
+            try:
+                client = self._client(retries, backoff_s)
+                client.pod_action(pod_id, "stop")
+            except NotFound:
+                self._log(f"pod {pod_id} is already terminated")
+                return True
+            except RunpodError as error:
+                if error.status != 409:
+                    self._log(f"could not stop pod {pod_id}: {error}")
+                    return False
+                status = self._status(client)
+                if status is not None and status not in LIVE_POD_STATUSES:
+                    self._log(f"pod {pod_id} is already stopped ({status})")
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._log(f"could not stop pod {pod_id}: it is {status or 'in an unknown state'} and refuses to "
+                              f"stop ({error}); it bills until it is stopped (unlock it in the console) or the "
+                              "reaper terminates it")
+                    return False
+                wait = min(backoff_s * 2**refusals, 60.0, left)
+                if refusals == 0:
+                    self._log(f"pod {pod_id} refused to stop while {status or 'in an unknown state'} ({error}); "
+                              f"asking again for up to {keep_trying_s / 60:.0f} min")
+                refusals += 1
+                time.sleep(wait)
+                continue
+            except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
                 self._log(f"could not stop pod {pod_id}: {error}")
                 return False
-            self._log(f"pod {pod_id} is already stopped")
+            self._log(f"stop requested for pod {pod_id}")
             return True
-        except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
-            self._log(f"could not stop pod {pod_id}: {error}")
-            return False
-        self._log(f"stop requested for pod {pod_id}")
-        return True
+
+    def _status(self, client: RunpodClient) -> str | None:
+        """The pod's status as the API reports it; TERMINATED when it is gone; None when it cannot be read."""
+        try:
+            return client.get_pod(self.machine_id).get("status")
+        except NotFound:
+            return "TERMINATED"
+        except Exception as error:  # noqa: BLE001 - not knowing is not proof of a stop
+            self._log(f"could not read pod {self.machine_id}'s status: {error}")
+            return None
 
     def billed_usd_per_hour(self) -> float | None:
         """`cost` of GET /v2/pods/{id}; None when it is not positive (not billed, or not said)."""

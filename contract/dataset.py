@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from contract.redaction import redacted_source
 from contract.spec import TrainSpec
 from contract.workspace import atomic_write_json
 
@@ -78,15 +79,6 @@ def classify_source(source: str) -> SourceKind:
             "bucket URL works), a Hugging Face dataset id or a folder"
         )
     raise DatasetError(f"train.dataset.source {shown!r}: {hint}")
-
-
-def redacted_source(source: str) -> str:
-    """The source with a URL's credentials removed (user:password@, the query string, the fragment): the form
-    to record in status files, logs, LoRA metadata and model cards. Paths and Hub ids come back unchanged."""
-    if _SCHEME.match(source) is None:
-        return source
-    parts = urlsplit(source)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def with_redacted_source(spec: TrainSpec) -> TrainSpec:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from contract.redaction import redacted_source
 from contract.families import FAMILY_NAMES, facts_for
 
 Family = Literal[FAMILY_NAMES]  # the names contract/families.py registers, in its order
@@ -30,7 +31,21 @@ ENV_RUN_ID = "LORASTACK_RUN_ID"
 ENV_STACK = "LORASTACK_STACK"
 ENV_WORKSPACE = "LORASTACK_WORKSPACE"  # the network volume's mount point, /workspace on a pod
 ENV_MANAGED = "LORASTACK_MANAGED"  # "1" on every pod lorastack creates: the reaper's label
+# the dataset URL with its credentials, when it has any (the spec then holds contract.redaction's form); the
+# name says SECRET so that the trainer's redact() hides it in everything it prints
+ENV_DATASET_SOURCE = "LORASTACK_DATASET_SOURCE_SECRET"
 WORKSPACE_MOUNT = "/workspace"
+
+# The spec reaches the pod as one environment variable, and Linux refuses to start a process when one
+# "NAME=value" string passes MAX_ARG_STRLEN (128 KiB): the entrypoint would never run, so none of the trainer's
+# safeguards would, while the pod bills. Every free-text field is bounded, and so is the spec as a whole (with
+# room to spare for the other variables).
+MAX_ENV_VALUE_BYTES = 128 * 1024  # the kernel's limit on one environment string
+MAX_SPEC_ENV_BYTES = 32 * 1024  # what $LORASTACK_SPEC may take
+MAX_ID_CHARS = 256  # model ids, revisions, paths, column names, project names
+MAX_URL_CHARS = 2048  # dataset sources (URLs with signed query strings are long)
+MAX_TEXT_CHARS = 1000  # one caption or prompt
+MAX_WORD_CHARS = 64  # trigger word, caption extension
 
 
 class _Schema(BaseModel):
@@ -57,12 +72,12 @@ def _is_number(annotation: object) -> bool:
 class DatasetSpec(_Schema):
     # A local folder of images with same-named .txt captions (kohya convention), an http(s) URL of a
     # .zip/.tar(.gz) of such a folder, or a Hugging Face dataset id ("owner/name", optionally "hf://owner/name").
-    source: str = Field(min_length=1)
-    image_column: str = "image"  # Hugging Face datasets only
-    caption_column: str = "text"  # Hugging Face datasets only
-    caption_extension: str = ".txt"
+    source: str = Field(min_length=1, max_length=MAX_URL_CHARS)
+    image_column: str = Field(default="image", max_length=MAX_ID_CHARS)  # Hugging Face datasets only
+    caption_column: str = Field(default="text", max_length=MAX_ID_CHARS)  # Hugging Face datasets only
+    caption_extension: str = Field(default=".txt", max_length=MAX_WORD_CHARS)
     repeats: int = Field(default=1, ge=1, le=1000)
-    default_caption: str = ""  # for images without a caption file
+    default_caption: str = Field(default="", max_length=MAX_TEXT_CHARS)  # for images without a caption file
 
     @field_validator("caption_extension")
     @classmethod
@@ -74,10 +89,10 @@ class DatasetSpec(_Schema):
 
 class TrainSpec(_Schema):
     family: Family
-    base_model: str = Field(min_length=1, description="Hugging Face model id or a local path")
-    revision: str | None = None
+    base_model: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="Hugging Face model id or a local path")
+    revision: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     dataset: DatasetSpec
-    trigger_word: str | None = None
+    trigger_word: str | None = Field(default=None, max_length=MAX_WORD_CHARS)
     resolution: int = Field(default=1024, ge=256, le=2048)
     aspect_buckets: bool = True
     steps: int = Field(default=1000, ge=1, le=200_000)
@@ -98,11 +113,11 @@ class TrainSpec(_Schema):
     noise_offset: float = Field(default=0.0, ge=0, le=0.5)
     checkpoint_every: int = Field(default=250, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
-    sample_prompts: list[str] = Field(default_factory=list, max_length=16)
+    sample_prompts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(default_factory=list, max_length=16)
     sample_every: int | None = Field(default=None, ge=1)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
-    wandb_project: str | None = None
-    hf_repo: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
+    wandb_project: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    hf_repo: str | None = Field(default=None, max_length=MAX_ID_CHARS, pattern=r"^[\w.-]+/[\w.-]+$")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -125,6 +140,12 @@ class TrainSpec(_Schema):
             raise ValueError("sampleEvery is set but samplePrompts is empty")
         if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
             raise ValueError("textEncoderLearningRate is set but trainTextEncoder is false")
+        size = len(self.to_env_json().encode())
+        if size > MAX_SPEC_ENV_BYTES:
+            raise ValueError(
+                f"the spec takes {size} bytes as the pod's ${ENV_SPEC}; at most {MAX_SPEC_ENV_BYTES} fit the container's "
+                "environment: shorten samplePrompts, defaultCaption or dataset.source"
+            )
         return self
 
     @property
@@ -135,8 +156,11 @@ class TrainSpec(_Schema):
         return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
-        """Short content hash: a changed spec is a new run (its own directory on the volume)."""
-        return hashlib.sha256(self.to_env_json().encode()).hexdigest()[:10]
+        """Short content hash: a changed spec is a new run (its own directory on the volume). A dataset URL counts
+        without its credentials: a fresh signature is the same run, in infra and in the pod alike."""
+        dataset = self.dataset.model_copy(update={"source": redacted_source(self.dataset.source)})
+        written = self.model_copy(update={"dataset": dataset}).to_env_json()
+        return hashlib.sha256(written.encode()).hexdigest()[:10]
 
 
 class RunLimits(_Schema):

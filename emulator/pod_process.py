@@ -23,7 +23,9 @@ import runpy
 import threading
 from pathlib import Path
 
-from emulator.pods import ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA_FILE, ENV_FAULT_VOLUME, PROBE_PREFIX
+from emulator.pods import (
+    ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA_AS_TORCH, ENV_FAULT_QUOTA_FILE, ENV_FAULT_VOLUME, PROBE_PREFIX,
+)
 
 
 def _used_bytes(directory: Path) -> int:
@@ -55,6 +57,9 @@ def install_quota(quota_file: Path, volume: Path) -> None:
             quota = _quota(quota_file)
             if quota is not None and isinstance(target, (str, os.PathLike)) and _used_bytes(volume) > quota:
                 Path(target).unlink(missing_ok=True)
+                if os.environ.get(ENV_FAULT_QUOTA_AS_TORCH) == "1":  # torch.save's words for a full disk
+                    raise RuntimeError("[enforce fail at inline_container.cc:659] . PytorchStreamWriter failed "
+                                       f"writing file data/0: file write failed ({target})")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
             return result
 

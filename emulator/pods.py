@@ -48,6 +48,7 @@ from infra.paths import REPO_ROOT
 HOST_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 ENV_FAULT_QUOTA_FILE = "LORASTACK_EMULATOR_QUOTA_FILE"
 ENV_FAULT_VOLUME = "LORASTACK_EMULATOR_VOLUME_DIR"
+ENV_FAULT_QUOTA_AS_TORCH = "LORASTACK_EMULATOR_QUOTA_AS_TORCH"  # "1": a full volume raises torch's RuntimeError
 ENV_FAULT_HANG = "LORASTACK_EMULATOR_HANG_AFTER_STEP"
 ENV_FAULT_PROBE = "LORASTACK_EMULATOR_PROBE"
 PROBE_PREFIX = "emulator-probe: step "
@@ -57,6 +58,8 @@ SIGTERM_DELAY_S = 0.5
 @dataclass
 class PodFaults:
     volume_quotas: bool = False  # enforce `set_volume_quota` (checked at checkpoint writes)
+    # a full volume raises what torch.save's C++ writer raises on a full disk (a RuntimeError, no errno)
+    full_volume_as_torch: bool = False
     hang_after_step: int | None = None  # the trainer stops making steps after this one, process alive
     probe_steps: bool = False  # log `emulator-probe: step N` after every completed step
 
@@ -173,6 +176,12 @@ class ProcessRuntime(PodRuntime):
         path = self.quota_file(self.volume_dir(volume_id))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(str(size_bytes))
+
+    def on_volume_grown(self, volume_id: str, added_gb: int) -> None:
+        """A grown volume has that much more room under a quota a test set."""
+        path = self.quota_file(self.volume_dir(volume_id))
+        if path.is_file():
+            path.write_text(str(int(path.read_text()) + added_gb * 2**30))
 
     def is_trainer(self, image: str) -> bool:
         reference = image.split("@", 1)[0]  # without the digest
@@ -304,6 +313,8 @@ class ProcessRuntime(PodRuntime):
         if faults.volume_quotas:
             env[ENV_FAULT_QUOTA_FILE] = str(self.quota_file(directory))
             env[ENV_FAULT_VOLUME] = str(directory)
+            if faults.full_volume_as_torch:
+                env[ENV_FAULT_QUOTA_AS_TORCH] = "1"
         if faults.hang_after_step is not None:
             env[ENV_FAULT_HANG] = str(faults.hang_after_step)
         if faults.probe_steps:

@@ -295,6 +295,9 @@ class PodRuntime:
     def on_terminate(self, pod: dict) -> None:
         """The pod is gone for good."""
 
+    def on_volume_grown(self, volume_id: str, added_gb: int) -> None:
+        """The volume grew by `added_gb` (its room, where the runtime models one, grows with it)."""
+
 
 class RunpodApi(JsonApi):
     def __init__(self, api_key: str | None = None, runtime: PodRuntime | None = None, provisioning_seconds: float = 0.0):
@@ -677,9 +680,13 @@ class RunpodApi(JsonApi):
             volume = self._volume(request.params["id"])
             if body.get("size", volume.size) < volume.size:
                 raise ApiError(400, f"network volume storage cannot be reduced: {volume.size} GB -> {body['size']} GB")
+            added = body.get("size", volume.size) - volume.size
             volume.name = body.get("name", volume.name)
             volume.size = body.get("size", volume.size)
-            return volume.to_json()
+            grown = volume.to_json()
+        if added:
+            self.runtime.on_volume_grown(volume.id, added)
+        return grown
 
     def delete_volume(self, request: Request) -> Response:
         volume_id = request.params["id"]

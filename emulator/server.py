@@ -49,7 +49,10 @@ class Response:
 
 @dataclass
 class Fault:
-    """An injected failure: the next `count` requests matching method/path get `status` (or hang `delay` s)."""
+    """An injected failure: the next `count` requests matching method/path get `status` (or hang `delay` s).
+
+    `after_work`: the server does the work first, then the answer is lost: `status` replaces it, or, with
+    status 0, the connection closes with no answer at all (a reset after the server accepted the request)."""
 
     status: int
     count: int = 1
@@ -57,6 +60,7 @@ class Fault:
     path_prefix: str = ""
     delay: float = 0.0
     retry_after: str | None = None
+    after_work: bool = False
 
 
 Handler = Callable[[Request], Response | object]
@@ -106,12 +110,20 @@ class JsonApi:
         with self.lock:
             self.requests.append((request.method, request.path))
         fault = self._take_fault(request.method, request.path)
+        if fault is not None and fault.after_work:
+            self._handle(request)
+            if fault.delay:
+                time.sleep(fault.delay)
+            return Response(fault.status, self.error_body(fault.status, "injected fault", []) if fault.status else None)
         if fault is not None:
             if fault.delay:
                 time.sleep(fault.delay)
             if fault.status:
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 return Response(fault.status, self.error_body(fault.status, "injected fault", []), headers)
+        return self._handle(request)
+
+    def _handle(self, request: Request) -> Response:
         for method, pattern, handler in self._routes:
             match = pattern.match(request.path)
             if match and method == request.method:
@@ -155,6 +167,9 @@ def _make_handler(api: JsonApi) -> type[BaseHTTPRequestHandler]:
             self._send(api.dispatch(request))
 
         def _send(self, response: Response) -> None:
+            if response.status == 0:  # a lost answer (Fault.after_work): close without a word
+                self.close_connection = True
+                return
             self.send_response(response.status)
             for name, value in response.headers.items():
                 self.send_header(name, value)

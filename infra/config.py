@@ -96,7 +96,25 @@ class StackConfig(_Schema):
                     f"train (batchSize, resolution, precision, gradientCheckpointing) cannot fit {named}: {reason}"
                 )
         self.backend.check(self)
+        self._limits_cover_the_estimate()
         return self
+
+    def _limits_cover_the_estimate(self) -> None:
+        """Limits below the run's own estimate would stop it before it can finish: billed, and nothing to show."""
+        estimate = self.cost_estimate()
+        problems = []
+        if self.limits.max_cost_usd < estimate.usd:
+            problems.append(f"limits.maxCostUsd ({self.limits.max_cost_usd:g}) is below this run's estimated cost "
+                            f"(${estimate.usd:.2f})")
+        if self.limits.max_hours < estimate.hours:
+            problems.append(f"limits.maxHours ({self.limits.max_hours:g}) is below this run's estimated time "
+                            f"({estimate.hours:.2f} h)")
+        if problems:
+            raise ValueError(
+                "; ".join(problems) + f": the run would be stopped before it finishes ({self.train.steps} steps at "
+                f"{estimate.seconds_per_step:.2f} s/step, ${estimate.usd_per_hour:.2f}/h, {estimate.source}, with "
+                f"{pricing.STARTUP_SECONDS // 60} min of setup). Raise the limits or train fewer steps (`make cost`)"
+            )
 
     @property
     def backend(self) -> Backend:

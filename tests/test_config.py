@@ -199,7 +199,8 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
         replicate = {"owner": "me", "model": "lora", "hardware": "gpu-h100", "monthlyBudgetUsd": 100000,
                      "deployment": {"hardware": "gpu-t4", **counts}}
         try:
-            parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
+            parse_stack(edited(provider="replicate", runpod=None, replicate=replicate,
+                               **{"train.family": "flux", "limits.maxCostUsd": 50}), SOURCE)
         except StackError as error:
             return error.problems
         return []
@@ -213,11 +214,58 @@ def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
     from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 
     replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
-    config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
+    flux = {"train.family": "flux", "limits.maxCostUsd": 50}
+    config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **flux), SOURCE)
     estimate = config.cost_estimate()
     assert estimate.usd_per_hour == pytest.approx(REPLICATE_HARDWARE_USD_PER_SECOND["gpu-h100"] * 3600)
     cheaper = parse_stack(
-        edited(provider="replicate", runpod=None, replicate=replicate | {"trainingHardware": "gpu-l40s"}, **{"train.family": "flux"}),
+        edited(provider="replicate", runpod=None, replicate=replicate | {"trainingHardware": "gpu-l40s"}, **flux),
         SOURCE,
     ).cost_estimate()
     assert cheaper.seconds_per_step > estimate.seconds_per_step  # an L40S is slower per step than an H100
+
+
+def test_limits_below_the_runs_own_estimate_are_refused_naming_both_figures():
+    with pytest.raises(StackError) as refused:
+        parse_stack(edited(**{"limits.maxCostUsd": 0.01, "limits.maxHours": 0.1}), SOURCE)
+    (line,) = refused.value.problems
+    estimate = load_stack("sdxl-4090").cost_estimate()
+    assert f"limits.maxCostUsd (0.01) is below this run's estimated cost (${estimate.usd:.2f})" in line
+    assert f"limits.maxHours (0.1) is below this run's estimated time ({estimate.hours:.2f} h)" in line
+    assert line.startswith(SOURCE)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.triggerWord", "t" * 65),
+    ("train.dataset.defaultCaption", "a caption " * 101),
+    ("train.samplePrompts", ["a prompt " * 112]),
+    ("train.dataset.source", "https://example.com/" + "d" * 2048 + ".zip"),
+    ("train.baseModel", "owner/" + "m" * 251),
+])
+def test_free_text_longer_than_its_bound_is_refused(key, value):
+    with pytest.raises(StackError) as refused:
+        parse_stack(edited(**{key: value}), SOURCE)
+    assert any(key.split(".")[-1] in line and "at most" in line for line in refused.value.problems), refused.value.problems
+
+
+def test_a_spec_that_would_not_fit_the_pods_environment_is_refused_and_every_bounded_one_fits():
+    from contract.spec import MAX_ENV_VALUE_BYTES, MAX_SPEC_ENV_BYTES
+
+    # JSON writes each non-ASCII character as a 6-byte escape: 16 prompts at their length bound overflow
+    prompts = ["\u00e9" * 1000] * 16
+    with pytest.raises(StackError) as refused:
+        parse_stack(edited(**{"train.samplePrompts": prompts, "train.sampleEvery": 100}), SOURCE)
+    assert any(f"at most {MAX_SPEC_ENV_BYTES}" in line and "samplePrompts" in line for line in refused.value.problems)
+    fits = parse_stack(edited(**{"train.samplePrompts": ["a" * 1000] * 16, "train.sampleEvery": 100}), SOURCE)
+    assert len(fits.train.to_env_json()) <= MAX_SPEC_ENV_BYTES < MAX_ENV_VALUE_BYTES
+
+
+def test_a_pod_environment_linux_cannot_start_a_process_with_is_refused_naming_the_variable():
+    from infra.runpod_backend.component import MAX_POD_ENV_BYTES, startable_env
+
+    ok = {"LORASTACK_SPEC": "x" * 1000, "HF_TOKEN": "hf_x"}
+    assert startable_env(ok) == ok
+    with pytest.raises(ValueError, match=r"HF_TOKEN would take 131083 bytes.*over 131072"):
+        startable_env({**ok, "HF_TOKEN": "h" * (128 * 1024 + 1)})
+    with pytest.raises(ValueError, match=f"at most {MAX_POD_ENV_BYTES}"):
+        startable_env({f"V{index}": "v" * 100_000 for index in range(3)})

@@ -17,9 +17,9 @@ from contract.dataset import (
     classify_source,
     dataset_files,
     folder_content_hash,
-    redacted_source,
     with_redacted_source,
 )
+from contract.redaction import redacted_source
 from contract.spec import TrainSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -302,6 +302,65 @@ def test_a_500_on_training_create_does_not_start_two(api):
     assert len(api.trainings) == 1
 
 
+# A lost answer: the server made the thing, then the answer never came (a reset connection, or a 5xx sent after
+# the work). Every create must find what it made before posting again.
+LOST_ANSWERS = {"reset": 0, "502 after the work": 502}
+
+
+@pytest.mark.parametrize("status", LOST_ANSWERS.values(), ids=LOST_ANSWERS.keys())
+def test_a_lost_training_create_answer_does_not_start_two(api, status):
+    create_model(api)
+    api.inject(Fault(status=status, method="POST", path_prefix="/v1/models/ostris", after_work=True))
+    api.inject(Fault(status=500, method="GET", path_prefix="/v1/trainings"))  # the look-up meets a 500 too
+    provider = training_provider()
+    outs = provider.create(checked(provider, training_props("https://example.com/data.zip"))).outs
+    assert list(api.trainings) == [outs["trainingId"]]
+    posts = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/trainings")]
+    assert len(posts) == 1
+
+
+def test_the_next_up_adopts_the_training_a_lost_answer_left_running(api):
+    create_model(api)
+    api.inject(Fault(status=0, count=2, method="POST", path_prefix="/v1/models/ostris", after_work=True))
+    impatient = hosted(TrainingProvider(poll_seconds=0.01, retries=0, **FAST))  # gives up at the first lost answer
+    props = training_props("https://example.com/data.zip")
+    with pytest.raises(Exception):
+        impatient.create(checked(impatient, props))
+    (left_running,) = api.trainings  # billing, and in no state
+    provider = training_provider()
+    outs = provider.create(checked(provider, props)).outs  # the next `pulumi up`
+    assert list(api.trainings) == [left_running] == [outs["trainingId"]]
+
+
+def test_a_new_training_is_started_when_the_same_one_already_ended(api):
+    create_model(api)
+    provider = training_provider()
+    props = checked(provider, training_props("https://example.com/data.zip"))
+    first = provider.create(props).outs["trainingId"]
+    advance(api, 200)  # it succeeded: a create with the same input (after a destroy) trains again
+    second = provider.create(props).outs["trainingId"]
+    assert second != first and len(api.trainings) == 2
+
+
+@pytest.mark.parametrize("status", LOST_ANSWERS.values(), ids=LOST_ANSWERS.keys())
+def test_lost_answers_to_model_deployment_and_file_creates_make_one_of_each(api, tmp_path, status):
+    api.inject(Fault(status=status, method="POST", path_prefix="/v1/models", after_work=True))
+    create_model(api)
+    assert list(api.models) == [TRAINER, "alice/lora"]
+
+    api.inject(Fault(status=status, method="POST", path_prefix="/v1/files", after_work=True))
+    provider = training_provider()
+    provider.create(checked(provider, training_props(str(dataset(tmp_path / "data")))))
+    assert len(api.files) == 1
+
+    advance(api, 200)
+    version = api.models["alice/lora"].versions[0]["id"]
+    api.inject(Fault(status=status, method="POST", path_prefix="/v1/deployments", after_work=True))
+    hosted(DeploymentProvider(**FAST)).create(deployment_props(version))
+    assert list(api.deployments) == ["alice/lora"]
+    assert [r for r in api.requests if r == ("POST", "/v1/deployments")] == [("POST", "/v1/deployments")]
+
+
 # ---------------------------------------------------------------------------------------- deployment
 
 

@@ -265,6 +265,25 @@ def test_a_create_that_lands_well_after_the_timeout_is_still_adopted(api):
     assert posts(api, "/v2/pods") == 1
 
 
+@pytest.mark.parametrize("status, failing_looks", [(0, 4), (502, 2)], ids=["reset", "502"])
+def test_a_lost_create_answer_and_a_failing_look_up_still_give_one_pod(api, monkeypatch, status, failing_looks):
+    # the server creates the pod, then the answer is lost; the API then fails the look-ups that follow (after a
+    # reset, more 500s in a row than one call's retries absorb: the create keeps watching for its pod)
+    api.inject(Fault(status, method="POST", path_prefix="/v2/pods", after_work=True))
+    dispatch = api.dispatch
+
+    def struggling_after_the_create(request):
+        response = dispatch(request)
+        if (request.method, request.path) == ("POST", "/v2/pods"):
+            api.inject(Fault(500, count=failing_looks, method="GET", path_prefix="/v2/pods"))
+        return response
+
+    monkeypatch.setattr(api, "dispatch", struggling_after_the_create)
+    created = pod_provider(retries=2, timeout=0.3).create(pod_props())
+    assert list(api.pods) == [created.id]
+    assert posts(api, "/v2/pods") == 1
+
+
 def test_volume_create_after_a_timeout_makes_no_duplicate(api):
     api.inject(Fault(0, method="POST", path_prefix="/v2/network-volumes", delay=0.5))
     created = volume_provider(timeout=0.2, backoff=0.8).create(volume_props())

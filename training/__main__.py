@@ -9,14 +9,19 @@ per GPU. Exit codes: 0 trained (or already done), 2 bad configuration, 75 stoppe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
+import threading
+import traceback
 from collections.abc import Mapping
 
 from pydantic import ValidationError
 
+from contract.redaction import redacted_source
 from contract.spec import (
+    ENV_DATASET_SOURCE,
     ENV_LIMITS,
     ENV_RUN_ID,
     RunLimits,
@@ -62,6 +67,37 @@ def read_configuration(environ: Mapping[str, str]) -> tuple[TrainSpec, RunLimits
     return spec, limits, run_id
 
 
+def with_dataset_credentials(spec: TrainSpec, environ: Mapping[str, str]) -> TrainSpec:
+    """The spec to train with: its dataset source with the credentials infra sent apart (ENV_DATASET_SOURCE),
+    when that URL is the one the spec names. Everything written down keeps the spec as it came."""
+    full = environ.get(ENV_DATASET_SOURCE)
+    if not full or redacted_source(full) != spec.dataset.source:
+        return spec
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"source": full})})
+
+
+def install_redacting_excepthooks(environ: Mapping[str, str]) -> None:
+    """Uncaught errors, in any thread, print their traceback through redact() like every other line: the
+    default hooks would print the raw values (a token in a URL, an env value in a message) into the pod log."""
+    from training.tracking import redact
+
+    def print_redacted(header: str, exc_type, exc, tb) -> None:
+        text = header + "".join(traceback.format_exception(exc_type, exc, tb))
+        print(redact(text, environ), end="", file=sys.stderr, flush=True)
+
+    def main_thread(exc_type, exc, tb) -> None:
+        print_redacted("", exc_type, exc, tb)
+
+    def other_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        print_redacted(f"Exception in thread {name}:\n", args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = main_thread
+    threading.excepthook = other_thread
+
+
 def _launched_processes() -> int:
     """GPUs to spread over when this process is not yet one of several launched by accelerate."""
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
@@ -83,6 +119,10 @@ def relaunch_with_accelerate(processes: int) -> None:
 
 
 def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, environ: Mapping[str, str]) -> int:
+    """Train `spec` (its dataset source may carry credentials: only the data loading sees them; the status,
+    trackers, LoRA metadata and model card get the spec as the environment held it)."""
+    recorded = spec
+    spec = with_dataset_credentials(spec, environ)
     # The hub libraries read HF_HOME when imported: set it before anything imports them.
     os.environ["HF_HOME"] = str(paths.hf_home)
     from training import checkpoints
@@ -106,7 +146,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
 
     with Lifecycle(limits, paths, environ, on_failure=record_failure, process_age_s=process_age_seconds()) as life:
         reporter = Reporter(
-            paths, spec, limits, run_id, spec.steps, checkpoints.latest_step(paths), environ=environ
+            paths, recorded, limits, run_id, spec.steps, checkpoints.latest_step(paths), environ=environ
         )
 
         def on_step(step: int, loss: float, lr: float) -> None:
@@ -122,7 +162,7 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
             reporter.finish(state, f"{reason}; stopped at step {result.step} with a checkpoint to resume from")
             life.finish(state)
             return EXIT_STOPPED
-        outputs = export_trained(result.state, environ=dict(environ))
+        outputs = export_trained(dataclasses.replace(result.state, spec=recorded), environ=dict(environ))
         reporter.finish("succeeded", f"trained {result.step} steps", outputs)
         life.finish("succeeded")
     return 0
@@ -137,12 +177,13 @@ def _run_follower(spec: TrainSpec, paths: RunPaths, accelerator) -> int:
     stop = threading.Event()
     # SIGTERM reaches every process; this one only passes the request on (the loop agrees on it every step).
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    result = train(spec, paths, stop=stop, accelerator=accelerator)
+    result = train(with_dataset_credentials(spec, os.environ), paths, stop=stop, accelerator=accelerator)
     return EXIT_STOPPED if result.outcome == "stopped" else 0
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    install_redacting_excepthooks(environ)
     from training.lifecycle import host
 
     storage = host(environ).storage_root()  # where the run's directory lives (the volume on a pod)

@@ -21,7 +21,7 @@ before resizing (a 10000x10 strip becomes a 20x10 region, not a 700000x704 inter
 decompression-bomb limit refuses images over `Image.MAX_IMAGE_PIXELS`. Every error names the file.
 
 Credentials in a dataset URL (user:password@, signed query strings) never leave this module: messages and
-records carry `contract.dataset.redacted_source(url)`.
+records carry `contract.redaction.redacted_source(url)`.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from contract.dataset import (
     classify_source,
     content_hash,
     dataset_files,
-    redacted_source,
 )
+from contract.redaction import redacted_source
 from contract.spec import ENV_MANAGED, DatasetSpec, TrainSpec
 from contract.workspace import RunPaths, atomic_write_json, read_json
 

@@ -49,6 +49,9 @@ EXIT_CRASH_LOOP = 5
 LEDGER_FLUSH_S = 10.0  # how often the run's ledger reaches the volume while training
 MAX_STARTS_WITHOUT_PROGRESS = 3
 LEDGER_KEY = "life"
+# how long a pod that refuses its stop (locked, busy) is asked again, at least: beyond the run's own time limit
+# if need be, since exiting instead would only restart the container into another billed run
+STOP_PATIENCE_S = 600.0
 
 
 def already_done(paths: RunPaths) -> bool:
@@ -68,16 +71,39 @@ def process_age_seconds() -> float:
         return 0.0
 
 
+# How a full volume surfaces: an OSError from Python's own writes, or, from torch.save's C++ writer, a
+# RuntimeError whose text is all that is left of the errno.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXTS = ("no space left on device", "disk quota exceeded", "pytorchstreamwriter failed writing file",
+                  "file write failed", "unexpected pos")
+
+
+def is_volume_full(error: BaseException) -> bool:
+    """True when `error`, or an error it came from, means the disk is out of space, however it surfaced."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        if isinstance(current, (OSError, RuntimeError)) and any(text in str(current).lower() for text in NO_SPACE_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def describe_failure(error: BaseException, paths: RunPaths) -> str:
     """One line for status.json and the log; a full volume says what survived and what to do."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if is_volume_full(error):
         from training.checkpoints import latest_step  # torch: only the trainer reaches this
 
         newest = latest_step(paths)
         kept = f"the newest complete checkpoint, step-{newest}, is intact" if newest else "no checkpoint was complete yet"
+        where = getattr(error, "filename", None) or "a file"
         return (
-            f"the network volume is full (No space left on device) while writing {error.filename or 'a file'}; "
-            f"{kept}. Grow runpod.volume.sizeGb in the stack file (volumes only grow) and run `pulumi up` to resume"
+            f"the network volume is full ({type(error).__name__}: {str(error)[:200]}) while writing {where}; "
+            f"{kept}. Grow runpod.volume.sizeGb in the stack file (volumes only grow) and run `pulumi up`: the pod "
+            "starts again and the run resumes"
         )
     return f"{type(error).__name__}: {error}"
 
@@ -99,9 +125,11 @@ def host(environ: Mapping[str, str]) -> Host:
     return host_from_environment(environ, lambda line: _log(line, environ))
 
 
-def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5) -> bool:
-    """Stop the machine this trainer runs on; True when stopped or not on one (a local run)."""
-    return host(environ).stop(retries, backoff_s)
+def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5,
+                 keep_trying_s: float = STOP_PATIENCE_S) -> bool:
+    """Stop the machine this trainer runs on; True when stopped or not on one (a local run). A pod that refuses
+    the stop is asked again for `keep_trying_s`."""
+    return host(environ).stop(retries, backoff_s, keep_trying_s)
 
 
 def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
@@ -271,7 +299,10 @@ class Lifecycle:
             return self._pod_stop_result
 
     def _send_stop(self) -> bool:
-        return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s)
+        # a pod that refuses the stop is asked again for what is left of the run's time limit (at least
+        # STOP_PATIENCE_S): the limits are what the stack agreed to pay for
+        left = self.limits.max_hours * 3600 - self.run_seconds()
+        return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s, max(left, STOP_PATIENCE_S))
 
     def _record_failure(self, exc: BaseException) -> None:
         message = describe_failure(exc, self.paths)

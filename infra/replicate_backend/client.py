@@ -2,8 +2,10 @@
 
 - Writes are retried. The client's transport retries 429/503/504 on GET/PUT/DELETE only; a POST or PATCH
   that meets a 429 or a 5xx fails at once. `WriteRetryTransport` retries those with exponential backoff,
-  honouring Retry-After. A training create is the exception: a 500/502/504 may come after the training was
-  made, so `create_training` retries it only after looking for the training an earlier try may have started.
+  honouring Retry-After. Creates are the exception (`create_once`): an answer lost after the server acted
+  (a 500/502/504, a read timeout, a reset connection) may hide a training, model, deployment or file that was
+  made, so a create is posted again only after looking for what the earlier try made. The look-ups retry
+  transient failures themselves (`retrying`): giving up there would post a duplicate or leave one unseen.
 - `get_training`/`cancel_training` return the API's JSON: the client's `Training` model refuses the
   `aborted` status the API sends for a training ended before it ran.
 - `delete_version` treats the API's 202 as success (`versions.delete` reports False for it).
@@ -18,8 +20,9 @@ import email.utils
 import os
 import random
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import replicate
@@ -31,6 +34,19 @@ WRITE_METHODS = frozenset({"POST", "PATCH"})
 UNPROCESSED_STATUSES = frozenset({429, 503})
 # The server may have acted before failing: safe to repeat only for requests that cannot duplicate work.
 AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
+T = TypeVar("T")
+
+
+def answer_lost(error: Exception) -> bool:
+    """The request may have been carried out although its answer never came: a 5xx, a timeout, a reset."""
+    if isinstance(error, ReplicateError):
+        return error.status in AMBIGUOUS_STATUSES
+    return isinstance(error, httpx.TransportError)
+
+
+def transient(error: Exception) -> bool:
+    """Worth the same request again: refused before any work (429/503), or an answer lost on the way."""
+    return answer_lost(error) or (isinstance(error, ReplicateError) and error.status in UNPROCESSED_STATUSES)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -101,7 +117,7 @@ class ReplicateClient:
             return replicate.Client(api_token=token, base_url=self.base_url, transport=transport)
 
         self.sdk = client(UNPROCESSED_STATUSES | AMBIGUOUS_STATUSES)
-        self._sdk_no_duplicates = client(UNPROCESSED_STATUSES)
+        self.sdk_once = client(UNPROCESSED_STATUSES)  # for creates: see create_once
 
     def __repr__(self) -> str:
         return f"ReplicateClient(base_url={self.base_url!r})"
@@ -117,30 +133,60 @@ class ReplicateClient:
     def cancel_training(self, training_id: str) -> dict:
         return self.json("POST", f"/v1/trainings/{training_id}/cancel")
 
+    def post_once(self, path: str, body: dict[str, Any], **kwargs: Any) -> Any:
+        """One POST that is never repeated blindly (429/503, refused before any work, are retried)."""
+        response = self.sdk_once._request("POST", path, json=body, **kwargs)
+        return response.json() if response.content else None
+
+    def retrying(self, call: Callable[[], T]) -> T:
+        """`call` (a read) again after a transient failure, with the client's backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except (ReplicateError, httpx.TransportError) as error:
+                if not transient(error) or attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def create_once(self, post: Callable[[], T], find: Callable[[], T | None]) -> T:
+        """`post` a create; after a lost answer, `find` what that try made (retrying the look-up itself through
+        transient failures) and post again only when nothing was made."""
+        for attempt in range(self.retries + 1):
+            try:
+                return post()
+            except (ReplicateError, httpx.TransportError) as error:
+                if not answer_lost(error) or attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * 2**attempt)
+            made = self.retrying(find)
+            if made is not None:
+                return made
+        raise AssertionError("unreachable")
+
     def create_training(self, trainer: str, version: str, destination: str, training_input: dict[str, Any]) -> dict:
-        """POST a training; after an ambiguous 5xx, adopt the training the failed try started, if there is one."""
+        """POST a training, unless one with these settings is still running (started by an earlier `up` whose
+        answer was lost); after a lost answer, adopt the training the failed try started, if there is one."""
         owner, name = trainer.split("/", 1)
         path = f"/v1/models/{owner}/{name}/versions/{version}/trainings"
         body = {"destination": destination, "input": training_input}
-        for attempt in range(self.retries + 1):
-            try:
-                return self._sdk_no_duplicates._request("POST", path, json=body).json()
-            except ReplicateError as error:
-                if error.status not in AMBIGUOUS_STATUSES or attempt == self.retries:
-                    raise
-            time.sleep(self.backoff * 2**attempt)
-            started = self._find_training(version, destination, training_input)
-            if started is not None:
-                return started
-        raise AssertionError("unreachable")
+        earlier = self.retrying(lambda: self._same_trainings(version, destination, training_input))
+        running = next((t for t in earlier if t.get("status") in ("starting", "processing")), None)
+        if running is not None:
+            return running
+        seen = {t["id"] for t in earlier}
 
-    def _find_training(self, version: str, destination: str, training_input: dict[str, Any]) -> dict | None:
-        page = self.json("GET", "/v1/trainings")  # newest first; a try from seconds ago is on the first page
-        return next(
-            (t for t in page.get("results", [])
-             if t.get("version") == version and t.get("destination") == destination and t.get("input") == training_input),
-            None,
-        )
+        def find() -> dict | None:
+            return next((t for t in self._same_trainings(version, destination, training_input) if t["id"] not in seen), None)
+
+        return self.create_once(lambda: self.post_once(path, body), find)
+
+    def _same_trainings(self, version: str, destination: str, training_input: dict[str, Any]) -> list[dict]:
+        """Trainings of this trainer version into this destination with this very input, newest first (the
+        first page: a try from seconds ago, or a training still running, is there)."""
+        page = self.json("GET", "/v1/trainings")
+        return [t for t in page.get("results", [])
+                if t.get("version") == version and t.get("destination") == destination and t.get("input") == training_input]
 
     def update_model(self, owner: str, name: str, **fields: Any) -> dict:
         """PATCH /v1/models/{owner}/{name} (description, readme, urls): the client has no call for it."""
@@ -161,7 +207,7 @@ class ReplicateClient:
     def find_file(self, sha256: str) -> dict | None:
         """An uploaded, unexpired file with this content, so the same dataset is uploaded once."""
         now = datetime.now(timezone.utc)
-        for file in self.json("GET", "/v1/files").get("results", []):
+        for file in self.retrying(lambda: self.json("GET", "/v1/files")).get("results", []):
             expires = file.get("expires_at")
             if file.get("checksums", {}).get("sha256") != sha256:
                 continue

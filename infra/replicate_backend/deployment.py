@@ -75,10 +75,16 @@ class DeploymentProvider(ReplicateProvider):
         client = self.client()
         body = {"name": props["name"], "model": props["model"],
                 **{api: props[key] for key, api in API_FIELDS.items()}}
+
+
+        def made_by_an_earlier_try() -> dict | None:
+            found = _find_by_name(client, props["name"])
+            return found if found is not None and found["current_release"]["model"] == props["model"] else None
+
         try:
-            deployment = client.json("POST", "/v1/deployments", json=body)
+            deployment = client.create_once(lambda: client.post_once("/v1/deployments", body), made_by_an_earlier_try)
         except ReplicateError as error:
-            existing = _find_by_name(client, props["name"]) if error.status == 409 else None
+            existing = client.retrying(lambda: _find_by_name(client, props["name"])) if error.status == 409 else None
             if existing is None or existing["current_release"]["model"] != props["model"]:
                 raise
             # an earlier try of this create made it, or it outlived a state that forgot it: adopt, then converge

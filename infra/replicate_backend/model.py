@@ -66,14 +66,18 @@ class ModelProvider(ReplicateProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         client = self.client()
         owner, name = props["owner"], props["name"]
-        model = _get_model(client, owner, name)
+        model = client.retrying(lambda: _get_model(client, owner, name))
         if model is None:
-            try:
-                model = client.json("POST", "/v1/models", json=_create_body(props))
-            except ReplicateError as error:
-                if error.status != 409:  # 409: an earlier try of this create made it after all
-                    raise
-                model = _get_model(client, owner, name)
+
+            def post() -> dict:
+                try:
+                    return client.post_once("/v1/models", _create_body(props))
+                except ReplicateError as error:
+                    if error.status != 409:  # 409: an earlier try of this create made it after all
+                        raise
+                    return client.retrying(lambda: _get_model(client, owner, name))
+
+            model = client.create_once(post, lambda: _get_model(client, owner, name))
         elif model["visibility"] != props["visibility"]:
             raise RuntimeError(
                 f"{owner}/{name} already exists on Replicate as a {model['visibility']} model; this stack asks for "

@@ -223,14 +223,18 @@ class TrainingProvider(ReplicateProvider):
             return source
         archive = dataset_zip(Path(source), props.get("captionExtension") or ".txt", props.get("defaultCaption") or "")
         sha256 = hashlib.sha256(archive).hexdigest()
-        uploaded = client.find_file(sha256)
-        if uploaded is None:
-            file = client.sdk.files.create(
+
+        def uploaded() -> str | None:
+            file = client.find_file(sha256)
+            return file["urls"]["get"] if file else None
+
+        def upload() -> str:
+            return client.sdk_once.files.create(
                 io.BytesIO(archive), filename=f"dataset-{sha256[:12]}.zip", content_type="application/zip",
                 metadata={"lorastack": "dataset", "sha256": sha256},
-            )
-            return file.urls["get"]
-        return uploaded["urls"]["get"]
+            ).urls["get"]
+
+        return uploaded() or client.create_once(upload, uploaded)
 
     def _follow(self, client: ReplicateClient, training: dict, props: dict[str, Any]) -> dict:
         """Poll until the training ends; cancel it at the time or money limit."""

@@ -1,8 +1,9 @@
 """RunpodTraining: one stack's training run on RunPod: a network volume (when configured) and the pod.
 
 The pod's environment is the contract of training/spec.py (ENV_*): the spec and limits as JSON, the run id,
-the volume as workspace with the Hugging Face cache on it, the reaper's label; HF_TOKEN / WANDB_API_KEY when
-set, in which case the whole env is a secret Output (it is one property in the state).
+the volume as workspace with the Hugging Face cache on it, the reaper's label, the volume's size; HF_TOKEN /
+WANDB_API_KEY when set, and a dataset URL's credentials: the spec holds the URL without them and the whole URL
+travels as ENV_DATASET_SOURCE. With any of these the whole env is a secret Output (one property in the state).
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from contract.workspace import RunPaths
 from infra.config import StackConfig
 from infra.runpod_backend.pod import Pod, PodArgs
 from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
-from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
+from contract.redaction import redacted_source
+from contract.spec import (
+    ENV_DATASET_SOURCE, ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, MAX_ENV_VALUE_BYTES, WORKSPACE_MOUNT,
+)
 
 # secret config key -> the pod's variable
 POD_SECRET_ENV = {"hfToken": "HF_TOKEN", "wandbApiKey": "WANDB_API_KEY"}
 CONSOLE_URL = "https://console.runpod.io/pods?id={pod_id}"
+ENV_VOLUME_GB = "LORASTACK_VOLUME_GB"
+# the whole environment, well inside what Linux takes for a process start (ARG_MAX, typically 2 MiB in all)
+MAX_POD_ENV_BYTES = 256 * 1024
 
 
 @dataclass
@@ -105,9 +112,18 @@ class RunpodTraining(pulumi.ComponentResource):
 
 
 def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output | None]) -> pulumi.Input[dict[str, str]]:
-    """The pod's environment: plain when no secret is in it, otherwise one secret Output."""
+    """The pod's environment: plain when no secret is in it, otherwise one secret Output.
+
+    The volume's size is in it (ENV_VOLUME_GB) so that growing a full volume changes the pod's inputs: the
+    update starts the stopped pod again and the run resumes (a stopped pod is started only on a new image or env).
+    """
+    volume = config.runpod.volume if config.runpod else None
+    source = config.train.dataset.source
+    written = redacted_source(source)  # credentials in the URL travel as a secret variable only
+    spec = config.train.model_copy(update={"dataset": config.train.dataset.model_copy(update={"source": written})})
     plain = {
-        ENV_SPEC: config.train.to_env_json(),
+        **({ENV_VOLUME_GB: str(volume.size_gb)} if volume is not None else {}),
+        ENV_SPEC: spec.to_env_json(),
         ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
         ENV_RUN_ID: run_id(stack, config.train),
         ENV_STACK: stack,
@@ -116,6 +132,21 @@ def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output
         **MANAGED_LABEL,
     }
     tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}
+    if written != source:
+        tokens[ENV_DATASET_SOURCE] = pulumi.Output.secret(source)
     if not tokens:
-        return plain
-    return pulumi.Output.secret(pulumi.Output.all(**tokens).apply(lambda values: {**plain, **values}))
+        return startable_env(plain)
+    return pulumi.Output.secret(pulumi.Output.all(**tokens).apply(lambda values: startable_env({**plain, **values})))
+
+
+def startable_env(env: dict[str, str]) -> dict[str, str]:
+    """`env`, when a process can start with it; otherwise a ValueError naming the variable and the limit (a
+    pod whose entrypoint cannot start bills with none of the trainer's safeguards running)."""
+    sizes = {name: len(f"{name}={value}".encode()) + 1 for name, value in env.items()}
+    too_long = [name for name, size in sizes.items() if size > MAX_ENV_VALUE_BYTES]
+    if too_long:
+        raise ValueError(f"the pod's {', '.join(too_long)} would take {max(sizes[n] for n in too_long)} bytes; Linux "
+                         f"starts no process with an environment string over {MAX_ENV_VALUE_BYTES} bytes")
+    if sum(sizes.values()) > MAX_POD_ENV_BYTES:
+        raise ValueError(f"the pod's environment would take {sum(sizes.values())} bytes; at most {MAX_POD_ENV_BYTES}")
+    return env

@@ -43,20 +43,21 @@ class RunpodProvider(CredentialedProvider):
     def create_once(self, find: Callable[[RunpodClient], dict | None], post: Callable[[RunpodClient], dict]) -> dict:
         """POST without blind retries: before every try, look for what an earlier try may have created.
 
-        RunPod's creates take no idempotency key, and a POST that timed out may still have created the thing.
-        So the POST goes through a client that does not retry, and each retry first lists what exists (`find`).
-        The wait before that look grows with each try, to let a slow create land first.
+        RunPod's creates take no idempotency key, and a POST whose answer was lost (a timeout, a reset, a 5xx)
+        may still have created the thing. So the POST goes through a client that does not retry, and each retry
+        first lists what exists (`find`). The wait before that look grows with each try, to let a slow create
+        land first. The look-ups retry transient errors like any other call: a look-up that gave up would leave
+        the earlier try's pod billing outside the state (and its volume undeletable).
         """
-        lookup, once = self.client(), self.client(retries=0)
+        lookup, once = self.client(retries=0), self.client(retries=0)
         for attempt in range(self.retries + 1):
-            existing = find(lookup)
+            existing = self._look(find, lookup)
             if existing is not None:
                 return existing
             try:
                 return post(once)
             except RunpodError as error:
-                transient = error.status == 0 or error.status in RETRY_STATUSES
-                if not transient or attempt == self.retries:
+                if not is_transient(error) or attempt == self.retries:
                     raise
                 if error.status == 0:
                     # no answer: the POST may still be creating on the server; watch for it (twice as long
@@ -67,11 +68,31 @@ class RunpodProvider(CredentialedProvider):
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _look(self, find: Callable[[RunpodClient], dict | None], lookup: RunpodClient) -> dict | None:
+        for attempt in range(self.retries + 1):
+            try:
+                return find(lookup)
+            except RunpodError as error:
+                if not is_transient(error) or attempt == self.retries:
+                    raise
+            lookup._sleep(attempt, None)
+        raise AssertionError("unreachable")
+
     def _await_landing(self, find: Callable[[RunpodClient], dict | None], lookup: RunpodClient) -> dict | None:
         deadline = time.monotonic() + 2 * self.timeout
         while time.monotonic() < deadline:
-            existing = find(lookup)
+            try:
+                existing = find(lookup)
+            except RunpodError as error:
+                if not is_transient(error):
+                    raise
+                existing = None  # the API is struggling: keep watching until the deadline
             if existing is not None:
                 return existing
             time.sleep(min(1.0, max(self.timeout / 10, 0.05)))
-        return None
+        return self._look(find, lookup)
+
+
+def is_transient(error: RunpodError) -> bool:
+    """No answer (a timeout, a reset), or a status RunPod sends for a request worth repeating."""
+    return error.status == 0 or error.status in RETRY_STATUSES

@@ -46,7 +46,8 @@ def demo_config() -> dict:
     return (yaml.safe_load(stack_file(STACK).read_text()) or {})["config"]
 
 
-def overrides(wait: bool = False, train: dict | None = None, limits: dict | None = None, keep_volume: bool | None = None) -> dict:
+def overrides(wait: bool = False, train: dict | None = None, limits: dict | None = None, keep_volume: bool | None = None,
+              volume_gb: int | None = None) -> dict:
     """`lorastack:*` values replacing the demo stack's."""
     config = copy.deepcopy(demo_config())
     changed = {"lorastack:wait": wait}
@@ -54,9 +55,12 @@ def overrides(wait: bool = False, train: dict | None = None, limits: dict | None
         changed["lorastack:train"] = {**config["lorastack:train"], **train}
     if limits:
         changed["lorastack:limits"] = {**config["lorastack:limits"], **limits}
-    if keep_volume is not None:
+    if keep_volume is not None or volume_gb is not None:
         runpod = config["lorastack:runpod"]
-        runpod["volume"]["keepOnDestroy"] = keep_volume
+        if keep_volume is not None:
+            runpod["volume"]["keepOnDestroy"] = keep_volume
+        if volume_gb is not None:
+            runpod["volume"]["sizeGb"] = volume_gb
         changed["lorastack:runpod"] = runpod
     return changed
 
