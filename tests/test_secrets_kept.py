@@ -33,8 +33,8 @@ def test_dataset_credentials_reach_the_pod_only_as_a_secret_variable():
     raw["lorastack:train"]["dataset"] = {"source": SIGNED}
     monitor, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})  # no token: only the URL makes it secret
     (pod,) = monitor.of_type(POD_TYPE)
-    assert rpc.is_rpc_secret(pod["inputs"]["env"])  # the state keeps the env encrypted
-    env = rpc.unwrap_rpc_secret(pod["inputs"]["env"])
+    assert rpc.is_rpc_secret(pod.inputs["env"])  # the state keeps the env encrypted
+    env = rpc.unwrap_rpc_secret(pod.inputs["env"])
     spec = TrainSpec.model_validate_json(env["LORASTACK_SPEC"])
     assert spec.dataset.source == PLAIN and "s3cr3t" not in env["LORASTACK_SPEC"]
     assert env[ENV_DATASET_SOURCE] == SIGNED
@@ -50,7 +50,7 @@ def test_a_url_without_credentials_travels_in_the_plain_spec():
     raw["lorastack:train"]["dataset"] = {"source": PLAIN}
     monitor, _ = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
     (pod,) = monitor.of_type(POD_TYPE)
-    assert not rpc.is_rpc_secret(pod["inputs"]["env"]) and ENV_DATASET_SOURCE not in pod["inputs"]["env"]
+    assert not rpc.is_rpc_secret(pod.inputs["env"]) and ENV_DATASET_SOURCE not in pod.inputs["env"]
 
 
 def test_an_uncaught_traceback_is_redacted_in_the_log():
