@@ -6,7 +6,7 @@ Your own GPU bills nothing by the hour: the price is what the stack says it cost
 
 from __future__ import annotations
 
-PRICE_SOURCE = "your own GPU: lorastack:local.usdPerHour as the stack sets it (electricity, amortisation)"
+PRICE_SOURCE = "set by the stack (local.usdPerHour: electricity, amortisation); nothing billed by the hour"
 
 # name as CUDA reports it -> memory in GB
 LOCAL_GPUS: dict[str, int] = {

@@ -17,6 +17,7 @@ import pulumi
 from contract.naming import pod_name, run_id
 from contract.workspace import RunPaths
 from infra.config import StackConfig
+from infra.local_backend import engine
 from infra.local_backend.container import Container, ContainerArgs
 from infra.local_backend.folder import Folder, FolderArgs
 from infra.runpod_backend.component import pod_env
@@ -46,6 +47,12 @@ class LocalTraining(pulumi.ComponentResource):
         local = config.local
         if local is None:
             raise ValueError(f"stack {stack}: LocalTraining needs the lorastack:local section")
+        if not pulumi.runtime.is_dry_run():
+            # one line before anything is planned, rather than a provider's traceback; preview needs no engine
+            try:
+                engine.connect(os.environ, timeout=10).close()
+            except engine.NoEngine as error:
+                raise pulumi.RunError(str(error)) from None
         path = str(local.folder_path(stack))
         kept = local.keep_on_destroy
         self.folder = Folder(f"{name}-folder", FolderArgs(path=path),
