@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from contract.naming import run_id
 from contract.spec import ENV_LIMITS
+from contract.workspace import RunPaths, atomic_write_json
 from emulator.docker_engine import DockerEngineApi
 from emulator.server import Fault
 from emulator.stack_driver import ProgramError
+from infra import backends
 from infra.local_backend import reap as reap_rules
 from infra.local_backend.container import ContainerProvider
+from infra.stack_files import load_stack
 
 from .local_engine import STACK, start
 
@@ -159,3 +163,31 @@ def test_the_reaper_stops_ours_past_their_limits_and_leaves_the_rest(engine):
     assert decisions[unlimited[:12]].terminate and "limits" in decisions[unlimited[:12]].reason
     assert foreign[:12] not in decisions
     assert sorted(engine.api.containers) == sorted([within, foreign])
+
+
+def test_status_logs_and_fetch_read_the_container_and_the_folder(engine):
+    outputs, _ = engine.driver().up()
+    stack_config = load_stack(STACK)
+    config = stack_config.model_copy(update={"local": stack_config.local.model_copy(update={"folder": str(engine.folder)})})
+    backend, environ = backends.get("local"), {"DOCKER_HOST": engine.url.replace("http://", "tcp://")}
+    run = RunPaths(engine.folder, run_id(STACK, config.train))
+    run.run.mkdir(parents=True)
+    atomic_write_json(run.status, {"state": "running", "step": 120, "total": 800, "loss": 0.1234})
+    (line,) = backend.status(STACK, config, environ).lines
+    assert "container running" in line and "running at step 120/800, loss 0.1234" in line
+
+    container = engine.api.containers[outputs["containerId"]]
+    container.logs += [b"step 1\n", b"step 2\n"]
+    engine.client.containers.get(container.id).stop(timeout=1)
+    emitted: list[str] = []
+    backend.logs(STACK, config, environ, emitted.append)  # follows until the container has exited
+    assert emitted == ["step 1", "step 2"]
+
+    with pytest.raises(backends.OpsError, match="no LoRA yet"):
+        backend.fetch(STACK, config, engine.folder.parent / "out", environ)
+    run.lora.mkdir()
+    (run.lora / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    report = backend.fetch(STACK, config, engine.folder.parent / "out", environ)
+    assert (engine.folder.parent / "out" / "pytorch_lora_weights.safetensors").read_bytes() == b"weights"
+    assert "has not finished" in report.lines[0]
+    engine.driver().destroy()
