@@ -6,6 +6,7 @@ the reaper stops our containers past their limits and leaves the rest."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def swagger_path(path: str) -> str | None:
     bare = "/" + bare
     for template in CONTRACT["paths"]:
         pattern = template.replace("{name}", ".+").replace("{id}", "[^/]+")
-        if __import__("re").fullmatch(pattern, bare):
+        if re.fullmatch(pattern, bare):
             return template
     return None
 

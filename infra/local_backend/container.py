@@ -35,6 +35,7 @@ from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.local_backend import engine
 from infra.local_backend.engine import INPUTS_LABEL, MANAGED_LABEL, STACK_LABEL
+from infra.runpod_backend.pod import is_pinned
 
 CONTAINER_KEYS = ("name", "stack", "image", "env", "folder", "gpus", "shmSizeGb", "user")
 INTEGER_KEYS = ("shmSizeGb",)
@@ -74,7 +75,7 @@ class ContainerProvider(ResourceProvider):
         known = {key: value for key, value in news.items() if not is_unknown(value)}
         failures: list[CheckFailure] = []
         image = known.get("image")
-        if image is not None and not (isinstance(image, str) and _is_pinned(image)):
+        if image is not None and not (isinstance(image, str) and is_pinned(image)):
             failures.append(CheckFailure("image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {image!r}"))
         folder = known.get("folder")
         if folder is not None and not (isinstance(folder, str) and os.path.isabs(folder)):
@@ -161,13 +162,6 @@ class ContainerProvider(ResourceProvider):
 
     def _pause(self, attempt: int) -> None:
         time.sleep(self.backoff * 2**attempt)
-
-
-def _is_pinned(image: str) -> bool:
-    if "@sha256:" in image:
-        return True
-    name = image.rsplit("/", 1)[-1]
-    return ":" in name and name.rsplit(":", 1)[1] not in ("", "latest")
 
 
 def _create_arguments(props: dict[str, Any], digest: str) -> dict[str, Any]:
