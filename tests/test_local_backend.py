@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from contract.naming import run_id
 from contract.spec import ENV_LIMITS
@@ -192,3 +193,36 @@ def test_status_logs_and_fetch_read_the_container_and_the_folder(engine):
     assert (engine.folder.parent / "out" / "pytorch_lora_weights.safetensors").read_bytes() == b"weights"
     assert "has not finished" in report.lines[0]
     engine.driver().destroy()
+
+
+def test_the_policy_pack_passes_the_shipped_container_and_refuses_an_unlimited_or_unpinned_one():
+    from infra.runpod_backend.component import pod_env
+
+    from .test_policy import all_violations
+
+    config = load_stack(STACK)
+    container_type = "pulumi-python:dynamic/local:Container"
+    props = {"name": "lorastack-sd15-local", "stack": STACK, "image": config.image.ref, "env": pod_env(STACK, config, {}),
+             "folder": "/home/me/.cache/lorastack/sd15-local", "gpus": "all", "shmSizeGb": 8, "user": "1000:1000"}
+    assert all_violations(container_type, props) == []
+    env = {key: value for key, value in props["env"].items() if key != ENV_LIMITS}
+    found = all_violations(container_type, {**props, "image": "ghcr.io/lorastack/trainer:latest", "env": env})
+    assert any("'latest'" in line for line in found) and any("maxHours" in line for line in found)
+
+
+@pytest.mark.parametrize(("changes", "said"), [
+    ({"lorastack:wait": True}, "lorastack:wait: true is not offered by provider local"),
+    ({"lorastack:local": {"gpuType": "RTX 4090"}}, "local.gpuType = 'RTX 4090': unknown GPU name"),
+    ({"lorastack:local": {"gpuType": "NVIDIA GeForce RTX 3060", "folder": "relative/path"}}, "local.folder"),
+])
+def test_a_bad_local_section_names_the_key_and_what_is_allowed(changes, said):
+    from infra.stack_files import StackError, parse_stack, stack_file
+
+    raw = {**(yaml.safe_load(stack_file(STACK).read_text()) or {})["config"], **changes}
+    with pytest.raises(StackError) as raised:
+        parse_stack(raw, "stacks/Pulumi.sd15-local.yaml")
+    assert any(said in line for line in raised.value.problems), raised.value.problems
+
+
+def test_the_reaper_has_nothing_to_do_without_an_engine():
+    assert backends.get("local").reap({STACK}, {"DOCKER_HOST": "tcp://127.0.0.1:9"}, dry_run=False, grace_minutes=10) == []
