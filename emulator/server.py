@@ -76,7 +76,8 @@ class JsonApi:
         self.requests: list[tuple[str, str]] = []
 
     def route(self, method: str, template: str, handler: Handler) -> None:
-        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template)
+        pattern = re.sub(r"\{(\w+):path\}", r"(?P<\1>.+)", template)  # {name:path}: may hold slashes
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{pattern}$"), handler))
 
     def inject(self, fault: Fault) -> None:

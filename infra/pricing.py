@@ -28,6 +28,9 @@ RELATIVE_SPEED = {
     "NVIDIA RTX 6000 Ada Generation": 1.0, "NVIDIA L4": 0.35, "NVIDIA A40": 0.55, "NVIDIA L40S": 1.1,
     "NVIDIA A100 80GB PCIe": 1.3, "NVIDIA A100-SXM4-80GB": 1.5, "NVIDIA H100 PCIe": 1.9,
     "NVIDIA H100 80GB HBM3": 2.4, "NVIDIA H100 NVL": 2.2, "NVIDIA H200": 2.6,
+    # consumer cards a local stack may name (infra/local_backend/catalog.py)
+    "NVIDIA GeForce RTX 3060": 0.3, "NVIDIA GeForce RTX 3080": 0.5, "NVIDIA GeForce RTX 4070 Ti SUPER": 0.65,
+    "NVIDIA GeForce RTX 4080": 0.75,
 }
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 

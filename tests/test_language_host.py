@@ -249,3 +249,23 @@ def _logger():
     import logging
 
     return logging.getLogger("tests.language_host")
+
+
+@pytest.mark.parametrize("stack", sorted(name for name, config in STACKS.items() if config["lorastack:provider"] == "local"))
+def test_a_local_stack_goes_up_previews_no_change_and_is_destroyed(stack, tmp_path, monkeypatch):
+    from emulator.docker_engine import DockerEngineApi
+
+    api = DockerEngineApi(run_trainers=False)  # containers only report running: nothing trains here
+    settings = {**STACKS[stack]["lorastack:local"], "folder": str(tmp_path / "folder")}
+    driver = StackDriver(stack, tmp_path / "state", secrets={"hfToken": HF_TOKEN}, overrides={"lorastack:local": settings})
+    with serve(api) as url:
+        monkeypatch.setenv("DOCKER_HOST", url.replace("http://", "tcp://"))
+        outputs, operations = driver.up()
+        assert operations.counts == {"create": 2}  # the folder and the container
+        assert list(api.containers) == [outputs["containerId"]]
+        assert_no_plain_secrets(state_file(tmp_path / "state", stack), HF_TOKEN)
+        _, preview = driver.preview()
+        assert preview.counts == {"same": 2} and preview.changes == 0
+        kept = settings.get("keepOnDestroy", True)
+        assert driver.destroy().counts == ({"delete": 1, "retain": 1} if kept else {"delete": 2})
+        assert api.containers == {} and (tmp_path / "folder").is_dir() is kept
