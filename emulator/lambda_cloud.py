@@ -149,8 +149,9 @@ class LambdaCloudApi(JsonApi):
     # --- the vendor's shapes ---
     def error_body(self, status: int, detail: str, errors: list[str]) -> object:
         """`errors[0]`, when given, is the error code (ApiError(400, message, [code]))."""
-        return {"error": {"code": errors[0] if errors else DEFAULT_CODES.get(status, "global/internal-error"),
-                          "message": detail}}
+        code = errors[0] if errors else DEFAULT_CODES.get(status, "global/internal-error")
+        suggestion = "Check your API key." if status == 401 else "See the Lambda Cloud API documentation."
+        return {"error": {"code": code, "message": detail, "suggestion": suggestion}}
 
     def authorize(self, request: Request) -> None:
         header = request.headers.get("authorization", "")
