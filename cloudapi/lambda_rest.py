@@ -4,8 +4,8 @@ Pure `requests`, no Pulumi: the dynamic providers, the trainer's host (cloudapi/
 instance from inside it), the reaper and `make status` use it. Facts of the API that shape this client:
 - every reply is `{"data": ...}`, every error `{"error": {"code", "message", "suggestion"}}`: callers branch on
   `LambdaError.code`, never on the message;
-- 1 request/s in general and one launch per 12 s: requests from one client are spaced by `min_interval_s`, and a
-  launch waits for `LAUNCH_INTERVAL_S` since the last launch made from this process;
+- 1 request/s in general and one launch per 12 s: a launch waits for `LAUNCH_INTERVAL_S` since the last launch made
+  from this process (a second one would only earn a 429); other calls are few, and a 429 is retried with backoff;
 - filesystems are listed at /file-systems but created and deleted at /filesystems (the spec's own mismatch).
 """
 
@@ -23,7 +23,6 @@ DEFAULT_BASE_URL = "https://cloud.lambda.ai"
 BASE_URL_ENV = "LAMBDA_API_BASE_URL"  # ours: tests point it at emulator/lambda_cloud.py
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 LAUNCH_INTERVAL_S = 12.0  # "launch: 1 request per 12 s"
-MIN_INTERVAL_S = 1.0  # "1 request per second"
 # An instance in one of these is billed (Lambda bills from launch until terminate; there is no stop state).
 BILLED_STATUSES = ("booting", "active", "unhealthy")
 GONE_STATUSES = ("terminating", "terminated", "preempted")
@@ -52,15 +51,14 @@ class NotFound(LambdaError):
 
 class LambdaClient:
     def __init__(self, api_key: str, base_url: str | None = None, retries: int = 6, backoff: float = 1.0,
-                 timeout: float = 30.0, min_interval_s: float = MIN_INTERVAL_S, launch_interval_s: float = LAUNCH_INTERVAL_S):
+                 timeout: float = 30.0, launch_interval_s: float = LAUNCH_INTERVAL_S):
         if not api_key:
             raise ValueError("no Lambda Cloud API key: `pulumi config set --secret lambdaApiKey ...` or export LAMBDA_API_KEY")
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {api_key}"
         self.base_url = (base_url or base_url_from_environment()).rstrip("/")
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
-        self.min_interval_s, self.launch_interval_s = min_interval_s, launch_interval_s
-        self._last_request = float("-inf")
+        self.launch_interval_s = launch_interval_s
 
     def __repr__(self) -> str:  # never show the key
         return f"LambdaClient({self.base_url})"
@@ -71,10 +69,6 @@ class LambdaClient:
         Launch callers pass through a client with `retries=0` and make the retry safe themselves (find by name).
         """
         for attempt in range(self.retries + 1):
-            wait = self._last_request + self.min_interval_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            self._last_request = time.monotonic()
             try:
                 response = self._session.request(method, self.base_url + path, json=body, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as error:

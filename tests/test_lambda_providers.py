@@ -48,7 +48,7 @@ def hosted(provider: LambdaProvider, api_key: str | None = API_KEY) -> LambdaPro
     return revived
 
 
-FAST = {"backoff": 0.01, "timeout": 2.0, "min_interval_s": 0.0, "launch_interval_s": 0.3}
+FAST = {"backoff": 0.01, "timeout": 2.0, "launch_interval_s": 0.3}
 
 
 def instance_provider(**options) -> InstanceProvider:
@@ -79,7 +79,7 @@ def launches(api: LambdaCloudApi) -> int:
 
 
 def client() -> LambdaClient:
-    return LambdaClient(API_KEY, backoff=0.01, timeout=2.0, min_interval_s=0)
+    return LambdaClient(API_KEY, backoff=0.01, timeout=2.0)
 
 
 # --- the contract ---------------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_the_api_key_stays_out_of_pickles_and_the_key_comes_from_the_environment
 
 def test_a_wrong_key_is_refused_with_the_vendors_code(api):
     with pytest.raises(LambdaError) as refused:
-        LambdaClient("wrong", retries=0, min_interval_s=0).list_instances()
+        LambdaClient("wrong", retries=0).list_instances()
     assert refused.value.status == 401 and refused.value.code == "global/invalid-api-key"
 
 

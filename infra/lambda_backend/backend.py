@@ -82,7 +82,7 @@ class LambdaBackend:
         if not api_key(environ):
             return LivePrices(None, "Lambda Cloud: the dated table; LAMBDA_API_KEY is not set (export it for live prices)")
         try:
-            types = client_from(environ, retries=0, timeout=timeout, min_interval_s=0).instance_types()
+            types = client_from(environ, retries=0, timeout=timeout).instance_types()
         except (LambdaError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Lambda Cloud: the dated table; the API did not answer usefully ({short_error(error)})")
         fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -8,7 +8,7 @@ from typing import Any
 
 from pulumi.dynamic import DiffResult
 
-from cloudapi.lambda_rest import RETRY_STATUSES, LambdaClient, LambdaError
+from cloudapi.lambda_rest import LAUNCH_INTERVAL_S, RETRY_STATUSES, LambdaClient, LambdaError
 from infra.dynamic import CredentialedProvider, keyed_diff
 
 
@@ -20,18 +20,17 @@ class LambdaProvider(CredentialedProvider):
     update_keys: tuple[str, ...]
 
     def __init__(self, retries: int = 6, backoff: float = 1.0, timeout: float = 30.0,
-                 min_interval_s: float | None = None, launch_interval_s: float | None = None):
+                 launch_interval_s: float = LAUNCH_INTERVAL_S):
         super().__init__()
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
-        self.spacing = {key: value for key, value in (("min_interval_s", min_interval_s),
-                                                      ("launch_interval_s", launch_interval_s)) if value is not None}
+        self.launch_interval_s = launch_interval_s
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         return keyed_diff(olds, news, self.replace_keys, self.update_keys, delete_before_replace=True)
 
     def client(self, retries: int | None = None) -> LambdaClient:
         return LambdaClient(self.credential_value(), retries=self.retries if retries is None else retries,
-                            backoff=self.backoff, timeout=self.timeout, **self.spacing)
+                            backoff=self.backoff, timeout=self.timeout, launch_interval_s=self.launch_interval_s)
 
     def create_once(self, find: Callable[[LambdaClient], dict | None], post: Callable[[LambdaClient], dict]) -> dict:
         """POST without blind retries: before every try, look for what an earlier try may have created.
