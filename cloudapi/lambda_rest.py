@@ -28,6 +28,7 @@ BILLED_STATUSES = ("booting", "active", "unhealthy")
 GONE_STATUSES = ("terminating", "terminated", "preempted")
 INSUFFICIENT_CAPACITY = "instance-operations/launch/insufficient-capacity"
 FILESYSTEM_IN_USE = "filesystems/filesystem-in-use"
+DUPLICATE = "global/duplicate"
 
 _launch_lock = threading.Lock()
 _last_launch = float("-inf")

@@ -134,6 +134,13 @@ def test_filesystem_create_read_adopt_keep_and_delete(api):
     assert api.filesystems == {} and provider.read(created.id, created.outs).id == ""
 
 
+def test_a_filesystem_moved_to_another_region_says_where_the_old_one_is(api):
+    provider = filesystem_provider()
+    provider.create({"name": "lorastack-test", "region": REGION, "keepOnDestroy": True})
+    with pytest.raises(RuntimeError, match=f"already exists in {REGION}"):
+        provider.create({"name": "lorastack-test", "region": "us-east-1", "keepOnDestroy": True})
+
+
 def test_filesystem_check_names_bad_inputs(api):
     failures = filesystem_provider().check({}, {"name": "9-starts-with-a-digit", "region": "mars-1", "keepOnDestroy": "no"}).failures
     assert {failure.property for failure in failures} == {"name", "region", "keepOnDestroy"}

@@ -20,7 +20,7 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from cloudapi.lambda_rest import FILESYSTEM_IN_USE, LambdaClient, LambdaError
+from cloudapi.lambda_rest import DUPLICATE, FILESYSTEM_IN_USE, LambdaClient, LambdaError
 from infra.dynamic import is_unknown
 from infra.lambda_backend import catalog
 from infra.lambda_backend.provider import LambdaProvider
@@ -54,7 +54,20 @@ class FilesystemProvider(LambdaProvider):
             return next((fs for fs in client.list_filesystems()
                          if fs["name"] == props["name"] and fs["region"]["name"] == props["region"]), None)
 
-        filesystem = self.create_once(find, lambda client: client.create_filesystem(props["name"], props["region"]))
+        def post(client: LambdaClient) -> dict:
+            try:
+                return client.create_filesystem(props["name"], props["region"])
+            except LambdaError as error:
+                if error.code != DUPLICATE:
+                    raise
+                elsewhere = next((fs["region"]["name"] for fs in self.client().list_filesystems() if fs["name"] == props["name"]), "?")
+                raise RuntimeError(
+                    f"a Lambda filesystem named {props['name']} already exists in {elsewhere} (kept from an earlier "
+                    f"region of this stack?); filesystems are region-locked and their names unique: delete it in the "
+                    f"Lambda console once its data is safe, or keep lorastack:lambda region at {elsewhere}"
+                ) from None
+
+        filesystem = self.create_once(find, post)
         return CreateResult(filesystem["id"], _outputs(props, filesystem))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
