@@ -15,6 +15,7 @@ then launches a new one, which resumes from the checkpoints on the filesystem.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -84,10 +85,21 @@ class InstanceProvider(LambdaProvider):
                 if error.code == INSUFFICIENT_CAPACITY:
                     raise RuntimeError(_no_capacity(self.client(), props)) from None
                 raise
-            return self.client().get_instance(instance_id)
+            return self._launched(instance_id)
 
         instance = self.create_once(find, launch)
         return CreateResult(instance["id"], _outputs(props, instance))
+
+    def _launched(self, instance_id: str) -> dict:
+        """The instance a launch just answered with; a moment may pass before the API lists it."""
+        client, deadline = self.client(), time.monotonic() + 2 * self.timeout
+        while True:
+            try:
+                return client.get_instance(instance_id)
+            except NotFound:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(self.backoff * 2, 2.0))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         try:
