@@ -2,7 +2,8 @@
 
 The trainer (training/lifecycle.py) talks to a `Host` and knows no cloud. `host_from_environment` picks the
 implementation from the variables the platform sets in the container: RUNPOD_POD_ID (with the pod-scoped
-RUNPOD_API_KEY RunPod sets beside it) means a RunPod pod; anything else is a local run (a laptop, a test, the
+RUNPOD_API_KEY RunPod sets beside it) means a RunPod pod; LAMBDA_INSTANCE_NAME (ours: Lambda injects no id, so the
+user data the instance boots with names it) means a Lambda Cloud instance; anything else is a local run (a laptop, a test, the
 emulator without pods), which has nothing to stop and no bill of its own. A new platform is one class here and
 one line in `host_from_environment`.
 """
@@ -14,12 +15,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from cloudapi import lambda_rest
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
 from contract.workspace import workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
+ENV_LAMBDA_INSTANCE_NAME = "LAMBDA_INSTANCE_NAME"  # ours, written by the instance's user data (Lambda sets no id)
+ENV_LAMBDA_API_KEY = "LAMBDA_API_KEY"  # the account key, a secret input of the instance's user data
 
 Log = Callable[[str], None]
 
@@ -132,8 +136,70 @@ class RunpodHost:
         return workspace_root(dict(self._environ))
 
 
+class LambdaHost:
+    """A Lambda Cloud instance. Lambda has no stop state and bills until terminate, and it tells an instance neither
+    its id nor a scoped key: the launch gives the instance a unique name (`lorastack-<stack>`) and the user data
+    passes that name and the account's API key (a secret input) into the container. The host finds its own id by
+    listing instances with that name, then terminates itself."""
+
+    def __init__(self, environ: Mapping[str, str], log: Log):
+        self.name = environ[ENV_LAMBDA_INSTANCE_NAME]
+        self._environ, self._log = environ, log
+        self._instance: dict | None = None
+
+    def _client(self, retries: int, backoff_s: float) -> lambda_rest.LambdaClient:
+        return lambda_rest.LambdaClient(self._environ.get(ENV_LAMBDA_API_KEY, ""), base_url=self._environ.get(
+            lambda_rest.BASE_URL_ENV) or None, retries=retries, backoff=backoff_s)
+
+    def _find_self(self, client: lambda_rest.LambdaClient) -> dict | None:
+        if self._instance is None:
+            self._instance = next((instance for instance in client.list_instances() if instance.get("name") == self.name
+                                   and instance["status"] not in lambda_rest.GONE_STATUSES), None)
+        return self._instance
+
+    @property
+    def machine_id(self) -> str:
+        """The instance id (a relaunched instance under the same name is a new machine); the name when the API
+        cannot be asked."""
+        try:
+            instance = self._find_self(self._client(retries=2, backoff_s=0.5))
+        except (lambda_rest.LambdaError, ValueError) as error:
+            self._log(f"could not look up instance {self.name}: {error}")
+            return self.name
+        return instance["id"] if instance else self.name
+
+    def stop(self, retries: int, backoff_s: float) -> bool:
+        """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing."""
+        try:
+            client = self._client(retries, backoff_s)
+            instance = self._find_self(client)
+            if instance is None:
+                self._log(f"instance {self.name} is already terminated")
+                return True
+            client.terminate([instance["id"]])
+        except lambda_rest.NotFound:
+            self._log(f"instance {self.name} is already terminated")
+            return True
+        except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+            self._log(f"could not terminate instance {self.name}: {error}")
+            return False
+        self._log(f"terminate requested for instance {instance['id']} ({self.name})")
+        return True
+
+    def billed_usd_per_hour(self) -> float | None:
+        """The instance type's price_cents_per_hour, as GET /api/v1/instances reports it for this instance."""
+        instance = self._find_self(self._client(retries=2, backoff_s=0.5))
+        cents = (instance or {}).get("instance_type", {}).get("price_cents_per_hour") or 0
+        return cents / 100 if cents > 0 else None
+
+    def storage_root(self) -> Path:
+        return workspace_root(dict(self._environ))
+
+
 def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
     """The host this process runs on, from the variables its platform sets; `log` receives what it has to say."""
     if environ.get(ENV_POD_ID):
         return RunpodHost(environ, log)
+    if environ.get(ENV_LAMBDA_INSTANCE_NAME):
+        return LambdaHost(environ, log)
     return LocalHost(environ, log)

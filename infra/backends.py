@@ -29,6 +29,7 @@ BACKEND_MODULES: dict[str, str] = {
     "runpod": "infra.runpod_backend.backend",
     "replicate": "infra.replicate_backend.backend",
     "local": "infra.local_backend.backend",
+    "lambda": "infra.lambda_backend.backend",
 }
 ProviderName = Literal[tuple(BACKEND_MODULES)]  # type: ignore[valid-type]  # the schema's `provider` values
 

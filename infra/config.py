@@ -19,6 +19,7 @@ from contract.spec import RunLimits, TrainSpec, _Schema
 from infra import backends, pricing
 from infra.backends import Backend, ProviderName
 from infra.local_backend.config import LocalConfig
+from infra.lambda_backend.config import LambdaConfig
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from training.version import __version__
@@ -76,6 +77,7 @@ class StackConfig(_Schema):
     runpod: RunpodConfig | None = None
     replicate: ReplicateConfig | None = None
     local: LocalConfig | None = None
+    lambda_cloud: LambdaConfig | None = Field(default=None, alias="lambda")  # `lambda` is a Python keyword
     limits: RunLimits
     wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
     train: TrainSpec
@@ -125,7 +127,7 @@ class StackConfig(_Schema):
     @property
     def section(self) -> Any:
         """The chosen backend's section (`lorastack:<provider>`)."""
-        return getattr(self, self.provider)
+        return getattr(self, section_field(self.provider))
 
     def usd_per_hour(self, live: Any = None) -> tuple[float, str]:
         """$/hour the run is billed at, and the price's source; `live`: the backend's LivePrices.data, if fetched."""
@@ -142,3 +144,9 @@ class StackConfig(_Schema):
     def run_limits(self) -> RunLimits:
         """The limits the pod enforces, with the price it is billed at filled in."""
         return self.limits.model_copy(update={"usd_per_hour": self.usd_per_hour()[0]})
+
+
+def section_field(provider: str) -> str:
+    """The StackConfig field holding a provider's section: the field whose alias is the provider name (the field
+    is named after the provider, except where that name is a Python keyword: `lambda` -> lambda_cloud)."""
+    return next(name for name, field in StackConfig.model_fields.items() if (field.alias or name) == provider)

@@ -23,13 +23,14 @@ from typing import TextIO
 SECRETS = {
     "runpodApiKey": "RUNPOD_API_KEY",
     "replicateApiToken": "REPLICATE_API_TOKEN",
+    "lambdaApiKey": "LAMBDA_API_KEY",
     "hfToken": "HF_TOKEN",
     "wandbApiKey": "WANDB_API_KEY",
 }
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
                    "reap": ("runpodApiKey",)}
-COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",)}
+COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",), "reap": ("lambdaApiKey",)}
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are

@@ -31,6 +31,9 @@ RELATIVE_SPEED = {
     # consumer cards a local stack may name (infra/local_backend/catalog.py)
     "NVIDIA GeForce RTX 3060": 0.3, "NVIDIA GeForce RTX 3080": 0.5, "NVIDIA GeForce RTX 4070 Ti SUPER": 0.65,
     "NVIDIA GeForce RTX 4080": 0.75,
+    # Lambda Cloud's GPUs not above (by CUDA's names)
+    "NVIDIA A10": 0.45, "Quadro RTX 6000": 0.4, "NVIDIA A100-PCIE-40GB": 1.2, "NVIDIA A100-SXM4-40GB": 1.4,
+    "NVIDIA GH200 480GB": 2.6, "NVIDIA B200": 4.0,
 }
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 

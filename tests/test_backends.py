@@ -14,7 +14,7 @@ import pytest
 from cloudapi import hosts
 from contract.workspace import workspace_root
 from infra import backends
-from infra.config import StackConfig
+from infra.config import StackConfig, section_field
 from infra.paths import REPO_ROOT
 from infra.stack_files import STACKS_DIR, load_stack
 
@@ -40,8 +40,9 @@ def test_every_backend_package_is_registered_and_implements_the_interface():
             theirs = inspect.signature(getattr(backends.Backend, hook))
             assert list(ours.parameters) == list(theirs.parameters)[1:], f"{name}.{hook}{ours} != Backend.{hook}{theirs}"
         # its section is the stack file's lorastack:<name>, validated by the model its package defines
-        assert StackConfig.model_fields[name].alias == name
-        assert backend.section in typing.get_args(StackConfig.model_fields[name].annotation)
+        field = StackConfig.model_fields[section_field(name)]
+        assert (field.alias or section_field(name)) == name
+        assert backend.section in typing.get_args(field.annotation)
         assert importlib.import_module(backends.policies_module(name)).POLICIES
 
 
@@ -56,7 +57,7 @@ def test_every_shipped_stack_is_priced_and_described_by_its_backend():
         stack = path.name.removeprefix("Pulumi.").removesuffix(".yaml")
         config = load_stack(stack)
         assert config.backend is backends.get(config.provider)
-        assert config.section is getattr(config, config.provider)
+        assert config.section is getattr(config, section_field(config.provider))
         usd_per_hour, source = config.usd_per_hour()
         assert usd_per_hour > 0 and source
         assert config.cost_estimate().usd > 0

@@ -83,7 +83,7 @@ BAD_INPUTS = [
     ({"image.digest": "sha256:abc"}, "lorastack:image.digest", "64 hex digits"),
     ({"limits.maxCostUsd": -1}, "lorastack:limits.maxCostUsd = -1", "greater than 0"),
     ({"limits": None}, "lorastack:limits", "required key is missing"),
-    ({"provider": "azure"}, "lorastack:provider = 'azure'", "'runpod', 'replicate'"),
+    ({"provider": "lambda-labs"}, "lorastack:provider = 'lambda-labs'", "'runpod', 'replicate'"),
     (
         {"train.batchSize": 2, "train.gradientCheckpointing": "off"},
         "lorastack:",

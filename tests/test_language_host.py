@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pulumi.runtime import rpc
 
+from emulator.lambda_cloud import LambdaCloudApi
 from emulator.language_host import (
     Deployment,
     MockedResources,
@@ -36,6 +37,7 @@ from infra.stack_files import STACKS_DIR
 RUNPOD_KEY = "rpa_language_host_test_key_5ec7e7"
 HF_TOKEN = "hf_language_host_test_token_b0a710"
 REPLICATE_TOKEN = "r8_language_host_test_token_fade"
+LAMBDA_KEY = "secret_language_host_lambda_key_c0ffee"
 STACKS = {
     path.name.removeprefix("Pulumi.").removesuffix(".yaml"): (yaml.safe_load(path.read_text()) or {})["config"]
     for path in sorted(STACKS_DIR.glob("Pulumi.*.yaml"))
@@ -61,6 +63,15 @@ def replicate(monkeypatch):
     with serve(api) as url:
         monkeypatch.setenv("REPLICATE_BASE_URL", url)
         monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+        yield api
+
+
+@pytest.fixture
+def lambda_cloud(monkeypatch):
+    api = LambdaCloudApi(api_key=LAMBDA_KEY, launch_interval_s=0.5)  # instances only go active: nothing trains here
+    with serve(api) as url:
+        monkeypatch.setenv("LAMBDA_API_BASE_URL", url)
+        monkeypatch.delenv("LAMBDA_API_KEY", raising=False)
         yield api
 
 
@@ -123,6 +134,26 @@ def test_the_replicate_stack_goes_up_previews_no_change_and_is_destroyed(replica
     destroyed = driver.destroy()
     assert destroyed.counts == {"delete": 2, "retain": 1}  # the model (the LoRA's versions) is kept
     assert replicate.deployments == {} and model in replicate.models
+
+
+@pytest.mark.parametrize("stack", sorted(name for name, config in STACKS.items() if config["lorastack:provider"] == "lambda"))
+def test_a_lambda_stack_goes_up_previews_no_change_and_is_destroyed(stack, lambda_cloud, tmp_path):
+    driver = StackDriver(stack, tmp_path, secrets={"lambdaApiKey": LAMBDA_KEY, "hfToken": HF_TOKEN})
+    keeps_filesystem = (STACKS[stack]["lorastack:lambda"].get("filesystem") or {}).get("keepOnDestroy", True)
+
+    outputs, operations = driver.up()
+    assert operations.counts == {"create": 2}
+    (instance,) = lambda_cloud.instances.values()
+    assert outputs["instanceId"] == instance.id and instance.filesystems[0]["name"] == outputs["filesystem"]
+    assert LAMBDA_KEY in instance.user_data  # the trainer needs it to terminate itself: Lambda got it ...
+    assert_no_plain_secrets(state_file(tmp_path, stack), LAMBDA_KEY, HF_TOKEN)  # ... the state holds it sealed
+
+    _, preview = driver.preview()
+    assert preview.counts == {"same": 2} and preview.changes == 0
+
+    destroyed = driver.destroy()
+    assert destroyed.counts == ({"delete": 1, "retain": 1} if keeps_filesystem else {"delete": 2})
+    assert lambda_cloud.billing() == [] and bool(lambda_cloud.filesystems) is keeps_filesystem
 
 
 def test_the_preview_of_a_new_stack_creates_nothing(runpod, tmp_path):
