@@ -47,14 +47,19 @@ def make_local_dataset(folder: Path) -> Path:
     return folder
 
 
-def dataset_override(folder: Path) -> dict:
-    """The demo stack's `lorastack:train` with its dataset source pointing at a local folder."""
+SAMPLING = {"samplePrompts": ["demo, a red circle", "demo, a blue square"], "sampleEvery": 2}
+
+
+def train_override(folder: Path) -> dict:
+    """The demo stack's `lorastack:train` with its dataset source pointing at a local folder, and sample prompts
+    for the report's grids (the e2e tests, which share the stack file, train without them: sampling the tiny
+    model on a CPU costs seconds each time)."""
     import yaml
 
     from infra.stack_files import stack_file
 
     train = (yaml.safe_load(stack_file(STACK).read_text()) or {})["config"]["lorastack:train"]
-    return {"lorastack:train": {**train, "dataset": {**train["dataset"], "source": str(folder)}}}
+    return {"lorastack:train": {**train, **SAMPLING, "dataset": {**train["dataset"], "source": str(folder)}}}
 
 
 def start_s3_api():
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"[2/4] RunPod emulator on {base_url}", flush=True)
         driver = StackDriver(STACK, workdir / "state", secrets={"runpodApiKey": api_key},
-                             overrides=dataset_override(dataset))
+                             overrides=train_override(dataset))
         if shutil.which("pulumi"):
             # The CLI path (a local file backend) is not wired: it could not be run where this was built.
             print("      (the Pulumi CLI is installed; the demo still drives the program through its offline "

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from contract.workspace import read_json
+from emulator.demo import SAMPLING
 from emulator.pods import ProcessRuntime
 from emulator.volume_buckets import EMULATOR_KEYS, S3Server, VolumeBuckets
 from infra.runpod_backend import runs
@@ -52,7 +53,8 @@ def with_s3(tmp_path, monkeypatch, seed, s3_endpoint):
 
 
 def local_source(folder: Path) -> dict:
-    return {"dataset": {"source": str(folder)}}
+    """The train section's changes: the local folder, and make demo's sample prompts (for the report's grids)."""
+    return {"dataset": {"source": str(folder)}, **SAMPLING}
 
 
 def test_a_local_folder_is_uploaded_trained_on_and_comes_back_with_its_report(with_s3, tmp_path, monkeypatch):
