@@ -10,8 +10,9 @@ complete and lists each file's size and sha256, so a second `up` of the same fol
 files already under the prefix (ListObjectsV2) are kept when their size matches (an S3 object appears whole or
 not at all): an interrupted upload resumes without resending what finished. A file whose bytes an earlier upload
 on the volume holds (its manifest says so) is copied there on the volume (CopyObject): a changed folder sends only
-its new and changed files. The rest are sent, in 64 MB multipart parts. Multipart uploads an interruption left open under the prefix are aborted first (RunPod keeps their
-parts on the volume until then). Progress (files, bytes, rate) goes to stderr.
+its new and changed files. The rest are sent, in 64 MB multipart parts. Multipart uploads an interruption left
+open under the prefix are aborted first (RunPod keeps their parts on the volume until then). Progress (files,
+bytes, rate) goes to stderr: the provider host's output, which `pulumi up` shows.
 
 Pulumi-free: `make check`, `make status|fetch` and the bench import it; the Pulumi resource is dataset.py.
 """
