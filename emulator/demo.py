@@ -1,17 +1,19 @@
 """`make demo` (`python -m emulator.demo`): the whole flow on a laptop, no cloud account, no GPU.
 
-1. The RunPod emulator starts, with pods that run for real (emulator/pods.py).
-2. A tiny random-weight SD 1.5 and a few generated, captioned images are made and put on the demo volume
-   (standing in for the data a user uploads to a network volume before a run).
+1. The RunPod emulator starts, with pods that run for real (emulator/pods.py), and a local S3 server standing in
+   for RunPod's S3 API for network volumes (emulator/volume_buckets.py).
+2. A tiny random-weight SD 1.5 is made and put on the demo volume (standing in for a base model on the Hub), and
+   a few generated, captioned images are made in a local folder, which the demo stack names as its dataset.
 3. The demo stack (stacks/Pulumi.demo.yaml, `wait: true`) goes up through the real program and providers:
-   through emulator/stack_driver.py, which runs the program as Pulumi's language host runs it and the
+   the dataset folder is uploaded to the volume through the S3 API (a DatasetUpload resource), then the pod starts;
+   all through emulator/stack_driver.py, which runs the program as Pulumi's language host runs it and the
    providers in the SDK's own dynamic-provider host (emulator/language_host.py; docs/engine.md says what of
    the Pulumi CLI it does not reproduce).
-   The emulated pod runs `python -m training`, trains, saves the LoRA on the volume and stops itself; `up`
-   follows it and downloads the LoRA to outputs/demo/.
+   The emulated pod runs `python -m training`, trains, samples, saves the LoRA on the volume and stops itself; `up`
+   follows it, downloads the LoRA, samples and history to outputs/demo/ and renders the run's report there.
 4. The demo prints where the LoRA is, steps, loss, billed seconds and cost, and the overhead ratio (billed
-   seconds / seconds the trainer process ran; asserted below 1.10), then destroys the stack and checks that
-   nothing is left running or billing.
+   seconds / seconds the trainer process ran; asserted below 1.10), then destroys the stack, checks that
+   nothing is left running or billing, and prints the report's path.
 """
 
 from __future__ import annotations
@@ -27,15 +29,52 @@ from pathlib import Path
 
 MAX_OVERHEAD_RATIO = 1.10
 STACK = "demo"
+DATASET_IMAGES = 4
 
 
 def make_seed(folder: Path) -> Path:
-    """The tiny model and dataset the demo stack names under /workspace (models/tiny-sd15, datasets/demo)."""
+    """The tiny model the demo stack names under /workspace (models/tiny-sd15)."""
     from training import tiny
 
     tiny.make_model("sd15", folder / "models" / "tiny-sd15")
-    tiny.make_dataset(folder / "datasets" / "demo", 4)
     return folder
+
+
+def make_local_dataset(folder: Path) -> Path:
+    """Generated, captioned images in a folder on this machine: the dataset `up` uploads to the volume."""
+    from training import tiny
+
+    tiny.make_dataset(folder, DATASET_IMAGES)
+    return folder
+
+
+SAMPLING = {"samplePrompts": ["demo, a red circle", "demo, a blue square"], "sampleEvery": 2}
+
+
+def train_override(folder: Path) -> dict:
+    """The demo stack's `lorastack:train` with its dataset source pointing at a local folder, and sample prompts
+    for the report's grids (the e2e tests, which share the stack file, train without them: sampling the tiny
+    model on a CPU costs seconds each time)."""
+    import yaml
+
+    from infra.stack_files import stack_file
+
+    train = (yaml.safe_load(stack_file(STACK).read_text()) or {})["config"]["lorastack:train"]
+    return {"lorastack:train": {**train, **SAMPLING, "dataset": {**train["dataset"], "source": str(folder)}}}
+
+
+def start_s3_api():
+    """A local S3 server standing in for RunPod's S3 API (for the rest of this process): the emulator's volumes
+    as buckets (emulator/volume_buckets.py); its address and a key pair (it takes any) in the environment, where
+    the providers read them, as they read RUNPOD_API_KEY."""
+    from emulator.volume_buckets import EMULATOR_KEYS, S3Server, VolumeBuckets
+    from infra.runpod_backend import s3 as runpod_s3
+
+    url = S3Server().__enter__()  # a daemon thread: it ends with the demo
+    os.environ.update({runpod_s3.ENDPOINT_ENV: url, runpod_s3.ACCESS_KEY_ENV: EMULATOR_KEYS[0],
+                       runpod_s3.SECRET_KEY_ENV: EMULATOR_KEYS[1]})
+    print(f"      RunPod's S3 API for network volumes: a local S3 server on {url}", flush=True)
+    return VolumeBuckets(url)
 
 
 def overhead_ratio(bill) -> tuple[float, float]:
@@ -66,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
 
     print(f"lorastack demo: everything happens under {workdir}, offline", flush=True)
-    print("[1/4] making a tiny SD 1.5 and 4 captioned images ...", flush=True)
+    print(f"[1/4] making a tiny SD 1.5 and {DATASET_IMAGES} captioned images ...", flush=True)
     seed = make_seed(workdir / "seed")
+    dataset = make_local_dataset(workdir / "dataset")
     runtime = ProcessRuntime(
         workdir / "emulator",
         seed_volume=lambda volume: shutil.copytree(seed, volume, dirs_exist_ok=True),
         extra_env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+        volume_buckets=start_s3_api(),
     )
     api_key = "demo-" + secrets.token_hex(16)  # the emulator accepts only this key; never printed
     api = RunpodApi(api_key=api_key, runtime=runtime)
@@ -83,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             ENV_VOLUME_MOUNTS: str(runtime.root / "volumes"),
         })
         print(f"[2/4] RunPod emulator on {base_url}", flush=True)
-        driver = StackDriver(STACK, workdir / "state", secrets={"runpodApiKey": api_key})
+        driver = StackDriver(STACK, workdir / "state", secrets={"runpodApiKey": api_key},
+                             overrides=train_override(dataset))
         if shutil.which("pulumi"):
             # The CLI path (a local file backend) is not wired: it could not be run where this was built.
             print("      (the Pulumi CLI is installed; the demo still drives the program through its offline "
                   "engine, emulator/language_host.py)", flush=True)
-        print("[3/4] pulumi up --stack demo (wait: true): volume, pod, training ...", flush=True)
+        print(f"[3/4] up of stack demo (wait: true): volume, dataset upload from {dataset}, pod, training ...",
+              flush=True)
         try:
             outputs, operations = driver.up()
             run = outputs.get("run") or {}
@@ -117,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if run.get("state") != "succeeded" or not run.get("lora"):
         problems.append("the run did not succeed with a downloaded LoRA")
+    if not run.get("report"):
+        problems.append("no report was rendered")
     if ratio >= MAX_OVERHEAD_RATIO:
         problems.append(f"overhead ratio {ratio:.3f} is not below {MAX_OVERHEAD_RATIO}")
     if any(left.values()):
@@ -126,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("DEMO FAILED: " + "; ".join(problems), file=sys.stderr)
         return 1
     print(f"demo done in {elapsed:.0f} s: nothing is running, nothing is billing. The LoRA is in {run['lora']}")
+    print(f"report: {run.get('report')}")
     return 0
 
 

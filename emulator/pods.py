@@ -22,6 +22,10 @@ same `training` module after installing them: a per-volume disk quota that a tes
 (`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps, the process alive: a hung GPU as the watchdog sees
 it), and a probe line per completed step (so a test knows exactly how far a killed trainer got).
 Other images are only marked RUNNING, as the base PodRuntime does.
+
+RunPod's S3 API (`volume_buckets`, emulator/volume_buckets.py): with it, each volume is also a bucket on a local
+S3 server, created and deleted with the volume; a container's start copies in what was uploaded to the bucket
+(a dataset `pulumi up` sent), its exit copies out what the pod wrote (for `make fetch` through S3).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emulator.runpod import PodRuntime
+from emulator.volume_buckets import VolumeBuckets
 from infra.runpod_backend import catalog
 from infra.config import DEFAULT_REPOSITORY
 from infra.paths import REPO_ROOT
@@ -133,6 +138,7 @@ class ProcessRuntime(PodRuntime):
         seed_volume: Callable[[Path], None] | None = None,
         faults: PodFaults | None = None,
         clock: Callable[[], float] = time.monotonic,
+        volume_buckets: VolumeBuckets | None = None,
     ):
         """`seed_volume(directory)` runs once when a volume's directory is first made: it stands in for the data
         a user puts on the volume before a run (the demo's tiny model and images). Set `base_url` (the emulator's
@@ -146,6 +152,7 @@ class ProcessRuntime(PodRuntime):
         self.seed_volume = seed_volume
         self.faults = faults or PodFaults()
         self.clock = clock
+        self.volume_buckets = volume_buckets
         self.base_url: str | None = None
         self.bills: dict[str, PodBill] = {}
         self._containers: dict[str, _Container] = {}
@@ -251,6 +258,35 @@ class ProcessRuntime(PodRuntime):
                 container.done.wait(self.stop_grace_s + 5)
             shutil.rmtree(self.container_dir(pod["id"]), ignore_errors=True)  # a container disk dies with its pod
 
+    # -- RunPod's S3 API (emulator/volume_buckets.py) ------------------------------------------------------------
+    def on_volume_create(self, volume_id: str) -> None:
+        if self.volume_buckets is not None:
+            self.volume_buckets.create(volume_id)
+
+    def on_volume_delete(self, volume_id: str) -> None:
+        if self.volume_buckets is not None:
+            self.volume_buckets.delete(volume_id)
+
+    def _pull_uploads(self, pod: dict, directory: Path) -> None:
+        """Before a container starts: what was uploaded to its network volume's bucket is on the volume."""
+        network = (pod.get("mounts") or {}).get("network")
+        if self.volume_buckets is not None and network:
+            try:
+                self.volume_buckets.pull(network[0]["volumeId"], directory)
+            except Exception as error:  # noqa: BLE001 - the pod starts anyway and fails on what it misses
+                self.api.append_log(pod["id"], f"emulator: copying the volume's bucket in failed: {error}", source="system")
+
+    def _push_written(self, pod_id: str) -> None:
+        """After a container exits: what it wrote on its network volume is in the volume's bucket."""
+        with self.api.lock:
+            record = self.api.pods.get(pod_id)
+            volume_id = record.network_volume_id if record else None
+        if self.volume_buckets is not None and volume_id and volume_id in self.api.volumes:
+            try:
+                self.volume_buckets.push(volume_id, self.volume_dir(volume_id))
+            except Exception as error:  # noqa: BLE001 - e.g. the volume was deleted meanwhile; the pod is over
+                self.api.append_log(pod_id, f"emulator: copying the volume out to its bucket failed: {error}", source="system")
+
     # -- what tests do to pods --------------------------------------------------------------------------------
     def kill_container(self, pod_id: str) -> None:
         """SIGKILL the trainer (an OOM kill, a segfault): the pod stays RUNNING and its container restarts."""
@@ -296,6 +332,7 @@ class ProcessRuntime(PodRuntime):
         directory.mkdir(parents=True, exist_ok=True)
         if fresh and self.seed_volume is not None:
             self.seed_volume(directory)
+        self._pull_uploads(pod, directory)
         mount_pattern = re.compile(r'(^|")' + re.escape(mount.rstrip("/")) + r'(?=/|"|$)')
         env = {name: os.environ[name] for name in HOST_VARIABLES if name in os.environ}
         env.update({
@@ -356,6 +393,7 @@ class ProcessRuntime(PodRuntime):
         code = container.process.wait()
         with self._lock:
             container.run.ended, container.run.exit_code = self.clock(), code
+        self._push_written(pod_id)
         container.done.set()
         self.api.append_log(pod_id, f"container exited with code {code}", source="system")
         self._restart_if_running(pod_id, container.generation)

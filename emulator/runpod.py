@@ -298,6 +298,12 @@ class PodRuntime:
     def on_volume_grown(self, volume_id: str, added_gb: int) -> None:
         """The volume grew by `added_gb` (its room, where the runtime models one, grows with it)."""
 
+    def on_volume_create(self, volume_id: str) -> None:
+        """A network volume was created (ProcessRuntime: its S3 bucket, emulator/volume_buckets.py)."""
+
+    def on_volume_delete(self, volume_id: str) -> None:
+        """A network volume was deleted, with everything on it."""
+
 
 class RunpodApi(JsonApi):
     def __init__(self, api_key: str | None = None, runtime: PodRuntime | None = None, provisioning_seconds: float = 0.0):
@@ -665,6 +671,7 @@ class RunpodApi(JsonApi):
         volume = VolumeRecord(_new_id(10), body["name"], body["size"], body["dataCenter"], body.get("type", "STANDARD"))
         with self.lock:
             self.volumes[volume.id] = volume
+        self.runtime.on_volume_create(volume.id)
         return Response(201, volume.to_json())
 
     def update_volume(self, request: Request) -> dict:
@@ -696,6 +703,7 @@ class RunpodApi(JsonApi):
             if users:
                 raise ApiError(409, f"network volume {volume_id} is mounted by pod(s) {', '.join(users)}; terminate them first")
             del self.volumes[volume_id]
+        self.runtime.on_volume_delete(volume_id)
         return Response(204)
 
     # --- catalog ---

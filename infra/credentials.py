@@ -26,6 +26,10 @@ SECRETS = {
     "lambdaApiKey": "LAMBDA_API_KEY",
     "hfToken": "HF_TOKEN",
     "wandbApiKey": "WANDB_API_KEY",
+    # RunPod's S3-compatible API for network volumes (dataset uploads, make fetch): a key pair separate from the
+    # API key, made under Settings > S3 API Keys; the access key is the user id (user_...), the secret rps_...
+    "runpodS3AccessKey": "RUNPOD_S3_ACCESS_KEY",
+    "runpodS3Secret": "RUNPOD_S3_SECRET_KEY",
 }
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),

@@ -153,7 +153,7 @@ def test_the_host_is_chosen_from_the_environment():
 # --- the commands go through the stack's backend ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["status", "logs", "fetch"])
+@pytest.mark.parametrize("command", ["status", "logs"])  # fetch downloads the weights: tests/test_replicate_fetch.py
 def test_a_replicate_stack_is_pointed_at_replicate_by_every_command(command, monkeypatch, capsys):
     from infra import ops
 

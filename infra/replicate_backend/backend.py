@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tarfile
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -88,13 +92,99 @@ class ReplicateBackend:
         raise OpsError(_pointer(config, "logs"))
 
     def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
-        raise OpsError(_pointer(config, "fetch"))
+        """The weights of the destination model's newest training, as Replicate returns them, and a report of
+        what there is to show (Replicate's trainer keeps no samples or loss history of ours)."""
+        replicate = config.replicate
+        model = f"{replicate.owner}/{replicate.model}"
+        token = environ.get(SECRETS["replicateApiToken"])
+        if not token:
+            raise OpsError(f"REPLICATE_API_TOKEN is not set: export it to download the weights of the newest "
+                           f"training of https://replicate.com/{model}")
+        from replicate.exceptions import ReplicateError  # the replicate SDK: only when asked
+
+        from infra.replicate_backend.client import ReplicateClient
+
+        try:
+            training = newest_training(ReplicateClient(token, environ.get("REPLICATE_BASE_URL")), model)
+        except ReplicateError as error:
+            raise OpsError(f"Replicate answered {error} (check REPLICATE_API_TOKEN, and REPLICATE_BASE_URL if set)") from None
+        if training is None:
+            raise OpsError(f"no training of https://replicate.com/{model} yet: make train STACK={stack}")
+        page = f"https://replicate.com/p/{training['id']}"
+        weights = (training.get("output") or {}).get("weights") if isinstance(training.get("output"), dict) else None
+        if training.get("status") != "succeeded" or not weights:
+            raise OpsError(f"the newest training of {model}, {page}, is {training.get('status')}: no weights to fetch")
+        print(f"downloading the weights of training {training['id']} into {destination} ...", file=sys.stderr, flush=True)
+        try:
+            written = download_weights(weights, destination)
+        except (requests.RequestException, tarfile.TarError, OSError) as error:
+            raise OpsError(f"downloading {weights} failed ({short_error(error)}); the weights are also on {page}") from None
+        from report import RunFacts, render_report  # Pillow, matplotlib, Jinja2: only once there is a run to show
+
+        seconds = (training.get("metrics") or {}).get("predict_time")
+        usd_per_second = REPLICATE_HARDWARE_USD_PER_SECOND[replicate.training_hardware]
+        facts = RunFacts.from_spec(
+            config.train, stack=stack, backend="replicate", gpu=replicate.training_hardware, run_id=training["id"],
+            state=training["status"], wall_seconds=seconds, cost_usd=seconds * usd_per_second if seconds else None,
+        )
+        report = render_report(destination, facts)
+        return Report([f"{stack}: {', '.join(path.name for path in written)} from {page} in {destination}",
+                       f"report: {report}"])
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
         # Nothing of ours bills by the hour unwatched: a training ends at its own limits (the Training provider
         # cancels it at the money limit) and a deployment scales to zero unless the stack pays for warm instances.
         return []
+
+
+def newest_training(client, model: str, pages: int = 20) -> dict | None:
+    """The newest training whose destination is `model` (GET /v1/trainings lists newest first, a page at a time)."""
+    path: str | None = "/v1/trainings"
+    for _ in range(pages):
+        if path is None:
+            return None
+        page = client.json("GET", path)
+        for training in page.get("results", []):
+            if training.get("destination") == model:
+                return training
+        following = urlsplit(page.get("next") or "")
+        path = f"{following.path}?{following.query}" if following.path else None
+    return None
+
+
+def download_weights(url: str, destination: Path) -> list[Path]:
+    """The weights file at `url` into `destination`; a .tar (what Replicate's LoRA trainers return) gives up its
+    .safetensors files, each by its own name. Each file is written to a temporary name, then renamed."""
+    destination.mkdir(parents=True, exist_ok=True)
+    name = Path(urlsplit(url).path).name or "weights"
+    archive = destination / f".{name}.download"
+    try:
+        with requests.get(url, stream=True, timeout=60) as response:  # no token: the URL is signed
+            response.raise_for_status()
+            with archive.open("wb") as out:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    out.write(chunk)
+        if not tarfile.is_tarfile(archive):
+            target = destination / name
+            archive.replace(target)
+            return [target]
+        written = []
+        with tarfile.open(archive) as bundle:
+            for member in bundle.getmembers():
+                if not (member.isfile() and member.name.endswith(".safetensors")):
+                    continue
+                target = destination / Path(member.name).name  # flattened: no path from the archive is used
+                partial = destination / f".{target.name}.part"
+                with bundle.extractfile(member) as source, partial.open("wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                partial.replace(target)
+                written.append(target)
+        if not written:
+            raise tarfile.TarError(f"{name} holds no .safetensors file")
+        return written
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def _pointer(config: StackConfig, command: str) -> str:

@@ -12,7 +12,8 @@ import requests
 from cloudapi.runpod_rest import RunpodClient, RunpodError
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
 from infra.runpod_backend import reap as reap_rules
-from infra.runpod_backend import runs
+from infra.runpod_backend import runs, uploads
+from infra.runpod_backend import s3 as runpod_s3
 from infra.runpod_backend.catalog import VOLUME_USD_PER_GB_MONTH, runpod_usd_per_hour
 from infra.runpod_backend.config import RunpodConfig
 
@@ -25,7 +26,23 @@ class RunpodBackend:
     section = RunpodConfig
 
     def check(self, config: StackConfig) -> None:
-        """Every RunPod rule lives in RunpodConfig; the memory fit comes through gpu_memory()."""
+        """The RunPod section's own rules live in RunpodConfig, the memory fit comes through gpu_memory(); here: a
+        local dataset folder must exist and have an S3-served volume to be uploaded to (uploads.py)."""
+        source = config.train.dataset.source
+        if uploads.local_folder(source) is None:
+            return
+        problem = uploads.missing_folder_problem(source)
+        if problem:
+            raise ValueError(f"lorastack:{problem}")
+        runpod = config.runpod
+        if runpod.volume is None:
+            raise ValueError(f"lorastack:train.dataset.source = {source!r} is a folder on this machine: it is uploaded "
+                             "to the network volume, so lorastack:runpod.volume must be set")
+        if runpod.data_center not in runpod_s3.S3_DATA_CENTERS:
+            raise ValueError(
+                f"lorastack:train.dataset.source = {source!r} is a folder on this machine, uploaded through RunPod's "
+                f"S3 API, which serves volumes only in {', '.join(runpod_s3.S3_DATA_CENTERS)}; lorastack:runpod."
+                f"dataCenter is {runpod.data_center}: pick one of those, or put the dataset at an https URL")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
         return f"runpod.gpuType {config.runpod.gpu_type!r}", config.runpod.gpu.memory_gb

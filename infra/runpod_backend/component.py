@@ -1,4 +1,5 @@
-"""RunpodTraining: one stack's training run on RunPod: a network volume (when configured) and the pod.
+"""RunpodTraining: one stack's training run on RunPod: a network volume (when configured), a local dataset folder
+uploaded to it (DatasetUpload, dataset.py) and the pod, which waits for that upload and trains on exactly it.
 
 The pod's environment is the contract of training/spec.py (ENV_*): the spec and limits as JSON, the run id,
 the volume as workspace with the Hugging Face cache on it, the reaper's label, the volume's size; HF_TOKEN /
@@ -14,15 +15,27 @@ from pathlib import PurePosixPath
 
 import pulumi
 
+from contract.dataset import DatasetError
 from contract.naming import MANAGED_LABEL, pod_name, run_id
-from contract.workspace import RunPaths
-from infra.config import StackConfig
-from infra.runpod_backend.pod import Pod, PodArgs
-from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
 from contract.redaction import redacted_source
 from contract.spec import (
-    ENV_DATASET_SOURCE, ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, MAX_ENV_VALUE_BYTES, WORKSPACE_MOUNT,
+    ENV_DATASET_SOURCE,
+    ENV_LIMITS,
+    ENV_RUN_ID,
+    ENV_SPEC,
+    ENV_STACK,
+    ENV_WORKSPACE,
+    MAX_ENV_VALUE_BYTES,
+    WORKSPACE_MOUNT,
+    TrainSpec,
 )
+from contract.workspace import RunPaths
+from infra.config import StackConfig
+from infra.runpod_backend import s3 as runpod_s3
+from infra.runpod_backend import uploads
+from infra.runpod_backend.dataset import DatasetUpload, DatasetUploadArgs
+from infra.runpod_backend.pod import Pod, PodArgs
+from infra.runpod_backend.volume import NetworkVolume, NetworkVolumeArgs
 
 # secret config key -> the pod's variable
 POD_SECRET_ENV = {"hfToken": "HF_TOKEN", "wandbApiKey": "WANDB_API_KEY"}
@@ -43,6 +56,7 @@ class RunpodTrainingArgs:
 
 class RunpodTraining(pulumi.ComponentResource):
     volume: NetworkVolume | None
+    dataset: DatasetUpload | None
     pod: Pod
     exports: dict[str, object]  # the stack outputs
 
@@ -71,6 +85,20 @@ class RunpodTraining(pulumi.ComponentResource):
         # of a dynamic resource does not, and an unknown volume id would preview as a pod replacement.
         volume_id = self.volume.id if self.volume else None
         data_center = runpod.data_center  # with a volume: the volume's (config validation requires it)
+        local = local_dataset(config, args.secrets, volume_id, data_center)
+        self.dataset = None
+        if local is not None:
+            pulumi.log.info(f"dataset {local.folder}: {local.describe()} -> {local.volume_path}", resource=self)
+            self.dataset = DatasetUpload(
+                f"{name}-dataset",
+                DatasetUploadArgs(source=config.train.dataset.source, dataset=local,
+                                  caption_extension=config.train.dataset.caption_extension,
+                                  default_caption=config.train.dataset.default_caption,
+                                  volume_id=volume_id, data_center=data_center),
+                pulumi.ResourceOptions(parent=self),
+            )
+        spec = uploads.pod_spec(config.train, local)
+        run = run_id(stack, spec)
 
         self.pod = Pod(
             f"{name}-pod",
@@ -82,11 +110,12 @@ class RunpodTraining(pulumi.ComponentResource):
                 cloud=runpod.cloud,
                 data_center_ids=[data_center] if data_center else [],
                 container_disk_gb=runpod.container_disk_gb,
-                env=pod_env(stack, config, args.secrets),
+                env=pod_env(stack, config, args.secrets, spec),
                 network_volume_id=volume_id,
                 volume_mount_path=WORKSPACE_MOUNT,
             ),
-            pulumi.ResourceOptions(parent=self),
+            # a dependency, not a race: the pod is created once the dataset is complete on the volume
+            pulumi.ResourceOptions(parent=self, depends_on=[self.dataset] if self.dataset else None),
         )
 
         gpu = runpod.gpu_type if runpod.gpu_count == 1 else f"{runpod.gpu_count}x {runpod.gpu_type}"
@@ -97,38 +126,66 @@ class RunpodTraining(pulumi.ComponentResource):
             "podId": self.pod.id,
             "gpu": f"{gpu} ({runpod.cloud})",
             **config.cost_estimate().as_outputs(),
-            "runId": run_id(stack, config.train),
+            "runId": run,
             "consoleUrl": self.pod.id.apply(lambda pod_id: CONSOLE_URL.format(pod_id=pod_id)),
             "logsCommand": f"make logs STACK={stack}",
         }
+        if local is not None:
+            self.exports["dataset"] = {"contentHash": local.content_hash, "files": local.file_count,
+                                       "bytes": local.total_bytes, "volumePath": local.volume_path}
         if config.wait:  # `up` follows the run to its end and downloads the LoRA (infra/runpod_backend/follow.py)
             from infra.runpod_backend.follow import follow_in_program
 
             self.exports["run"] = follow_in_program(
-                self, stack, run_id(stack, config.train), self.pod.id, volume_id, data_center, config.train.hf_repo,
-                config.limits.max_hours,
+                self, stack, run, self.pod.id, volume_id, data_center, config.train.hf_repo, config.limits.max_hours,
+                config.backend.hardware(config),
             )
         self.register_outputs(self.exports)
 
 
-def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output | None]) -> pulumi.Input[dict[str, str]]:
-    """The pod's environment: plain when no secret is in it, otherwise one secret Output.
+def local_dataset(config: StackConfig, secrets: Mapping[str, pulumi.Output | None], volume_id: pulumi.Input[str] | None,
+                  data_center: str | None) -> uploads.LocalDataset | None:
+    """The stack's local `train.dataset.source` folder, hashed (None for other sources). Hashed here, in preview
+    too, so the preview shows hash, files and bytes and the run id is known before anything is sent."""
+    try:
+        local = uploads.scan_spec(config.train)
+    except DatasetError as error:
+        raise pulumi.RunError(str(error)) from None
+    if local is None:
+        return None
+    if volume_id is None or data_center is None:  # the schema refuses this already (RunpodBackend.check)
+        raise pulumi.RunError("lorastack:train.dataset.source is a local folder: it needs a network volume "
+                              "(lorastack:runpod.volume) to be uploaded to")
+    if any(secrets.get(key) is None for key in (runpod_s3.ACCESS_KEY, runpod_s3.SECRET_KEY)):
+        raise pulumi.RunError(
+            f"lorastack:train.dataset.source is a local folder, uploaded through RunPod's S3 API: "
+            f"`pulumi config set --secret {runpod_s3.ACCESS_KEY} user_...` and `pulumi config set --secret "
+            f"{runpod_s3.SECRET_KEY} rps_...` (RunPod console > Settings > S3 API Keys), or export "
+            f"{runpod_s3.ACCESS_KEY_ENV} and {runpod_s3.SECRET_KEY_ENV}")
+    return local
+
+
+def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output | None],
+            spec: TrainSpec | None = None) -> pulumi.Input[dict[str, str]]:
+    """The pod's environment: plain when no secret is in it, otherwise one secret Output. `spec`: the stack's
+    (the default), or with a local dataset's source pointing at its upload (uploads.pod_spec).
 
     The volume's size is in it (ENV_VOLUME_GB) so that growing a full volume changes the pod's inputs: the
     update starts the stopped pod again and the run resumes (a stopped pod is started only on a new image or env).
     """
+    spec = spec or config.train
     volume = config.runpod.volume if config.runpod else None
-    source = config.train.dataset.source
+    source = spec.dataset.source
     written = redacted_source(source)  # credentials in the URL travel as a secret variable only
-    spec = config.train.model_copy(update={"dataset": config.train.dataset.model_copy(update={"source": written})})
+    spec = spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"source": written})})
     plain = {
         **({ENV_VOLUME_GB: str(volume.size_gb)} if volume is not None else {}),
         ENV_SPEC: spec.to_env_json(),
         ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
-        ENV_RUN_ID: run_id(stack, config.train),
+        ENV_RUN_ID: run_id(stack, spec),
         ENV_STACK: stack,
         ENV_WORKSPACE: WORKSPACE_MOUNT,
-        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, config.train)).hf_home),
+        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, spec)).hf_home),
         **MANAGED_LABEL,
     }
     tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}

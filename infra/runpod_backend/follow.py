@@ -1,4 +1,4 @@
-"""`wait: true`: `pulumi up` follows the run to its end, then downloads the LoRA to outputs/<stack>/.
+"""`wait: true`: `pulumi up` follows the run to its end, then downloads it to outputs/<stack>/ and renders its report.
 
 The follower is a step of the RunpodTraining component, not a resource: it changes nothing in the cloud and
 leaves nothing in the state to diff, so a second `up` with no change creates, updates and replaces nothing (it
@@ -12,14 +12,16 @@ Where the numbers come from, best first:
 - otherwise the trainer's progress lines in the pod's log (GET /v2/pods/{id}/logs).
 The run is over when the pod is no longer running (the trainer stops its pod on success, failure and limits).
 
-The LoRA comes from the mounted volume, else the Hugging Face Hub (train.hfRepo), else RunPod's S3 API
-(RUNPOD_S3_ACCESS_KEY / RUNPOD_S3_SECRET_KEY, through infra/runpod_backend/runs.py); with none of these the output says what to do.
+The run's LoRA, samples, history and status come from the mounted volume, else RunPod's S3 API
+(RUNPOD_S3_ACCESS_KEY / RUNPOD_S3_SECRET_KEY, through infra/runpod_backend/runs.py), laid out as `make fetch` lays
+them out; with train.hfRepo set and neither, the LoRA alone comes from the Hugging Face Hub. Then report/ renders
+grids, loss curve and report.html there (what exists: a Hub download has no samples). With none of these the output
+says what to do.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,6 +48,7 @@ class RunOutcome:
     loss: float | None
     message: str
     lora: str | None  # where the LoRA was downloaded, when it was
+    report: str | None = None  # the run's report.html there
 
     def as_output(self) -> dict:
         return asdict(self)
@@ -81,6 +84,7 @@ def follow_run(
     hf_repo: str | None,
     max_hours: float,
     report: Callable[[str], None],
+    gpu: str | None = None,
     environ: dict[str, str] | None = None,
     outputs_dir: Path | None = None,
     poll_s: float = POLL_S,
@@ -120,34 +124,43 @@ def follow_run(
     if state != "succeeded":
         report(f"the run ended {state}: {message}")
         return RunOutcome(state, progress.step, progress.total, progress.loss, message, None)
-    lora = fetch_lora(stack, run_id, paths, volume_id, data_center, hf_repo, environ, outputs_dir or project_paths.OUTPUTS_DIR, report)
-    return RunOutcome(state, progress.step, progress.total, progress.loss, message, lora)
+    destination = (outputs_dir or project_paths.OUTPUTS_DIR) / stack
+    if not fetch_run(stack, run_id, paths, volume_id, data_center, hf_repo, environ, destination, report):
+        return RunOutcome(state, progress.step, progress.total, progress.loss, message, None)
+    page = runs.render_run_report(destination, stack, run_id, gpu)
+    report(f"report: {page}")
+    return RunOutcome(state, progress.step, progress.total, progress.loss, message, str(destination), str(page))
 
 
-def fetch_lora(
+def fetch_run(
     stack: str, run_id: str, paths: RunPaths | None, volume_id: str | None, data_center: str | None,
-    hf_repo: str | None, environ: dict[str, str], outputs_dir: Path, report: Callable[[str], None],
-) -> str | None:
-    destination = outputs_dir / stack
+    hf_repo: str | None, environ: dict[str, str], destination: Path, report: Callable[[str], None],
+) -> bool:
+    """The run's files into `destination` (see the module docstring); False when they could not be had."""
     if paths is not None and paths.lora.is_dir():
-        shutil.copytree(paths.lora, destination, dirs_exist_ok=True)
+        runs.copy_run(paths, destination)
+    elif volume_id and data_center and runs.has_s3_keys(environ):
+        try:
+            written = runs.fetch_run_from_s3(volume_id, data_center, run_id, destination, environ)
+        except Exception as error:  # noqa: BLE001 - botocore's errors share no base class; the run itself is done
+            report(f"the S3 download failed ({type(error).__name__}: {error}); `make fetch STACK={stack}` tries again")
+            return False
+        if not any(path.suffix == ".safetensors" for path in written):
+            report(f"nothing under {runs.lora_dir(run_id)}/ on volume {volume_id}")
+            return False
     elif hf_repo:
         fetch_from_hub(hf_repo, destination, environ)
-    elif volume_id and data_center and runs.has_s3_keys(environ):
-        lora_dir = runs.lora_dir(run_id)
-        if not runs.fetch_from_s3(volume_id, data_center, lora_dir + "/", destination, environ):
-            report(f"nothing under {lora_dir}/ on volume {volume_id}")
-            return None
     else:
         report("the LoRA stays on the volume: " + runs.volume_steps(
             stack, runs.lora_dir(run_id), {"id": volume_id} if volume_id else None, data_center))
-        return None
+        return False
     report(f"LoRA downloaded to {destination}")
-    return str(destination)
+    return True
 
 
 def follow_in_program(
     parent, stack: str, run_id: str, pod_id, volume_id, data_center, hf_repo: str | None, max_hours: float,
+    gpu: str | None = None,
 ):
     """The follower as a step of `pulumi up`: an Output of the RunOutcome (None in preview)."""
     import asyncio
@@ -163,7 +176,7 @@ def follow_in_program(
         client = RunpodClient(api_key, timeout=runs.STATUS_READ_TIMEOUT_S)
         try:
             outcome = follow_run(client, pod, stack, run_id, volume_id=volume, data_center=center, hf_repo=hf_repo,
-                                 max_hours=max_hours, report=report)
+                                 max_hours=max_hours, report=report, gpu=gpu)
         except (RunpodError, OpsError, OSError) as error:
             report(f"could not follow the run: {error} (the pod goes on; `make status STACK={stack}`)")
             return None

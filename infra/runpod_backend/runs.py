@@ -5,9 +5,14 @@ name (`contract.naming.pod_name(stack)`) in the pod list. Progress comes from `r
 network volume is mounted here (LORASTACK_WORKSPACE points at it, as on a pod or in `make demo`), otherwise from
 the newest progress line in the pod's log stream.
 
-The LoRA comes from the volume when it is mounted here, else through RunPod's S3-compatible API for network
-volumes (boto3, with an S3 API key); when neither is possible the steps that reach the files are given instead.
-Every credential is named, with where to set it, when it is missing; none is printed.
+The run comes from the volume when it is mounted here, else through RunPod's S3-compatible API for network
+volumes (s3.py, with an S3 API key); when neither is possible the steps that reach the files are given instead.
+What comes into outputs/<stack>/: the LoRA's files and model card (at the top, as a Hub download lays them out),
+samples/, history.jsonl and status.json (checkpoints stay on the volume); then report/ renders the grids, the loss
+curve and report.html there. Every credential is named, with where to set it, when it is missing; none is printed.
+
+The run id depends on the spec the pod received: for a local dataset folder that names its upload on the volume,
+so `status` and `fetch` hash the folder too (uploads.spec_for_pod; cheap when it has not changed).
 """
 
 from __future__ import annotations
@@ -22,21 +27,25 @@ from pathlib import Path
 import requests
 
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, RunpodClient, RunpodError
+from contract.dataset import DatasetError
+from contract.history import HISTORY_FILE, SAMPLES_DIR
 from contract.naming import pod_name, run_id
-from contract.spec import ENV_WORKSPACE, WORKSPACE_MOUNT
+from contract.spec import ENV_WORKSPACE, WORKSPACE_MOUNT, TrainSpec
 from contract.workspace import RunPaths, read_json, workspace_root
 from infra.backends import OpsError, Report
 from infra.credentials import SECRETS
 from infra.progress import Progress, parse_progress_line, progress_from_status_file
+from infra.runpod_backend import s3 as runpod_s3
+from infra.runpod_backend.uploads import spec_for_pod
 from infra.table import render_table
 
 STATUS_LOG_TAIL = 500  # lines of backfill searched for the newest progress line
 STATUS_READ_TIMEOUT_S = 3.0  # a live stream goes quiet after its backfill: stop reading there
 STATUS_DEADLINE_S = 10.0  # and never read a chatty stream for longer than this
 FOLLOW_READ_TIMEOUT_S = 120.0  # `logs` reconnects after this long without a line
-S3_ACCESS_KEY_ENV = "RUNPOD_S3_ACCESS_KEY"  # RunPod S3 API key: access key (user_...)
-S3_SECRET_KEY_ENV = "RUNPOD_S3_SECRET_KEY"  # and its secret (rps_...)
-S3_ENDPOINT_ENV = "RUNPOD_S3_ENDPOINT_URL"  # overrides https://s3api-<dc>.runpod.io (tests, new data centers)
+S3_ACCESS_KEY_ENV = runpod_s3.ACCESS_KEY_ENV  # RunPod S3 API key: access key (user_...)
+S3_SECRET_KEY_ENV = runpod_s3.SECRET_KEY_ENV  # and its secret (rps_...)
+RUN_FILES = (HISTORY_FILE, "status.json")  # fetched beside the LoRA
 API_HINT = "(check RUNPOD_API_KEY, and RUNPOD_API_BASE_URL if set)"
 
 
@@ -66,11 +75,19 @@ def find_pods(client: RunpodClient, stack: str) -> list[dict]:
     return sorted(pods, key=lambda pod: pod.get("createdAt") or "", reverse=True)
 
 
+def stack_run_id(stack: str, spec: TrainSpec) -> str:
+    """The run id the stack's pod got (see the module docstring)."""
+    try:
+        return run_id(stack, spec_for_pod(spec))
+    except DatasetError as error:
+        raise OpsError(str(error)) from None
+
+
 def local_status(stack: str, spec, environ: Mapping[str, str]) -> dict | None:
     """status.json when the volume is mounted here (LORASTACK_WORKSPACE set)."""
     if not environ.get(ENV_WORKSPACE):
         return None
-    return read_json(RunPaths(workspace_root(dict(environ)), run_id(stack, spec)).status)
+    return read_json(RunPaths(workspace_root(dict(environ)), stack_run_id(stack, spec)).status)
 
 
 def progress_from_logs(client: RunpodClient, pod_id: str, clock=time.monotonic) -> Progress | None:
@@ -196,45 +213,70 @@ def logs(stack: str, config, environ: Mapping[str, str], emit: Callable[[str], N
 # --- fetch ----------------------------------------------------------------------------------------------------
 
 
-def s3_endpoint(data_center: str, environ: Mapping[str, str]) -> str:
-    return environ.get(S3_ENDPOINT_ENV) or f"https://s3api-{data_center.lower()}.runpod.io"
+def outputs_name(relative: str) -> str | None:
+    """Where a file of runs/<id>/ goes in outputs/<stack>/ (None: it stays on the volume)."""
+    if relative.startswith("lora/"):
+        return relative.removeprefix("lora/")
+    if relative.startswith(f"{SAMPLES_DIR}/") or relative in RUN_FILES:
+        return relative
+    return None
 
 
 def fetch_from_s3(volume_id: str, data_center: str, prefix: str, destination: Path, environ: Mapping[str, str],
-                  make_client=None) -> list[Path]:
-    """Every object under `prefix` on the volume (the S3 bucket is the volume id), into `destination`."""
-    if make_client is None:
-        import boto3  # the infra extra
-
-        make_client = boto3.client
-    s3 = make_client(
-        "s3",
-        aws_access_key_id=environ[S3_ACCESS_KEY_ENV],
-        aws_secret_access_key=environ[S3_SECRET_KEY_ENV],
-        region_name=data_center,  # RunPod's S3 API takes the data center id as the region
-        endpoint_url=s3_endpoint(data_center, environ),
-    )
+                  make_client=None, place: Callable[[str], str | None] = lambda relative: relative) -> list[Path]:
+    """Every file under `prefix` on the volume (the S3 bucket is the volume id) into `destination`, at
+    `place(path relative to prefix)`, skipping those it places nowhere (None)."""
+    keys = runpod_s3.keys_from(environ)
+    if keys is None:
+        raise OpsError(f"{S3_ACCESS_KEY_ENV} and {S3_SECRET_KEY_ENV} are not set")
+    s3 = runpod_s3.client(data_center, keys, environ, make_client)
     written = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=volume_id, Prefix=prefix):
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):].lstrip("/")
-            if not relative or relative.endswith("/"):
-                continue  # RunPod lists directories as objects too
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            print(f"  {relative} ({item.get('Size', 0) / 1e6:.1f} MB)", file=sys.stderr, flush=True)
-            body = s3.get_object(Bucket=volume_id, Key=item["Key"])["Body"]
-            partial = target.with_name(target.name + ".part")
-            with partial.open("wb") as handle:
-                for chunk in body.iter_chunks(1 << 20):
-                    handle.write(chunk)
-            partial.replace(target)  # a file in outputs/ is whole or absent
-            written.append(target)
+    for key, size in runpod_s3.list_files(s3, volume_id, prefix).items():
+        relative = place(key[len(prefix):].lstrip("/"))
+        if not relative:
+            continue
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"  {relative} ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
+        body = s3.get_object(Bucket=volume_id, Key=key)["Body"]
+        partial = target.with_name(target.name + ".part")
+        with partial.open("wb") as handle:
+            for chunk in body.iter_chunks(1 << 20):
+                handle.write(chunk)
+        partial.replace(target)  # a file in outputs/ is whole or absent
+        written.append(target)
     return written
 
 
+def fetch_run_from_s3(volume_id: str, data_center: str, run: str, destination: Path,
+                      environ: Mapping[str, str]) -> list[Path]:
+    return fetch_from_s3(volume_id, data_center, run_dir(run) + "/", destination, environ, place=outputs_name)
+
+
+def copy_run(paths: RunPaths, destination: Path) -> list[Path]:
+    """The run's files from a volume mounted here into `destination` (outputs_name decides what and where)."""
+    written = []
+    for source in sorted(paths.run.rglob("*")):
+        relative = source.relative_to(paths.run)
+        placed = outputs_name(relative.as_posix())
+        if placed is None or not source.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue  # checkpoints stay; a hidden name is a file being written (atomic_file)
+        target = destination / placed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        written.append(target)
+    return written
+
+
+def render_run_report(destination: Path, stack: str, run: str, gpu: str | None) -> Path:
+    """report.html (grids, loss curve, facts) over the fetched run; cost and state come from its status.json."""
+    from report import RunFacts, render_report  # Pillow, matplotlib, Jinja2: only once there is a run to show
+
+    return render_report(destination, RunFacts(stack=stack, backend="runpod", gpu=gpu, run_id=run))
+
+
 def has_s3_keys(environ: Mapping[str, str]) -> bool:
-    return bool(environ.get(S3_ACCESS_KEY_ENV) and environ.get(S3_SECRET_KEY_ENV))
+    return runpod_s3.keys_from(environ) is not None
 
 
 def find_volume(client: RunpodClient, stack: str, data_center: str | None) -> dict | None:
@@ -245,6 +287,12 @@ def find_volume(client: RunpodClient, stack: str, data_center: str | None) -> di
             return client.get_volume(network[0]["volumeId"])
     return next((volume for volume in client.list_volumes()
                  if volume.get("name") == pod_name(stack) and volume.get("dataCenter") == data_center), None)
+
+
+def run_dir(run: str) -> str:
+    """The run's folder relative to the volume's root (an S3 prefix), as contract.workspace lays it out."""
+    paths = RunPaths(Path("/"), run)
+    return paths.run.relative_to(paths.root).as_posix()
 
 
 def lora_dir(run: str) -> str:
@@ -273,16 +321,19 @@ def volume_steps(stack: str, lora: str, volume: dict | None, data_center: str | 
 
 @api_errors_named
 def fetch(stack: str, config, destination: Path, environ: Mapping[str, str]) -> Report:
-    paths = RunPaths(workspace_root(dict(environ)), run_id(stack, config.train))
+    paths = RunPaths(workspace_root(dict(environ)), stack_run_id(stack, config.train))
     lora = lora_dir(paths.run_id)
+    gpu = config.backend.hardware(config)
     if environ.get(ENV_WORKSPACE):
         if not paths.lora.is_dir():
             raise OpsError(f"no LoRA yet in {paths.lora} ({ENV_WORKSPACE} is set): the run has not exported it")
         lines = []
         if not paths.done.exists():
             lines.append(f"note: {paths.done} is missing: the run has not finished; copying what is there")
-        shutil.copytree(paths.lora, destination, dirs_exist_ok=True)
-        return Report([*lines, f"{stack}: LoRA copied from {paths.lora} into {destination}"])
+        copy_run(paths, destination)
+        report = render_run_report(destination, stack, paths.run_id, gpu)
+        return Report([*lines, f"{stack}: the run's LoRA, samples and history copied from {paths.run} into "
+                               f"{destination}", f"report: {report}"])
 
     client = runpod_client(environ)
     volume = find_volume(client, stack, config.runpod.data_center)
@@ -292,14 +343,16 @@ def fetch(stack: str, config, destination: Path, environ: Mapping[str, str]) -> 
             f"{S3_ACCESS_KEY_ENV} and {S3_SECRET_KEY_ENV} are not set")
         return Report([f"{stack}: cannot download the LoRA directly: {missing}.\n",
                        volume_steps(stack, lora, volume, data_center)], code=2)
-    print(f"downloading s3://{volume['id']}/{lora}/ from RunPod's S3 API ({data_center}) into {destination} ...",
-          file=sys.stderr, flush=True)
+    print(f"downloading s3://{volume['id']}/{run_dir(paths.run_id)}/ from RunPod's S3 API ({data_center}) into "
+          f"{destination} ...", file=sys.stderr, flush=True)
     try:
-        written = fetch_from_s3(volume["id"], data_center, lora + "/", destination, environ)
+        written = fetch_run_from_s3(volume["id"], data_center, paths.run_id, destination, environ)
     except Exception as error:  # botocore's errors share no base class with requests'; each is reported alike
         raise OpsError(f"the S3 download failed ({type(error).__name__}: {error})\n\n"
                        + volume_steps(stack, lora, volume, data_center)) from None
-    if not written:
+    if not any(path.suffix == ".safetensors" for path in written):
         raise OpsError(f"nothing under {lora}/ on volume {volume['id']}: the run has not exported its LoRA yet "
                        f"(make status STACK={stack})")
-    return Report([f"{stack}: {len(written)} files of the LoRA in {destination}"])
+    report = render_run_report(destination, stack, paths.run_id, gpu)
+    return Report([f"{stack}: {len(written)} files of the run (LoRA, samples, history) in {destination}",
+                   f"report: {report}"])
