@@ -103,7 +103,8 @@ def test_a_local_folder_is_uploaded_trained_on_and_comes_back_with_its_report(wi
     outputs_after, operations = quiet.up()
     assert operations.counts["replace"] == 1 and operations.counts["update"] == 1  # the upload; the pod's spec
     assert outputs_after["runId"] != outputs["runId"]
-    state = json.loads(quiet.state_path.read_text())["resources"][f"{STACK}-dataset"]["outputs"]
+    resources = {entry["name"]: entry for entry in json.loads(quiet.state_path.read_text())["resources"]}
+    state = resources[f"{STACK}-dataset"]["outputs"]
     assert (state["contentHash"], state["filesSent"], state["bytesSent"]) == (
         changed.content_hash, 2, changed.total_bytes - local.total_bytes)
     assert runpod_s3.list_files(buckets.s3, outputs["volumeId"], uploads.UPLOADS_DIR + f"/{local.content_hash}/")
