@@ -23,12 +23,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.flops import count_step_flops
 from bench.models import Architecture, in_memory_source
-from infra.stack_files import load_stack
 from contract import memory
 from contract.families import facts_for
-from training.loop import build_state, next_micro_batches, train_step
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
+from infra.stack_files import load_stack
+from training.loop import build_state, next_micro_batches, train_step
 
 STACKS = ("sdxl-4090", "sd15-3090", "flux-h100")
 DATASET_IMAGES = 4

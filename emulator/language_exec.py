@@ -55,7 +55,7 @@ def main() -> int:
         succeeded = True
     except pulumi.RunError as error:
         pulumi.log.error(str(error))
-    except Exception:  # noqa: BLE001 - the engine shows the traceback, as the CLI does
+    except Exception:  # the engine shows the traceback, as the CLI does
         pulumi.log.error("Program failed with an unhandled exception:\n" + traceback.format_exc())
     finally:
         loop.close()

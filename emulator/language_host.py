@@ -564,7 +564,7 @@ class _Monitor(resource_pb2_grpc.ResourceMonitorServicer):
             id_, outputs = self.steps.register(request, urn, inputs)
         except ProgramError as error:
             context.abort(grpc.StatusCode.UNKNOWN, str(error))
-        except Exception as error:  # noqa: BLE001 - a bug of this engine: the program reports it and fails
+        except Exception as error:  # a bug of this engine: the program reports it and fails
             logging.getLogger(__name__).exception("RegisterResource %s", urn)
             context.abort(grpc.StatusCode.INTERNAL, f"{urn}: the offline engine failed: {error!r}")
         return resource_pb2.RegisterResourceResponse(urn=urn, id=id_, object=to_struct(outputs))

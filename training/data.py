@@ -206,7 +206,7 @@ def prepare_image(
         raise
     except Image.DecompressionBombError as error:  # Pillow's own refusal, past twice its limit
         raise DatasetError(f"{label}: {error} Downscale the image.") from None
-    except Exception as error:  # noqa: BLE001 - decoders raise many types; the user needs the file named
+    except Exception as error:  # decoders raise many types; the user needs the file named
         raise DatasetError(f"{label}: not a readable image ({type(error).__name__}: {error})") from None
     return fitted, bucket, (height, width), crop
 
@@ -397,7 +397,7 @@ def _fetch_hub_dataset(repo_id: str, dataset: DatasetSpec, paths: RunPaths) -> P
         folder = snapshot_download(
             repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=paths.hf_home / "hub"
         )
-    except Exception as error:  # noqa: BLE001 - hub errors are many types; the user needs one line
+    except Exception as error:  # hub errors are many types; the user needs one line
         raise DatasetError(
             f"train.dataset.source {dataset.source!r}: no such folder here, and the Hugging Face dataset "
             f"{repo_id!r} could not be downloaded ({type(error).__name__}: {error})"

@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -144,7 +144,7 @@ def kohya_metadata(
     `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
     default hides the ones that do not match the loaded checkpoint. `v_prediction`: the base model's scheduler
     predicts v (SD 2.x 768-v); sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     labels = kohya_labels(family)
     architecture = labels.modelspec_architecture
     base_model_version = labels.base_model_version
@@ -386,7 +386,7 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None, create_api: Calla
             folder_path=str(folder),
             commit_message=f"lorastack {__version__}: {folder.parent.name}",
         )
-    except Exception as error:  # noqa: BLE001 - any failure is reported, none is fatal
+    except Exception as error:  # any failure is reported, none is fatal
         detail = str(error).replace(token, "***")  # never echo the token, even inside an error message
         return HubPush(False, f"push to {repo_id} failed ({type(error).__name__}): {detail[:500]}")
     return HubPush(True, f"pushed to https://huggingface.co/{repo_id}", f"https://huggingface.co/{repo_id}")

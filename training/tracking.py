@@ -26,7 +26,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -55,7 +55,7 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def update_status(paths: RunPaths, fields: dict, environ: Mapping[str, str] | None = None) -> dict:
@@ -182,7 +182,7 @@ class Reporter:
 
             captions = list(prompts) + [""] * (len(images) - len(prompts))
             self._wandb.log(
-                {"samples": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]},
+                {"samples": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions, strict=False)]},
                 step=step,
             )
         self._print(f"samples at step {step}: {len(saved)} images in {folder}")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 
-from infra.runpod_backend import catalog
 from contract.workspace import read_json
+from infra.runpod_backend import catalog
 
 LIMIT_SECONDS = 40  # long enough that a busy CPU's start-up and shutdown cannot blur counted from not counted
 
