@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate.state import AcceleratorState
@@ -49,6 +50,9 @@ def load_bench_stack(name: str) -> Stack:
     Measured on a bigger GPU, the stack's settings are still those it runs with on its own card.
     """
     config = load_stack(name)
+    if config.runpod is None:
+        raise ValueError(f"stacks/Pulumi.{name}.yaml: the bench measures RunPod stacks (provider: runpod), "
+                         "whose GPU decides the checkpointing")
     spec, gpu = config.train, config.runpod.gpu
     if spec.gradient_checkpointing == "auto":
         needed = memory.plan(spec, gpu.memory_gb).gradient_checkpointing
@@ -237,7 +241,7 @@ def measure(
     _release(setup.device)
     if "status" in row:
         return row
-    seconds = statistics.median(row["step_seconds"])
+    seconds = statistics.median(cast("list[float]", row["step_seconds"]))  # set by _timed
     images = batch_size * spec.gradient_accumulation
     flops = _step_flops(setup, spec)
     row.update(

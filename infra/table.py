@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def render_table(columns: tuple[str, ...], rows: list[tuple[str, ...]], rule: bool = True) -> str:
+
+def render_table(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]], rule: bool = True) -> str:
     """One line per row under the header; `rule` puts a line of dashes under the header."""
     table = [columns, *rows]
     widths = [max(len(line[index]) for line in table) for index in range(len(columns))]

@@ -189,9 +189,10 @@ def prepare_image(
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow itself only warns up to twice its limit
+            limit = Image.MAX_IMAGE_PIXELS  # None: the guard is turned off
+            if limit is not None and width * height > limit:  # Pillow itself only warns up to twice its limit
                 raise DatasetError(
-                    f"{label}: {width}x{height} is {width * height} pixels, more than the {Image.MAX_IMAGE_PIXELS} "
+                    f"{label}: {width}x{height} is {width * height} pixels, more than the {limit} "
                     "accepted (a guard against decompression bombs); downscale the image"
                 )
             if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
@@ -376,7 +377,9 @@ def _fetch_archive(url: str, paths: RunPaths) -> Path:
             raise
         print(f"dataset: {error}; using what {shown} served before (sha256 {record['sha256'][:16]})", file=sys.stderr, flush=True)
         return previous
-    if fetched is None:  # 304 Not Modified
+    if fetched is None:  # 304 Not Modified: an answer to the validators of `previous`
+        if previous is None:
+            raise DatasetError(f"{shown}: the server answered 304 Not Modified to a request without validators")
         return previous
     archive, sha256, validators = fetched
     try:

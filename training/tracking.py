@@ -156,7 +156,7 @@ class Reporter:
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         parts.append(f"lr {self._lr:.1e}")
-        if per_step is not None:
+        if per_step is not None and eta is not None:  # both known from the second step on
             parts += [f"{per_step:.2f} s/step", f"ETA {format_duration(eta)}"]
         parts.append(f"cost ${cost:.2f} (est. ${estimated:.2f})")
         self._print(" ".join(parts))
