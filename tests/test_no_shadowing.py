@@ -72,7 +72,7 @@ def our_top_level_names() -> set[str]:
 
 def test_no_package_of_ours_shadows_a_dependency_or_the_standard_library():
     taken = taken_names()
-    assert {"replicate", "runpod", "docker", "wandb", "pulumi", "json"} <= set(taken)  # the check sees them
+    assert {"replicate", "docker", "wandb", "pulumi", "json"} <= set(taken)  # the check sees them
     assert {"infra", "contract", "cloudapi"} <= our_top_level_names()
     problems = [problem for directory in engine_search_dirs() for problem in shadowed(directory, taken)]
     problems += [f"the installed package {name}: shadows `import {name}` ({taken[name]})"
