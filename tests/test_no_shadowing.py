@@ -83,7 +83,7 @@ def test_no_package_of_ours_shadows_a_dependency_or_the_standard_library():
 def test_the_check_catches_a_shadowing_package(tmp_path):
     (tmp_path / "replicate").mkdir()
     (tmp_path / "replicate" / "client.py").write_text("import replicate\n")
-    (tmp_path / "runpod.py").write_text("")
+    (tmp_path / "docker.py").write_text("")
     (tmp_path / "fine_name").mkdir()
     problems = shadowed(tmp_path, taken_names())
-    assert [problem.split(":")[0] for problem in problems] == [f"{tmp_path}/replicate", f"{tmp_path}/runpod"]
+    assert [problem.split(":")[0] for problem in problems] == [f"{tmp_path}/docker", f"{tmp_path}/replicate"]
