@@ -28,8 +28,11 @@ setup: ## create .venv with the pinned dependencies and the project itself (edit
 	  else echo "note: no chromium here; tests/test_report.py's browser check will be skipped (apt-get install chromium)"; fi; }
 
 lint: ## ruff (style, bugs, imports) and mypy (types); settings in pyproject.toml
-	$(PY) -m ruff check .
-	$(PY) -m mypy
+	@# both run, so one pass shows every finding; either one failing fails the target
+	@status=0; \
+	echo "$(PY) -m ruff check ."; $(PY) -m ruff check . || status=1; \
+	echo "$(PY) -m mypy"; $(PY) -m mypy || status=1; \
+	exit $$status
 
 test: ## run the offline test suite (no cloud, no GPU)
 	$(PY) -m pytest
