@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 # set but empty as the passphrase itself, so this file never sets one.
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test check demo emulator cost preview train status logs fetch destroy reap image bench train-local cog-push
+.PHONY: help setup lint test check demo emulator cost preview train status logs fetch destroy reap image bench train-local cog-push
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,13 @@ setup: ## create .venv with the pinned dependencies and the project itself (edit
 	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else echo "note: no chromium here; tests/test_report.py's browser check will be skipped (apt-get install chromium)"; fi; }
+
+lint: ## ruff (style, bugs, imports) and mypy (types); settings in pyproject.toml
+	@# both run, so one pass shows every finding; either one failing fails the target
+	@status=0; \
+	echo "$(PY) -m ruff check ."; $(PY) -m ruff check . || status=1; \
+	echo "$(PY) -m mypy"; $(PY) -m mypy || status=1; \
+	exit $$status
 
 test: ## run the offline test suite (no cloud, no GPU)
 	$(PY) -m pytest

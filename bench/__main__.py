@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import flops, harness, report
-from bench.models import architecture
+from bench.models import Size, architecture
 from contract.families import FAMILY_NAMES
 from training import tiny
 
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = args.size or ("full" if device.type == "cuda" else "tiny")
+    size: Size = args.size or ("full" if device.type == "cuda" else "tiny")
     if size == "full" and device.type != "cuda":
         print("full-size models are timed on a GPU only; on CPU use --size tiny", file=sys.stderr)
         return 2
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_image_flops:
         full = {family: architecture(family, "full") for family in FAMILY_NAMES}
         counts = flops.per_image_counts([(stack.name, stack.spec) for stack in stacks], full)
-        document = {"method": flops.METHOD, "versions": report.versions(), "counts": counts}
+        flops_document = {"method": flops.METHOD, "versions": report.versions(), "counts": counts}
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / report.FLOPS_FILE).write_text(json.dumps(document, indent=2) + "\n")
-        for line in report.flops_table(document):
+        (args.results / report.FLOPS_FILE).write_text(json.dumps(flops_document, indent=2) + "\n")
+        for line in report.flops_table(flops_document):
             print(line)
 
     environment = report.environment(device, size)
-    peak = args.peak_tflops or (report.BF16_DENSE_TFLOPS.get(environment["gpu"]) if on_gpu else None)
+    peak = args.peak_tflops or (report.BF16_DENSE_TFLOPS.get(str(environment["gpu"])) if on_gpu else None)
     if on_gpu and peak is None:
         print(f"no bf16 peak known for {environment['gpu']}: MFU is left out (--peak-tflops sets it)", file=sys.stderr)
     environment["peak_bf16_tflops"] = peak

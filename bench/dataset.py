@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +172,8 @@ def measure_second_look(scratch: Path, sources: Path, count: int, resolution: in
 
 def machine() -> dict:
     model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
         platform.processor() or platform.machine(),
     ) if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()
     return {
@@ -186,14 +187,15 @@ def machine() -> dict:
         "libjpeg_turbo": features.version("libjpeg_turbo"),
         "numpy": np.__version__,
         "torch": torch.__version__,  # its uint8 bicubic resize does the resizing
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def judge(document: dict) -> list[dict]:
     checks = [
         {
-            "target": f">= {TARGET_IMAGES_PER_CORE_SECOND:.0f} images/s per core, 1024-px JPEG sources at resolution {row['resolution']}",
+            "target": f">= {TARGET_IMAGES_PER_CORE_SECOND:.0f} images/s per core, "
+                      f"1024-px JPEG sources at resolution {row['resolution']}",
             "value": row["images_per_core_second"],
             "met": row["images_per_core_second"] >= TARGET_IMAGES_PER_CORE_SECOND,
         }
@@ -234,7 +236,8 @@ def readme_section(document: dict) -> list[str]:
         )
     lines += ["", "| one source image | resolution | bucket | peak memory growth (MiB) |", "|---|---|---|---|"]
     for row in document["peak_memory"]:
-        lines.append(f"| {row['source']} | {row['resolution']} | {row['bucket'][0]}x{row['bucket'][1]} | {row['peak_growth_mib']} |")
+        width, height = row["bucket"]
+        lines.append(f"| {row['source']} | {row['resolution']} | {width}x{height} | {row['peak_growth_mib']} |")
     look = document["second_look"]
     lines += [
         "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,17 +83,18 @@ def count_step_flops(model: Architecture, spec: TrainSpec, batch_size: int) -> S
     """Forward and backward FLOPs of one micro-batch of `batch_size` at `spec`'s settings."""
     spec = spec.model_copy(update={"gradient_checkpointing": "off", "batch_size": batch_size})
     models = load_models(spec, META, source=in_memory_source(model, META))
+    unused: Any = None  # what compute_loss never reads: no files, data, optimizer or schedule on the meta device
     state = TrainState(
         spec=spec,
-        paths=None,
+        paths=unused,
         models=models,
-        dataset=None,
+        dataset=unused,
         features=None,
-        sampler=None,
+        sampler=unused,
         accelerator=types.SimpleNamespace(device=META),  # compute_loss asks the accelerator for its device only
         trained=models.trained_modules(),
-        optimizer=None,
-        lr_scheduler=None,
+        optimizer=unused,
+        lr_scheduler=unused,
         noise_generator=torch.Generator().manual_seed(spec.seed),
     )
     batch = _meta_batch(state, batch_size)

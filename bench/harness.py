@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate.state import AcceleratorState
@@ -23,12 +24,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.flops import count_step_flops
 from bench.models import Architecture, in_memory_source
-from infra.stack_files import load_stack
 from contract import memory
 from contract.families import facts_for
-from training.loop import build_state, next_micro_batches, train_step
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
+from infra.stack_files import load_stack
+from training.loop import build_state, next_micro_batches, train_step
 
 STACKS = ("sdxl-4090", "sd15-3090", "flux-h100")
 DATASET_IMAGES = 4
@@ -49,6 +50,9 @@ def load_bench_stack(name: str) -> Stack:
     Measured on a bigger GPU, the stack's settings are still those it runs with on its own card.
     """
     config = load_stack(name)
+    if config.runpod is None:
+        raise ValueError(f"stacks/Pulumi.{name}.yaml: the bench measures RunPod stacks (provider: runpod), "
+                         "whose GPU decides the checkpointing")
     spec, gpu = config.train, config.runpod.gpu
     if spec.gradient_checkpointing == "auto":
         needed = memory.plan(spec, gpu.memory_gb).gradient_checkpointing
@@ -237,7 +241,7 @@ def measure(
     _release(setup.device)
     if "status" in row:
         return row
-    seconds = statistics.median(row["step_seconds"])
+    seconds = statistics.median(cast("list[float]", row["step_seconds"]))  # set by _timed
     images = batch_size * spec.gradient_accumulation
     flops = _step_flops(setup, spec)
     row.update(

@@ -183,7 +183,7 @@ def save_samples(run: Path, step: int, prompts: list[str], pngs: list[bytes]) ->
     folder = run / SAMPLES_DIR
     prompts = list(prompts) + [""] * (len(pngs) - len(prompts))
     entries, saved = [], []
-    for index, (prompt, png) in enumerate(zip(prompts, pngs)):
+    for index, (prompt, png) in enumerate(zip(prompts, pngs, strict=False)):
         relative = sample_file(step, index, prompt)
         atomic_write_bytes(folder / relative, png)
         entries.append({"file": relative, "prompt": prompt})

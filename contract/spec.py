@@ -172,6 +172,9 @@ class RunLimits(_Schema):
     # before the first step (model download, dataset preparation, latent caching) the watchdog allows this long
     setup_minutes: float = Field(default=60, gt=0, le=24 * 60)
     usd_per_hour: float = Field(default=0.0, ge=0)  # filled in by infra from the price of the chosen GPU
+    # limits below the run's own estimate are refused (the run would stop before it ends) unless the stack says
+    # they are meant: a trial run that should stop early, a GPU known to be faster than the estimate
+    allow_below_estimate: bool = False
 
 
 class SpecError(ValueError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import BinaryIO
 from contract.spec import ENV_WORKSPACE, WORKSPACE_MOUNT
 
 
-def workspace_root(environ: dict[str, str] | None = None) -> Path:
+def workspace_root(environ: Mapping[str, str] | None = None) -> Path:
     environ = os.environ if environ is None else environ
     return Path(environ.get(ENV_WORKSPACE, WORKSPACE_MOUNT))
 

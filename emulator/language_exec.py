@@ -50,12 +50,16 @@ def main() -> int:
     asyncio.set_event_loop(loop)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # unobserved futures of a failed program: not news
     succeeded = False
+
+    def program() -> None:
+        runpy.run_path(args.PROGRAM, run_name="__main__")
+
     try:
-        loop.run_until_complete(pulumi.runtime.run_in_stack(lambda: runpy.run_path(args.PROGRAM, run_name="__main__")))
+        loop.run_until_complete(pulumi.runtime.run_in_stack(program))
         succeeded = True
     except pulumi.RunError as error:
         pulumi.log.error(str(error))
-    except Exception:  # noqa: BLE001 - the engine shows the traceback, as the CLI does
+    except Exception:  # the engine shows the traceback, as the CLI does
         pulumi.log.error("Program failed with an unhandled exception:\n" + traceback.format_exc())
     finally:
         loop.close()

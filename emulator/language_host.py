@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import grpc
 import yaml
@@ -320,6 +320,7 @@ class ProviderHost:
             [sys.executable, "-u", "-m", "pulumi.dynamic"], cwd=program_dir,
             stdout=subprocess.PIPE, stderr=None, env=dict(os.environ), start_new_session=True,
         )
+        self.output = cast(IO[bytes], self.process.stdout)  # stdout=PIPE: always a pipe
         port = self._read_port()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(self.channel).result(timeout=PROVIDER_START_TIMEOUT_S)
@@ -329,7 +330,7 @@ class ProviderHost:
         self.stub.Configure(provider_pb2.ConfigureRequest(args=to_struct(args), acceptSecrets=True, acceptResources=True))
 
     def _read_port(self) -> int:
-        line = self.process.stdout.readline().decode().strip()
+        line = self.output.readline().decode().strip()
         if not line.isdigit():
             self.process.kill()
             raise ProgramError(f"the dynamic provider host (python -m pulumi.dynamic) did not start: {line!r}")
@@ -349,7 +350,7 @@ class ProviderHost:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
+        self.output.close()
 
 
 class ProviderError(ProgramError):
@@ -427,7 +428,7 @@ class Deployment:
                 changed = diff.changes == provider_pb2.DiffResponse.DIFF_SOME
             kind = "same" if not changed else "replace" if diff.replaces else "update"
         self.operations.record(kind, request.name)
-        if kind == "same":
+        if kind == "same" and old is not None:
             resource = Resource(urn, request.type, request.name, True, old.id, inputs, old.outputs,
                                 request.retainOnDelete, request.parent)
             if not self.dry_run:
@@ -435,19 +436,19 @@ class Deployment:
             return old.id, old.outputs
         if self.dry_run:  # a preview changes nothing: the outputs it cannot know are left out (unknown)
             return (old.id if old and kind == "update" else ""), inputs
-        if kind == "update":
+        if kind == "update" and old is not None:
             updated = self.host.call("Update", provider_pb2.UpdateRequest(
                 id=old.id, urn=urn, name=request.name, type=request.type, olds=_plain_struct(old.outputs),
                 news=_plain_struct(inputs), old_inputs=_plain_struct(old.inputs)))
             id_, outputs = old.id, from_struct(updated.properties)
         else:
             delete_first = kind == "replace" and (diff.deleteBeforeReplace or request.deleteBeforeReplace)
-            if delete_first:
+            if delete_first and old is not None:
                 self._delete_resource(old, record=False)
             created = self.host.call("Create", provider_pb2.CreateRequest(
                 urn=urn, name=request.name, type=request.type, properties=_plain_struct(inputs)))
             id_, outputs = created.id, from_struct(created.properties)
-            if kind == "replace" and not delete_first:
+            if kind == "replace" and not delete_first and old is not None:
                 self._delete_resource(old, record=False)
         outputs = _mark_secret_outputs(outputs, inputs, additional)
         self.state.put(Resource(urn, request.type, request.name, True, id_, inputs, outputs,
@@ -564,7 +565,7 @@ class _Monitor(resource_pb2_grpc.ResourceMonitorServicer):
             id_, outputs = self.steps.register(request, urn, inputs)
         except ProgramError as error:
             context.abort(grpc.StatusCode.UNKNOWN, str(error))
-        except Exception as error:  # noqa: BLE001 - a bug of this engine: the program reports it and fails
+        except Exception as error:  # a bug of this engine: the program reports it and fails
             logging.getLogger(__name__).exception("RegisterResource %s", urn)
             context.abort(grpc.StatusCode.INTERNAL, f"{urn}: the offline engine failed: {error!r}")
         return resource_pb2.RegisterResourceResponse(urn=urn, id=id_, object=to_struct(outputs))

@@ -2,8 +2,9 @@
 
     python -m infra.check [STACK-or-path ...]      (default: every stacks/Pulumi.*.yaml)
 
-Prints every problem in every stack in one pass and exits 1 if there is any; CI runs it. A malformed file is one
-error for that file, and the other stacks are still checked.
+Prints every problem in every stack in one pass and exits 1 if there is any. A malformed file is one
+error for that file, and the other stacks are still checked. CI (.github/workflows/preview.yml) runs it, and so
+does the pre-commit hook (.pre-commit-config.yaml) when a commit changes a stack file or the schema.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ def check_file(path: Path) -> list[str]:
         estimate = config.cost_estimate()
     except StackError as error:
         problems = error.problems
-    except Exception as error:  # noqa: BLE001 - one broken file must not stop the check of the others
+    except Exception as error:  # one broken file must not stop the check of the others
         problems = [f"{path}: could not be checked ({type(error).__name__}: {error}); this is a lorastack bug, "
                     "please report it with the file"]
     else:
         print(
             f"ok   {path.name}: {config.provider} {config.train.family} {config.train.steps} steps, "
-            f"~{estimate.hours:.1f} h, ~${estimate.usd:.2f} (limit ${config.limits.max_cost_usd:g}, {config.limits.max_hours:g} h)"
+            f"~{estimate.hours:.1f} h, ~${estimate.usd:.2f} "
+            f"(limit ${config.limits.max_cost_usd:g}, {config.limits.max_hours:g} h)"
         )
         return []
     print(f"FAIL {path.name}", file=sys.stderr)

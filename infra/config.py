@@ -105,6 +105,8 @@ class StackConfig(_Schema):
 
     def _limits_cover_the_estimate(self) -> None:
         """Limits below the run's own estimate would stop it before it can finish: billed, and nothing to show."""
+        if self.limits.allow_below_estimate:
+            return
         estimate = self.cost_estimate()
         problems = []
         if self.limits.max_cost_usd < estimate.usd:
@@ -117,7 +119,8 @@ class StackConfig(_Schema):
             raise ValueError(
                 "; ".join(problems) + f": the run would be stopped before it finishes ({self.train.steps} steps at "
                 f"{estimate.seconds_per_step:.2f} s/step, ${estimate.usd_per_hour:.2f}/h, {estimate.source}, with "
-                f"{pricing.STARTUP_SECONDS // 60} min of setup). Raise the limits or train fewer steps (`make cost`)"
+                f"{pricing.STARTUP_SECONDS // 60} min of setup). Raise the limits or train fewer steps (`make cost`), or set "
+                "limits.allowBelowEstimate: true to stop it early on purpose"
             )
 
     @property

@@ -116,7 +116,7 @@ def _cells(row: CostRow) -> tuple[str, ...]:
 def render_text(rows: list[CostRow], live: LivePrices) -> str:
     table = [COLUMNS, *(_cells(row) for row in rows)]
     widths = [max(len(line[column]) for line in table) for column in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.append("")
     lines.append(f"duration includes ~{pricing.STARTUP_SECONDS // 60}m of start-up (image pull, model download, "

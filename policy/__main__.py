@@ -8,7 +8,7 @@ from pulumi_policy import PolicyPack
 # Pulumi starts this file from the pack's folder; the policies live beside it (tests import them as policy.*).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lorastack_policies import POLICIES  # noqa: E402
+from lorastack_policies import POLICIES
 
 PolicyPack(
     name="lorastack",

@@ -9,9 +9,9 @@ ones each backend's providers declare; each backend's policies (infra/<name>_bac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
 
 import yaml
 from pulumi_policy import ResourceValidationArgs

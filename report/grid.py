@@ -90,7 +90,7 @@ def render_grid(sample_step: SampleStep, target: Path, cell_max: int = CELL_MAX)
     grid = Image.new("RGB", (cell_width * len(images), title_height + label_height + cell_height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     draw.text((PADDING, PADDING), f"step {sample_step.step}", font=title_font, fill=TEXT)
-    for column, (image, lines) in enumerate(zip(scaled, labels)):
+    for column, (image, lines) in enumerate(zip(scaled, labels, strict=True)):
         left = column * cell_width
         if column:
             draw.line([(left, title_height), (left, title_height + label_height - 1)], fill=RULE)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -112,7 +112,7 @@ def render_report(folder: Path, facts: RunFacts | None = None) -> Path:
         ],
         lora_files=[{"name": p.relative_to(folder).as_posix(), "size": _size(p)} for p in lora_files(folder)],
         card=card.relative_to(folder).as_posix() if card.is_file() else None,
-        rendered_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        rendered_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     target = folder / REPORT_FILE
     atomic_write_bytes(target, page.encode())

@@ -16,10 +16,10 @@ from bench import __main__ as bench_main
 from bench import harness, report
 from bench.flops import META, count_step_flops
 from bench.models import architecture, build_components, in_memory_source
+from contract.workspace import RunPaths
 from infra import pricing
 from training import tiny
 from training.loop import build_state, next_micro_batches, train_step
-from contract.workspace import RunPaths
 
 torch.set_num_threads(2)
 

@@ -9,7 +9,8 @@ from bench import dataset as bench_dataset
 
 def test_dataset_bench_writes_its_figures_and_judges_the_targets(tmp_path):
     results = tmp_path / "dataset-cpu.json"
-    bench_dataset.main(["--images", "4", "--second-look-images", "12", "--repeats", "1", "--results", str(results), "--no-readme"])
+    bench_dataset.main(["--images", "4", "--second-look-images", "12", "--repeats", "1", "--results", str(results),
+                        "--no-readme"])
     document = json.loads(results.read_text())
     assert {row["resolution"] for row in document["prepare"]} == {1024, 512}
     assert all(row["images"] == 4 and row["images_per_core_second"] > 0 for row in document["prepare"])

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from cloudapi.runpod_rest import RunpodClient
+from contract.naming import pod_name, run_id
+from contract.progress import progress_record
+from contract.workspace import RunPaths, atomic_write_json
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, JsonApi, serve
 from infra import affected, cost, ops, progress
 from infra import paths as project_paths
-from contract.naming import pod_name, run_id
-from contract.progress import progress_record
-from infra.stack_files import load_stack, parse_stack
-from cloudapi.runpod_rest import RunpodClient
 from infra.runpod_backend import runs
-from contract.workspace import RunPaths, atomic_write_json
+from infra.stack_files import load_stack, parse_stack
 
 API_KEY = "rp-test-key-4f1c9a"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import stat
+import sys
 from pathlib import Path
 
 import pytest

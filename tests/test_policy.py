@@ -15,10 +15,10 @@ from pulumi_policy.deserialize import SPECIAL_SECRET_SIG, SPECIAL_SIG_KEY, deser
 from pulumi_policy.proxy import unknown_checking_proxy
 
 from contract.naming import pod_name
-from infra.stack_files import load_stack
-from infra.runpod_backend.component import pod_env
 from infra.paths import STACKS_DIR
 from infra.runpod_backend import policies as runpod_policies
+from infra.runpod_backend.component import pod_env
+from infra.stack_files import load_stack
 from policy import lorastack_policies as policies
 
 POD_TYPE = "pulumi-python:dynamic/runpod:Pod"
@@ -44,8 +44,8 @@ def _args(resource_type: str, props: dict, config: dict | None = None, for_remed
     deserialized = deserialize_properties(_wire(props), for_remediation)
     options = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
     name = str(props.get("name", "r"))
-    return ResourceValidationArgs(resource_type, unknown_checking_proxy(deserialized), f"urn:pulumi:s::lorastack::{resource_type}::{name}",
-                                  name, options, None, config)
+    urn = f"urn:pulumi:s::lorastack::{resource_type}::{name}"
+    return ResourceValidationArgs(resource_type, unknown_checking_proxy(deserialized), urn, name, options, None, config)
 
 
 def violations(policy_name: str, resource_type: str, props: dict, config: dict | None = None) -> list[str]:

@@ -21,7 +21,6 @@ from contract.spec import RunLimits, TrainSpec
 from emulator.language_host import ProgramError, ProgramRun
 from infra.runpod_backend.pod import PodProvider
 from infra.stack_files import STACKS_DIR, parse_stack
-
 from tests.pulumi_mocks import run_mocked
 
 API_KEY = "rpa_program_test_key_feedface"
@@ -144,7 +143,8 @@ def test_a_stack_without_a_volume_lets_the_scheduler_place_the_pod():
     raw["lorastack:runpod"].update(volume=None, dataCenter=None, cloud="COMMUNITY")
     program, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
     (pod,) = program.of_type(POD_TYPE)
-    assert program.of_type(VOLUME_TYPE) == [] and outputs.get("volumeId") is None  # a None export is left out, as the SDK sends it
+    # a None export is left out, as the SDK sends it
+    assert program.of_type(VOLUME_TYPE) == [] and outputs.get("volumeId") is None
     assert pod.inputs["dataCenterIds"] == [] and pod.inputs["cloud"] == "COMMUNITY"
     assert outputs["dataCenter"] == "US-TX-3"  # where RunPod placed it (the mock)
 

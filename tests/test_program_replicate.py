@@ -21,7 +21,6 @@ from emulator.language_host import ProgramError, ProgramRun
 from infra.replicate_backend.component import PROJECT_ROOT
 from infra.replicate_backend.training import TrainingProvider
 from infra.stack_files import STACKS_DIR, parse_stack
-
 from tests.pulumi_mocks import run_mocked
 
 STACK = "flux-replicate"

@@ -22,9 +22,9 @@ from replicate.exceptions import ReplicateError
 from emulator.replicate import TRAINER, TRAINER_VERSION, FakeClock, ReplicateApi
 from emulator.server import Fault, serve
 from infra.replicate_backend.client import ReplicateClient, retry_after_seconds
-from infra.replicate_backend.provider import ReplicateProvider
 from infra.replicate_backend.deployment import DeploymentProvider
 from infra.replicate_backend.model import ModelProvider
+from infra.replicate_backend.provider import ReplicateProvider
 from infra.replicate_backend.training import TrainingProvider, dataset_zip
 
 TOKEN = "r8_provider_test_token_0123456789"
@@ -462,7 +462,8 @@ def test_deployment_takes_whole_numbers_as_floats_and_sends_integers(api):
     created = provider.create(props)
     live = api.deployments["alice/lora"]
     assert (live.min_instances, live.max_instances) == (0, 2)
-    updated = provider.update(created.id, created.outs, as_engine_sends(deployment_props(version, minInstances=1, maxInstances=3)))
+    news = as_engine_sends(deployment_props(version, minInstances=1, maxInstances=3))
+    updated = provider.update(created.id, created.outs, news)
     assert (live.min_instances, live.max_instances, updated.outs["release"]) == (1, 3, 2)
 
 

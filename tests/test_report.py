@@ -175,8 +175,8 @@ def test_report_page_states_the_facts_and_shows_every_grid_and_the_curve(tmp_pat
         assert "://" not in name and not name.startswith("/") and (folder / name).is_file()
     assert parsed.external == []  # nothing to load from anywhere, no script
     for shown in ("sdxl-4090", "runpod", "NVIDIA GeForce RTX 4090 x1", "$0.41",
-                  "stabilityai/stable-diffusion-xl-base-1.0", "d1a2b3c4", "<td>12</td>", "trained, lr 0.0002", "<td>1024 px (aspect buckets)</td>", "bf16",
-                  "60 of 60", "20, 40, 60"):  # fmt: skip
+                  "stabilityai/stable-diffusion-xl-base-1.0", "d1a2b3c4", "<td>12</td>", "trained, lr 0.0002",
+                  "<td>1024 px (aspect buckets)</td>", "bf16", "60 of 60", "20, 40, 60"):
         assert shown in text, shown
     assert "<script>alert" not in text and "&lt;script&gt;alert" in text  # prompts are escaped
 
@@ -199,9 +199,9 @@ def test_report_of_a_run_without_samples_or_history_says_so(tmp_path):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     """`make train-local` on the tiny SD 1.5 with two sample prompts: stopped after step 1, then run to the end."""
-    import torch
-
     from dataclasses import replace
+
+    import torch
 
     from contract import families
     from training import local, loop, tiny

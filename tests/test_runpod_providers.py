@@ -24,9 +24,9 @@ from pulumi.output import Unknown
 from pulumi.runtime import rpc
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
+from cloudapi.runpod_rest import RunpodError
 from emulator.runpod import RunpodApi
 from emulator.server import Fault, serve
-from cloudapi.runpod_rest import RunpodError
 from infra.runpod_backend.pod import PodProvider
 from infra.runpod_backend.provider import RunpodProvider
 from infra.runpod_backend.volume import NetworkVolumeProvider
@@ -195,7 +195,8 @@ def test_pod_create_read_update_delete(api):
     diff = provider.diff(created.id, created.outs, newer)
     assert diff.changes and diff.replaces == []
     updated = provider.update(created.id, created.outs, newer)
-    assert (api.pods[created.id].image, api.pods[created.id].env["LORASTACK_SPEC"]) == ("ghcr.io/lorastack/trainer:0.2.0", '{"steps":20}')
+    live = api.pods[created.id]
+    assert (live.image, live.env["LORASTACK_SPEC"]) == ("ghcr.io/lorastack/trainer:0.2.0", '{"steps":20}')
     assert updated.outs["status"] == "RUNNING"
 
     provider.delete(created.id, updated.outs)
@@ -205,7 +206,8 @@ def test_pod_create_read_update_delete(api):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("gpuTypeId", "NVIDIA L40S"), ("gpuCount", 2), ("cloud", "COMMUNITY"), ("dataCenterIds", ["US-TX-3"]), ("networkVolumeId", "other"),
+    ("gpuTypeId", "NVIDIA L40S"), ("gpuCount", 2), ("cloud", "COMMUNITY"), ("dataCenterIds", ["US-TX-3"]),
+    ("networkVolumeId", "other"),
 ])
 def test_pod_fixed_settings_replace(api, key, value):
     olds = pod_props("vol1")

@@ -146,7 +146,8 @@ def test_secrets_come_only_from_repository_secrets(name):
             (f"{job_id}.step.env", step.get("env", {})) for job_id, step in steps(workflow)]:
         for variable, value in env.items():
             if variable in CREDENTIAL_ENV:
-                assert value == f"${{{{ secrets.{variable} }}}}", f"{name}.{where}.{variable} must be ${{{{ secrets.{variable} }}}}"
+                expected = f"${{{{ secrets.{variable} }}}}"
+                assert value == expected, f"{name}.{where}.{variable} must be {expected}"
 
 
 def test_pull_requests_preview_every_affected_stack_with_policies_and_a_cost_comment():

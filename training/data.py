@@ -189,9 +189,10 @@ def prepare_image(
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if width * height > Image.MAX_IMAGE_PIXELS:  # Pillow itself only warns up to twice its limit
+            limit = Image.MAX_IMAGE_PIXELS  # None: the guard is turned off
+            if limit is not None and width * height > limit:  # Pillow itself only warns up to twice its limit
                 raise DatasetError(
-                    f"{label}: {width}x{height} is {width * height} pixels, more than the {Image.MAX_IMAGE_PIXELS} "
+                    f"{label}: {width}x{height} is {width * height} pixels, more than the {limit} "
                     "accepted (a guard against decompression bombs); downscale the image"
                 )
             if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED_ORIENTATIONS:
@@ -206,7 +207,7 @@ def prepare_image(
         raise
     except Image.DecompressionBombError as error:  # Pillow's own refusal, past twice its limit
         raise DatasetError(f"{label}: {error} Downscale the image.") from None
-    except Exception as error:  # noqa: BLE001 - decoders raise many types; the user needs the file named
+    except Exception as error:  # decoders raise many types; the user needs the file named
         raise DatasetError(f"{label}: not a readable image ({type(error).__name__}: {error})") from None
     return fitted, bucket, (height, width), crop
 
@@ -376,7 +377,9 @@ def _fetch_archive(url: str, paths: RunPaths) -> Path:
             raise
         print(f"dataset: {error}; using what {shown} served before (sha256 {record['sha256'][:16]})", file=sys.stderr, flush=True)
         return previous
-    if fetched is None:  # 304 Not Modified
+    if fetched is None:  # 304 Not Modified: an answer to the validators of `previous`
+        if previous is None:
+            raise DatasetError(f"{shown}: the server answered 304 Not Modified to a request without validators")
         return previous
     archive, sha256, validators = fetched
     try:
@@ -397,7 +400,7 @@ def _fetch_hub_dataset(repo_id: str, dataset: DatasetSpec, paths: RunPaths) -> P
         folder = snapshot_download(
             repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=paths.hf_home / "hub"
         )
-    except Exception as error:  # noqa: BLE001 - hub errors are many types; the user needs one line
+    except Exception as error:  # hub errors are many types; the user needs one line
         raise DatasetError(
             f"train.dataset.source {dataset.source!r}: no such folder here, and the Hugging Face dataset "
             f"{repo_id!r} could not be downloaded ({type(error).__name__}: {error})"

@@ -18,10 +18,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import safetensors.torch
 import torch
@@ -144,7 +145,7 @@ def kohya_metadata(
     `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
     default hides the ones that do not match the loaded checkpoint. `v_prediction`: the base model's scheduler
     predicts v (SD 2.x 768-v); sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     labels = kohya_labels(family)
     architecture = labels.modelspec_architecture
     base_model_version = labels.base_model_version
@@ -249,7 +250,8 @@ def kohya_state_dict(
 
 def _peft_config_dict(model: torch.nn.Module) -> dict:
     model = _unwrap(model)
-    config = model.peft_config[adapter_name_of(model)].to_dict()
+    configs = cast("dict[str, Any]", model.peft_config)  # set by peft on the model it adapts: name -> LoraConfig
+    config = configs[adapter_name_of(model)].to_dict()
     return json.loads(json.dumps(config, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
 
 
@@ -377,7 +379,9 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None, create_api: Calla
         return HubPush(False, f"not pushed to {repo_id}: {ENV_HF_TOKEN} is not set")
     try:
         if create_api is None:
-            from huggingface_hub import HfApi as create_api
+            from huggingface_hub import HfApi
+
+            create_api = HfApi
         api = create_api(token=token)
         api.create_repo(repo_id=repo_id, repo_type="model", private=True, exist_ok=True)
         api.upload_folder(
@@ -386,7 +390,7 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None, create_api: Calla
             folder_path=str(folder),
             commit_message=f"lorastack {__version__}: {folder.parent.name}",
         )
-    except Exception as error:  # noqa: BLE001 - any failure is reported, none is fatal
+    except Exception as error:  # any failure is reported, none is fatal
         detail = str(error).replace(token, "***")  # never echo the token, even inside an error message
         return HubPush(False, f"push to {repo_id} failed ({type(error).__name__}): {detail[:500]}")
     return HubPush(True, f"pushed to https://huggingface.co/{repo_id}", f"https://huggingface.co/{repo_id}")
@@ -401,7 +405,7 @@ def export_lora(
     family: str,
     *,
     prediction_type: str | None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the LoRA into `paths.lora` (diffusers file always, kohya file for SDXL/SD 1.5) and push it to
     the Hub when `spec.hf_repo` is set. Returns {"diffusers": path[, "kohya": path][, "model_card": path]}.
@@ -443,7 +447,7 @@ __all__ = [
 ]
 
 
-def export_trained(state, environ: dict[str, str] | None = None) -> dict[str, Path]:
+def export_trained(state, environ: Mapping[str, str] | None = None) -> dict[str, Path]:
     """export_lora for a finished run (a training.state.TrainState): its adapters, data hash and spec."""
     spec, models = state.spec, state.models
     return export_lora(

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from training.data import PreparedDataset, Sample
-from training.models import ModelBundle
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths, atomic_write_bytes
+from training.data import PreparedDataset, Sample
+from training.models import ModelBundle
 
 FEATURES_VERSION = 1  # bump when what is cached, or how, changes: old caches are then not re-used
 

@@ -125,8 +125,10 @@ def _inputs(state: TrainState, batch: Batch) -> tuple[torch.Tensor, dict[str, to
     models, device = state.models, state.accelerator.device
     if batch.latents is not None:
         latents = batch.latents.to(device, dtype=models.weight_dtype)
-    else:
+    elif batch.pixels is not None:
         latents = models.encode_images(batch.pixels, state.noise_generator).to(device)
+    else:
+        raise ValueError(f"batch {batch.sample_ids}: neither cached latents nor pixels to encode")
     if batch.text is not None:
         text = {name: value.to(device, dtype=models.weight_dtype) for name, value in batch.text.items()}
     else:
@@ -239,7 +241,7 @@ def train(
     while state.step < spec.steps:
         loss = train_step(state, next_micro_batches(state))
         if main and on_step is not None:
-            on_step(state.step, loss, state.lr_scheduler.get_last_lr()[0])
+            on_step(state.step, loss, float(state.lr_scheduler.get_last_lr()[0]))  # torch types a tensor lr too
         if state.step % spec.checkpoint_every == 0 or state.step == spec.steps:
             checkpoints.save_checkpoint(state)
         if spec.sample_every and state.step % spec.sample_every == 0 and main and on_samples is not None:

@@ -13,7 +13,7 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -23,6 +23,9 @@ from peft import LoraConfig
 from contract import memory
 from contract.spec import TrainSpec
 from training.families import ModelFamily, family_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def weight_dtype_for(spec: TrainSpec, device: torch.device) -> torch.dtype:
@@ -115,7 +118,7 @@ class ModelBundle:
         replaces the bundle's own, e.g. by their data-parallel wrappers.
         """
         encoders = encoders or self.text_encoders
-        device = self.text_encoders["text_encoder"].device
+        device = next(self.text_encoders["text_encoder"].parameters()).device  # where its weights are
         encoded = self.family.encode_text(encoders, token_ids, device)
         return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
@@ -167,8 +170,10 @@ def load_models(
     weight_dtype = weight_dtype_for(spec, device)
     components = source(spec, cache_dir, weight_dtype)
     denoiser = components[family.denoiser_name]
-    text_encoders = {name: components[name] for name in ("text_encoder", "text_encoder_2") if name in components}
-    tokenizers = {name: components[name] for name in ("tokenizer", "tokenizer_2") if name in components}
+    text_encoders: dict[str, PreTrainedModel] = {
+        name: components[name] for name in ("text_encoder", "text_encoder_2") if name in components
+    }
+    tokenizers: dict[str, Any] = {name: components[name] for name in ("tokenizer", "tokenizer_2") if name in components}
     vae = components["vae"]
 
     for module in (denoiser, vae, *text_encoders.values()):

@@ -14,7 +14,6 @@ import argparse
 import json
 import random
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw

@@ -26,7 +26,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -55,7 +55,7 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def update_status(paths: RunPaths, fields: dict, environ: Mapping[str, str] | None = None) -> dict:
@@ -156,7 +156,7 @@ class Reporter:
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         parts.append(f"lr {self._lr:.1e}")
-        if per_step is not None:
+        if per_step is not None and eta is not None:  # both known from the second step on
             parts += [f"{per_step:.2f} s/step", f"ETA {format_duration(eta)}"]
         parts.append(f"cost ${cost:.2f} (est. ${estimated:.2f})")
         self._print(" ".join(parts))
@@ -182,7 +182,7 @@ class Reporter:
 
             captions = list(prompts) + [""] * (len(images) - len(prompts))
             self._wandb.log(
-                {"samples": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]},
+                {"samples": [wandb.Image(image, caption=caption) for image, caption in zip(images, captions, strict=False)]},
                 step=step,
             )
         self._print(f"samples at step {step}: {len(saved)} images in {folder}")

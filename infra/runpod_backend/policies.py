@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 from pulumi_policy import (
     EnforcementLevel,
@@ -60,6 +61,7 @@ def validate_pod_limits(args: ResourceValidationArgs, report_violation: ReportVi
         if not isinstance(value, (int, float)) or value <= 0:
             report_violation(f"pod {name!r}: {ENV_LIMITS}.{key} must be a positive number (got {value!r})")
             return
+    max_hours, max_cost = cast(float, max_hours), cast(float, max_cost)  # both checked just above
     if not isinstance(usd_per_hour, (int, float)) or usd_per_hour <= 0:
         report_violation(f"pod {name!r}: {ENV_LIMITS}.usdPerHour is {usd_per_hour!r}: the trainer measures its money "
                          "limit with it, so with no price the money limit is never reached")

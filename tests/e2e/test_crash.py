@@ -7,8 +7,8 @@ import json
 import time
 
 from contract.naming import run_id
-from infra.stack_files import load_stack
 from infra.runpod_backend.component import pod_env
+from infra.stack_files import load_stack
 
 STOPPED_WITHIN_S = 30  # from create to stopped, on two shared cores (the trainer's imports take most of it)
 

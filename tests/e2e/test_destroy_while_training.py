@@ -3,7 +3,6 @@ checkpoints are intact (the trainer checkpoints on SIGTERM on its way out)."""
 
 from __future__ import annotations
 
-
 from safetensors.torch import load_file
 
 from training import checkpoints

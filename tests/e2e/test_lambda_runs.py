@@ -53,7 +53,7 @@ def test_a_trainer_that_crashes_terminates_its_instance_without_restarts(lambda_
 def test_the_money_limit_checkpoints_and_terminates(lambda_cloud):
     limit_seconds = 15
     max_cost = round(0.75 * limit_seconds / 3600, 6)  # gpu_1x_a10 at $0.75/h
-    driver = lambda_cloud.driver(train={"steps": 2000, "checkpointEvery": 25}, limits={"maxHours": 1, "maxCostUsd": max_cost})
+    driver = lambda_cloud.driver(train={"steps": 2000, "checkpointEvery": 25}, limits={"maxHours": 1, "maxCostUsd": max_cost, "allowBelowEstimate": True})
     outputs, _ = driver.up()
     instance_id = outputs["instanceId"]
     assert lambda_cloud.runtime.wait_until_terminated(instance_id, ENDED_WITHIN_S + limit_seconds)

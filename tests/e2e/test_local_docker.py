@@ -103,8 +103,8 @@ def test_a_crash_ends_the_container_without_restarts(local):
 
 
 @pytest.mark.parametrize(("limits", "usd_per_hour", "said"), [
-    ({"maxHours": 0.005, "maxCostUsd": 1}, 0.0, "time limit"),  # 18 s; at 0 $/h only maxHours counts
-    ({"maxHours": 1, "maxCostUsd": 0.02}, 4.0, "money limit"),  # 18 s at the stack's own 4 $/h
+    ({"maxHours": 0.005, "maxCostUsd": 1, "allowBelowEstimate": True}, 0.0, "time limit"),  # 18 s; at 0 $/h only maxHours counts
+    ({"maxHours": 1, "maxCostUsd": 0.02, "allowBelowEstimate": True}, 4.0, "money limit"),  # 18 s at the stack's own 4 $/h
 ])
 def test_a_limit_checkpoints_and_ends_the_container(local, limits, usd_per_hour, said):
     driver = local.driver(train=tiny(steps=5000, checkpointEvery=25), limits=limits, local={"usdPerHour": usd_per_hour})

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from bench.dataset import peak_memory
+from contract.workspace import RunPaths
 from training.data import (
     BucketBatchSampler,
     DatasetError,
@@ -24,7 +25,6 @@ from training.data import (
     prepare_dataset,
     safe_extract,
 )
-from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.__main__ import main
 from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_WORKSPACE
 from contract.workspace import RunPaths, read_json
+from training.__main__ import main
 
 from .helpers import make_spec
 

@@ -165,7 +165,8 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
             if name == "unet":
                 added = None
                 if model.config.addition_embed_type == "text_time":
-                    added = {"text_embeds": torch.randn(1, 32, generator=generator), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+                    added = {"text_embeds": torch.randn(1, 32, generator=generator),
+                             "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
                 sample = torch.randn(1, 4, 16, 16, generator=generator)
                 context = torch.randn(1, 5, model.config.cross_attention_dim, generator=generator)
                 result[name] = model(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample
@@ -187,7 +188,10 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 # every family's export, as a user gets it
 # ---------------------------------------------------------------------------------------------------------
 
-CASES = {"sd15": ("sd15", False), "sd15-te": ("sd15", True), "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True), "flux": ("flux", False)}
+CASES = {
+    "sd15": ("sd15", False), "sd15-te": ("sd15", True), "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True),
+    "flux": ("flux", False),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -247,7 +251,10 @@ def test_every_file_loads_in_plain_diffusers_and_reproduces_the_trained_outputs(
 # prefix + "." + module path + "." + child path, with every "." replaced by "_"
 SD_SCRIPTS_UNET_TARGETS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")  # + conv_dim
 SD_SCRIPTS_TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-SD_SCRIPTS_TEXT_PREFIXES = {"sd15": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+SD_SCRIPTS_TEXT_PREFIXES = {
+    "sd15": {"text_encoder": "lora_te"},
+    "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
 
 
 def reference_sdxl_prefixes(config) -> dict[str, str]:
@@ -274,7 +281,9 @@ def reference_sdxl_prefixes(config) -> dict[str, str]:
 
 
 # the script's resnet table: sgm ResBlock part -> diffusers ResnetBlock2D part
-REFERENCE_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+REFERENCE_RESNET_PARTS = {
+    "conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection",
+}
 
 
 def sd_scripts_unet_path(family: str, path: str, config) -> str:
@@ -308,7 +317,7 @@ def sd_scripts_names(family: str, base: dict[str, torch.nn.Module]) -> dict[str,
         encoder = base[component]
         # sd-scripts' transformers CLIPTextModel nests its transformer under `text_model`; transformers 5 flattens it
         nesting = "" if hasattr(encoder, "text_model") else "text_model."
-        walk(encoder, prefix, SD_SCRIPTS_TEXT_TARGETS, lambda path: nesting + path)
+        walk(encoder, prefix, SD_SCRIPTS_TEXT_TARGETS, lambda path, nesting=nesting: nesting + path)
     return names
 
 
@@ -432,7 +441,8 @@ def test_comfyui_reads_the_flux_file_at_the_trained_strength(tmp_path):
             trained[key_map[f"transformer.{name}"]] = module.get_delta_weight("default")
     assert deltas.keys() == trained.keys()
     for target, delta in trained.items():
-        torch.testing.assert_close(deltas[target], delta, atol=1e-6, rtol=1e-5, msg=lambda text: f"{target}: {text}")
+        torch.testing.assert_close(deltas[target], delta, atol=1e-6, rtol=1e-5,
+                                   msg=lambda text, target=target: f"{target}: {text}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,7 +513,8 @@ def test_sd2_label_follows_the_schedulers_prediction_type(tmp_path, prediction_t
     base = sd15_unet(cross_attention_dim=1024).eval()  # OpenCLIP ViT-H's width: what tells SD 2.x apart
     unet = add_trained_lora(copy.deepcopy(base), UNET_LORA_TARGETS, seed=7)
     spec = make_spec("sd15").model_copy(update={"resolution": 768})
-    files = export.export_lora(unet, None, spec, RunPaths(tmp_path, "r"), "h", "sd15", prediction_type=prediction_type, environ={})
+    files = export.export_lora(unet, None, spec, RunPaths(tmp_path, "r"), "h", "sd15", prediction_type=prediction_type,
+                               environ={})
     tensors, metadata = read_file(files["kohya"])
     assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == ("True", version)
     assert metadata["modelspec.architecture"] == architecture
@@ -555,7 +566,9 @@ SD15_CONFIG = SimpleNamespace(
 )
 
 
-@pytest.mark.parametrize(("config", "reference"), [(SDXL_CONFIG, reference_sdxl_prefixes), (SD15_CONFIG, lambda _: reference_sd15_prefixes())], ids=["sdxl", "sd15"])
+@pytest.mark.parametrize(("config", "reference"),
+                         [(SDXL_CONFIG, reference_sdxl_prefixes), (SD15_CONFIG, lambda _: reference_sd15_prefixes())],
+                         ids=["sdxl", "sd15"])
 def test_ldm_block_mapping_matches_the_diffusers_reference_scripts(config, reference):
     mapping = lora_formats.unet_block_prefixes(config)
     for diffusers_prefix, ldm_prefix in reference(config).items():

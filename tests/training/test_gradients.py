@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.loop import build_state, compute_loss, next_micro_batches
 from contract.workspace import RunPaths
+from training.loop import build_state, compute_loss, next_micro_batches
 
 from .helpers import make_spec
 

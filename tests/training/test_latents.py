@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from contract.workspace import RunPaths
 from training.data import BucketBatchSampler, prepare_dataset
 from training.latents import _sample_generator, build_feature_cache, collate
 from training.models import load_models
-from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

@@ -10,12 +10,17 @@ import threading
 import pytest
 import requests
 
-from emulator.server import serve
-from training.lifecycle import (
-    EXIT_CRASH_LOOP, EXIT_STALLED, MAX_STARTS_WITHOUT_PROGRESS, Lifecycle, describe_failure, fail_before_start,
-)
 from contract.spec import RunLimits
 from contract.workspace import RunPaths, read_json
+from emulator.server import serve
+from training.lifecycle import (
+    EXIT_CRASH_LOOP,
+    EXIT_STALLED,
+    MAX_STARTS_WITHOUT_PROGRESS,
+    Lifecycle,
+    describe_failure,
+    fail_before_start,
+)
 
 from .test_tracking_lifecycle import POD_KEY, FakeClock, PodActions
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from contract.workspace import RunPaths
 from training import checkpoints
 from training.loop import train
-from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from contract.workspace import RunPaths
 from training.export import export_trained
 from training.loop import train
-from contract.workspace import RunPaths
 
 from .helpers import make_spec
 

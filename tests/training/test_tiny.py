@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
 from training.models import load_models
 
 from .helpers import make_spec

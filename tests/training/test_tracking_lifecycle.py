@@ -11,12 +11,12 @@ import threading
 
 import pytest
 
-from emulator.server import ApiError, Fault, JsonApi, Request, serve
-from training.lifecycle import EXIT_STALLED, EXIT_STOP_FAILED, Lifecycle, already_done
 from contract.progress import parse_progress
 from contract.spec import RunLimits, TrainSpec
-from training.tracking import Reporter, redact
 from contract.workspace import RunPaths, read_json
+from emulator.server import ApiError, Fault, JsonApi, Request, serve
+from training.lifecycle import EXIT_STALLED, EXIT_STOP_FAILED, Lifecycle, already_done
+from training.tracking import Reporter, redact
 
 POD_KEY = "rpa_pod_scoped_secret_123"
 HF_TOKEN = "hf_very_secret_token_456"

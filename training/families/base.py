@@ -47,13 +47,13 @@ class ModelFamily(ABC):
     facts: ClassVar[FamilyFacts]
     # pipeline component name -> class, as the model folder (model_index.json) holds them. Training adds
     # noise with the scheduler class named here, whatever sampler the model ships with.
-    components: ClassVar[dict[str, type]]
+    components: ClassVar[dict[str, type[Any]]]  # diffusers/transformers classes: Any to mypy (pyproject)
     pipeline_class: ClassVar[type[DiffusionPipeline]]  # for samples, and the tiny model's folder layout
-    sample_scheduler_class: ClassVar[type]  # the sampler sample images are generated with
+    sample_scheduler_class: ClassVar[type[Any]]  # the sampler sample images are generated with
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # further pipeline arguments (e.g. no safety checker)
     lora_targets: ClassVar[list[str]]  # module names in the denoiser that get LoRA adapters
     text_encoder_lora_targets: ClassVar[list[str]] = CLIP_LORA_TARGETS  # when trainTextEncoder is on
-    lora_loader: ClassVar[type]  # the diffusers LoraLoaderMixin whose save_lora_weights writes our file
+    lora_loader: ClassVar[type[Any]]  # the diffusers LoraLoaderMixin whose save_lora_weights writes our file
 
     @property
     def name(self) -> str:
@@ -71,7 +71,7 @@ class ModelFamily(ABC):
     def read_components(self, spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
         """Each component read from `spec.base_model` straight into its dtype (FLUX in fp32 would not even fit
         in a pod's RAM): diffusers models take `torch_dtype`, transformers models `dtype`."""
-        common = {"revision": spec.revision, "cache_dir": cache_dir}
+        common: dict[str, object] = {"revision": spec.revision, "cache_dir": cache_dir}
         components = {}
         for name, component_class in self.components.items():
             options = dict(common)
@@ -82,7 +82,7 @@ class ModelFamily(ABC):
             components[name] = component_class.from_pretrained(spec.base_model, subfolder=name, **options)
         return components
 
-    def text_encoder_lora_options(self, name: str, encoder: torch.nn.Module) -> dict[str, Any]:
+    def text_encoder_lora_options(self, name: str, encoder: PreTrainedModel) -> dict[str, Any]:
         """Extra LoraConfig arguments for a trained text encoder (e.g. the layers that reach the loss)."""
         return {}
 

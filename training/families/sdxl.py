@@ -13,7 +13,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel
 
 from contract.families import SDXL
 from training import tiny
@@ -41,7 +41,7 @@ class StableDiffusionXL(ModelFamily):
         # SDXL's VAE overflows in fp16; it runs once per image when latents are cached, so fp32 costs little.
         return torch.float32
 
-    def text_encoder_lora_options(self, name: str, encoder: torch.nn.Module) -> dict[str, Any]:
+    def text_encoder_lora_options(self, name: str, encoder: PreTrainedModel) -> dict[str, Any]:
         if name != "text_encoder":
             return {}
         # SDXL reads the first encoder's penultimate layer: its last layer never reaches the loss (or an
