@@ -10,14 +10,17 @@ so they never land in a plain object that could be logged or pickled.
 from __future__ import annotations
 
 import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from contract import memory
-from contract.spec import RunLimits, TrainSpec, _Schema
+from contract.dataset import classify_source
+from contract.spec import WORKSPACE_MOUNT, RunLimits, TrainSpec, _Schema
 from infra import backends, pricing
 from infra.backends import Backend, ProviderName
+from infra.paths import REPO_ROOT
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from training.version import __version__
@@ -26,6 +29,13 @@ NAMESPACE = "lorastack"
 DEFAULT_REPOSITORY = "ghcr.io/lorastack/trainer"
 _SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Docker's reference grammar (distribution/reference): an optional registry host[:port], then lowercase path
+# components separated by `/`; a tag is a word character then up to 127 of [\w.-]. Anything else cannot be pulled.
+_HOST_PART = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^(?:{_HOST_PART}(?:\.{_HOST_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*$")
+_TAG = re.compile(r"^\w[\w.-]{0,127}$")
+_MAX_REPOSITORY_LENGTH = 255
 
 
 class ImageConfig(_Schema):
@@ -35,6 +45,27 @@ class ImageConfig(_Schema):
     version: str = __version__
     digest: str | None = None
     build: bool = False  # build and push from this checkout (pulumi-command) instead of pulling a release
+
+    @field_validator("repository")
+    @classmethod
+    def _pullable_repository(cls, value: str) -> str:
+        if len(value) > _MAX_REPOSITORY_LENGTH or not _REPOSITORY.match(value):
+            raise ValueError(
+                f"not an image repository Docker can pull: [registry-host[:port]/]path, lowercase letters, digits and "
+                f"single . _ - between them, no spaces, at most {_MAX_REPOSITORY_LENGTH} characters "
+                f"(like {DEFAULT_REPOSITORY})"
+            )
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _docker_tag(cls, value: str) -> str:
+        if not _TAG.match(value):
+            raise ValueError(
+                "not a Docker tag: a letter, digit or _ then up to 127 letters, digits, _ . or - "
+                f"(no spaces, no '+'), like {__version__}"
+            )
+        return value
 
     @field_validator("version")
     @classmethod
@@ -98,6 +129,13 @@ class StackConfig(_Schema):
         self.backend.check(self)
         return self
 
+    @model_validator(mode="after")
+    def _dataset_folder_reachable(self) -> StackConfig:
+        problem = dataset_folder_problem(self.train.dataset.source)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
     @property
     def backend(self) -> Backend:
         return backends.get(self.provider)
@@ -122,3 +160,26 @@ class StackConfig(_Schema):
     def run_limits(self) -> RunLimits:
         """The limits the pod enforces, with the price it is billed at filled in."""
         return self.limits.model_copy(update={"usd_per_hour": self.usd_per_hour()[0]})
+
+
+def dataset_folder_problem(source: str) -> str | None:
+    """Why a folder `train.dataset.source` cannot be reached, or None. A folder is either on the volume (a relative
+    path, or one under /workspace: the pod reads it there) or on the machine that runs `make check` and `pulumi up`
+    (an absolute path elsewhere, or one starting with ./ or ~), which `pulumi up` uploads (branch `datain` adds the
+    upload to the volume; Replicate zips it): such a folder must exist here. No path may climb out with `..`."""
+    if classify_source(source) != "folder":
+        return None
+    path = PurePosixPath(source)
+    if ".." in path.parts:
+        return (f"train.dataset.source {source!r}: '..' leads off the volume; give a folder on the volume "
+                f"(like datasets/my-style or {WORKSPACE_MOUNT}/datasets/my-style) or the absolute path of a folder "
+                "on this machine")
+    on_this_machine = source.startswith(("./", "~")) or (
+        path.is_absolute() and not path.is_relative_to(WORKSPACE_MOUNT)
+    )
+    local = Path(source).expanduser()
+    if on_this_machine and not (local if local.is_absolute() else REPO_ROOT / local).is_dir():
+        return (f"train.dataset.source {source!r}: no such folder on this machine; a folder outside "
+                f"{WORKSPACE_MOUNT} (or starting with ./ or ~) is read from here and uploaded, so it must exist; "
+                f"a folder already on the volume is written relative to it or under {WORKSPACE_MOUNT}")
+    return None

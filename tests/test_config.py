@@ -42,6 +42,10 @@ def edited(**changes: object) -> dict:
     return config
 
 
+# the sdxl stack turned into a FLUX one: without its DDPM-only keys (minSnrGamma, noiseOffset), which FLUX refuses
+AS_FLUX = {"train.family": "flux", "train.minSnrGamma": None, "train.noiseOffset": None}
+
+
 def problems(config: dict) -> list[str]:
     with pytest.raises(StackError) as caught:
         parse_stack(config, SOURCE)
@@ -134,7 +138,7 @@ def test_replicate_idle_deployment_needs_a_budget():
         "owner": "me", "model": "lora", "hardware": "gpu-h100",
         "deployment": {"hardware": "gpu-l40s", "minInstances": 1, "maxInstances": 2},
     }
-    config = edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"})
+    config = edited(provider="replicate", runpod=None, replicate=replicate, **AS_FLUX)
     lines = problems(config)
     assert any("minInstances = 1 keeps gpu-l40s running" in line and "monthlyBudgetUsd" in line for line in lines), lines
 
@@ -199,7 +203,7 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
         replicate = {"owner": "me", "model": "lora", "hardware": "gpu-h100", "monthlyBudgetUsd": 100000,
                      "deployment": {"hardware": "gpu-t4", **counts}}
         try:
-            parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
+            parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **AS_FLUX), SOURCE)
         except StackError as error:
             return error.problems
         return []
@@ -213,11 +217,11 @@ def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
     from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 
     replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
-    config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"}), SOURCE)
+    config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **AS_FLUX), SOURCE)
     estimate = config.cost_estimate()
     assert estimate.usd_per_hour == pytest.approx(REPLICATE_HARDWARE_USD_PER_SECOND["gpu-h100"] * 3600)
     cheaper = parse_stack(
-        edited(provider="replicate", runpod=None, replicate=replicate | {"trainingHardware": "gpu-l40s"}, **{"train.family": "flux"}),
+        edited(provider="replicate", runpod=None, replicate=replicate | {"trainingHardware": "gpu-l40s"}, **AS_FLUX),
         SOURCE,
     ).cost_estimate()
     assert cheaper.seconds_per_step > estimate.seconds_per_step  # an L40S is slower per step than an H100
