@@ -150,7 +150,7 @@ def _kind(value: object) -> str:
 
 def parse_stack(raw: dict[object, object], source: str) -> StackConfig:
     """Validate the `lorastack:*` entries of a stack file; every problem at once, each naming source and key."""
-    secrets = _plain_secrets(raw)
+    secrets, raw = _plain_secrets(raw)  # each secret's value is replaced: no message can quote it
     entries, problems = _our_entries(raw, source, {finding.path for finding in secrets})
     problems += _unused_backends(entries, source)
     try:
@@ -202,7 +202,6 @@ _TOKEN_SHAPES = {
     "API secret key (sk-...)": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
 }
 _REDACTED = "<redacted>"
-_MIN_REDACTED_LENGTH = 6  # shorter values are not replaced in other lines: they would garble ordinary words
 
 
 @dataclass(frozen=True)
@@ -211,43 +210,44 @@ class _PlainSecret:
     name: str  # its last part
     nested: bool
     kind: str | None  # the token shape its value has, or None when only its name says it is a secret
-    value: str
 
 
 def _normalised(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _plain_secrets(raw: dict[object, object]) -> list[_PlainSecret]:
+def _plain_secrets(raw: dict[object, object]) -> tuple[list[_PlainSecret], dict[object, object]]:
     """Every plain-text secret in a stack's config, in any namespace, at any depth: a key named like a credential
-    with a text value (not Pulumi's encrypted `{secure: ...}`), or any text shaped like a vendor's token."""
+    with a text value (not Pulumi's encrypted `{secure: ...}`), or any text shaped like a vendor's token. And the
+    config with each of those values replaced by a placeholder, to validate the rest without ever quoting one."""
     found: list[_PlainSecret] = []
 
-    def visit(value: object, path: str, name: str, nested: bool) -> None:
+    def visit(value: object, path: str, name: str, nested: bool) -> object:
         if isinstance(value, dict):
             if "secure" in value:
-                return
-            for key, item in value.items():
-                visit(item, f"{path}.{key}", str(key), True)
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                visit(item, f"{path}[{index}]", name, nested)
-        elif isinstance(value, str) and value:
+                return value
+            return {key: visit(item, f"{path}.{key}", str(key), True) for key, item in value.items()}
+        if isinstance(value, list):
+            return [visit(item, f"{path}[{index}]", name, nested) for index, item in enumerate(value)]
+        if isinstance(value, str) and value:
             kind = next((kind for kind, shape in _TOKEN_SHAPES.items() if shape.search(value)), None)
             if kind is not None or _SECRET_NAME.search(_normalised(name)):
-                found.append(_PlainSecret(path, name, nested, kind, value))
+                found.append(_PlainSecret(path, name, nested, kind))
+                return _REDACTED
+        return value
 
-    for key, value in raw.items():
-        if isinstance(key, str):
-            visit(value, key, key.partition(":")[2] or key, False)
-    return found
+    cleaned = {
+        key: visit(value, key, key.partition(":")[2] or key, False) if isinstance(key, str) else value
+        for key, value in raw.items()
+    }
+    return found, cleaned
 
 
 def _secret_problem(secret: _PlainSecret, source: str) -> str:
     what = f"holds a {secret.kind} in plain text" if secret.kind else "a secret stored in plain text"
     known = next((name for name in SECRETS if _normalised(name) == _normalised(secret.name)), None)
-    namespace = secret.path.partition(":")[0] if ":" in secret.path.split(".", 1)[0] else None
-    if known is not None and namespace in (NAMESPACE, None):
+    namespace, colon, _ = secret.path.split(".", 1)[0].partition(":")
+    if known is not None and (namespace == NAMESPACE or not colon):
         spelt = "" if secret.path == f"{NAMESPACE}:{known}" else f"lorastack reads it as the secret `{known}`: "
         fix = f"{spelt}run `pulumi config set --secret {known} ...` (or export {SECRETS[known]})"
     elif secret.nested:
@@ -258,15 +258,12 @@ def _secret_problem(secret: _PlainSecret, source: str) -> str:
 
 
 def _with_secrets(problems: list[str], secrets: list[_PlainSecret], source: str) -> list[str]:
-    """The secret findings first; the other problems without their lines about a secret's key (one line per key)
-    and with every secret value blotted out (a token pasted into a field shows in that field's error)."""
+    """The secret findings first, then the other problems without their lines about a secret's key (one line per
+    key: the rest would judge the placeholder)."""
     keys = tuple(f"{source}: {secret.path}{end}" for secret in secrets for end in (":", " ="))
-    lines = [_secret_problem(secret, source) for secret in secrets]
-    lines += [line for line in problems if not line.startswith(keys)]
-    for secret in secrets:
-        if len(secret.value) >= _MIN_REDACTED_LENGTH:
-            lines = [line.replace(secret.value, _REDACTED) for line in lines]
-    return lines
+    return [_secret_problem(secret, source) for secret in secrets] + [
+        line for line in problems if not line.startswith(keys)
+    ]
 
 
 def _unused_backends(entries: dict[str, object], source: str) -> list[str]:

@@ -208,11 +208,13 @@ def test_a_secret_key_is_one_problem_not_also_an_unknown_key(tmp_path, capsys):
     assert len(lines) == 2 and all("plain text" in line for line in lines), lines
 
 
-def test_a_token_in_a_value_is_blotted_out_of_every_other_line(tmp_path, capsys):
-    # the folder rule quotes the source it refuses: the token in that path must not come back with it
-    lines = refused(tmp_path, capsys, edited(**{"train.dataset.source": f"/home/me/{HF_TOKEN}"}))
-    assert has(lines, "lorastack:train.dataset.source: holds a Hugging Face token"), lines
-    assert has(lines, "lorastack: train.dataset.source '<redacted>': no such folder on this machine"), lines
+def test_no_other_problem_quotes_a_secret_even_in_part(tmp_path, capsys):
+    # 17 prompts are one too many: that error quotes the list (cut at 80 characters), which holds a token
+    prompts = ["a cat"] * 15 + [f"a dog {HF_TOKEN}", "a bird"]
+    lines = refused(tmp_path, capsys, edited(**{"train.samplePrompts": prompts}))
+    assert has(lines, "lorastack:train.samplePrompts[15]: holds a Hugging Face token"), lines
+    assert has(lines, "lorastack:train.samplePrompts = ", "at most 16 items"), lines
+    assert "hf_" not in "\n".join(lines)
 
 
 def test_encrypted_secrets_and_innocent_names_are_accepted(tmp_path, capsys):
