@@ -106,14 +106,10 @@ class DatasetSpec(_Schema):
 BASE_MODELS_AT_768 = frozenset({"stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"})
 
 
-def default_resolution(given: dict[str, Any]) -> int:
+def default_resolution(family: str, base_model: str) -> int:
     """A spec's resolution when it names none: the base model's native size (the family's, or 768 for the SD 2.x
-    models above), so an SD 1.5 stack does not train at four times its pixel count. `given`: the fields validated
-    so far (family and baseModel come first); without a valid family the spec fails anyway."""
-    family = given.get("family")
-    if family is None:
-        return 1024
-    if str(given.get("base_model", "")).lower() in BASE_MODELS_AT_768:
+    models above), so an SD 1.5 stack does not train (and sample) at four times its pixel count."""
+    if base_model.lower() in BASE_MODELS_AT_768:
         return 768
     return facts_for(family).native_resolution
 
@@ -124,7 +120,7 @@ class TrainSpec(_Schema):
     revision: str | None = None
     dataset: DatasetSpec
     trigger_word: str | None = None
-    resolution: int = Field(default_factory=default_resolution, ge=256, le=2048)
+    resolution: int = Field(default=1024, ge=256, le=2048)  # left out: default_resolution (_defaults_from_the_run)
     aspect_buckets: bool = True
     steps: int = Field(default=1000, ge=1, le=200_000)
     rank: int = Field(default=16, ge=1, le=256)
@@ -142,14 +138,32 @@ class TrainSpec(_Schema):
     max_grad_norm: float = Field(default=1.0, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, le=20)
     noise_offset: float = Field(default=0.0, ge=0, le=0.5)
-    # at most the run's length: a short run still writes one checkpoint
-    checkpoint_every: int = Field(default_factory=lambda given: min(250, given.get("steps", 250)), ge=1)
+    checkpoint_every: int = Field(default=250, ge=1)  # left out: at most the run's length (_defaults_from_the_run)
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     sample_prompts: list[str] = Field(default_factory=list, max_length=16)
     sample_every: int | None = Field(default=None, ge=1)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     wandb_project: str | None = None
     hf_repo: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_the_run(cls, data: object) -> object:
+        """Left-out keys whose default depends on others: resolution on the base model, checkpointEvery on steps (a
+        short run still checkpoints once). Unusable inputs leave the plain defaults; their own errors are reported."""
+        if not isinstance(data, dict):
+            return data
+
+        def given(name: str) -> object:
+            return data.get(to_camel(name), data.get(name))
+
+        filled = dict(data)
+        family, base_model, steps = given("family"), given("base_model"), given("steps")
+        if given("resolution") is None and family in FAMILY_NAMES and isinstance(base_model, str):
+            filled["resolution"] = default_resolution(family, base_model)
+        if given("checkpoint_every") is None and type(steps) is int and steps >= 1:
+            filled["checkpointEvery"] = min(250, steps)
+        return filled
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -296,6 +296,12 @@ def test_resolution_defaults_to_the_base_models_native_size(tmp_path, config, re
     assert f'"resolution":{resolution}' in loaded.train.to_env_json()  # the pod trains and samples at it too
 
 
+def test_a_default_that_cannot_be_worked_out_adds_no_problem_of_its_own(tmp_path, capsys):
+    lines = refused(tmp_path, capsys, sd15(family="sd3", resolution=None, checkpointEvery=None, steps="many"))
+    assert has(lines, "lorastack:train.family = 'sd3'") and has(lines, "lorastack:train.steps = 'many'"), lines
+    assert len(lines) == 2, lines  # nothing about resolution or checkpointEvery, which the user left out
+
+
 def test_the_cost_estimate_follows_the_default_resolution(tmp_path):
     native = load_stack_file(write(tmp_path, sd15(resolution=None), "native")).cost_estimate()
     at_512 = load_stack_file(write(tmp_path, sd15(resolution=512), "at-512")).cost_estimate()
