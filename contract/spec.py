@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from typing import Annotated, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -49,11 +52,13 @@ MAX_WORD_CHARS = 64  # trigger word, caption extension
 
 
 class _Schema(BaseModel):
-    """camelCase aliases, unknown keys refused (a typo in a stack file must not be silently ignored), and no
-    booleans where numbers go (pydantic would read `steps: true` as 1)."""
+    """camelCase aliases, unknown keys refused (a typo in a stack file must not be silently ignored), no
+    booleans where numbers go (pydantic would read `steps: true` as 1), and no infinite or NaN numbers (YAML's
+    `.inf` would otherwise pass every `gt=0` bound that has no upper one)."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, validate_default=True,
+        allow_inf_nan=False,
     )
 
     @field_validator("*", mode="before")
@@ -69,9 +74,14 @@ def _is_number(annotation: object) -> bool:
     return annotation in (int, float) or any(arg in (int, float) for arg in get_args(annotation))
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")  # what the trainer extracts (training/data.py)
+_CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+
+
 class DatasetSpec(_Schema):
-    # A local folder of images with same-named .txt captions (kohya convention), an http(s) URL of a
-    # .zip/.tar(.gz) of such a folder, or a Hugging Face dataset id ("owner/name", optionally "hf://owner/name").
+    # A folder of images with same-named .txt captions (kohya convention), an http(s) URL of a .zip/.tar(.gz)
+    # of such a folder, or a Hugging Face dataset id ("owner/name", optionally "hf://owner/name"). Where a folder
+    # may be (on the volume, or on the machine that runs `pulumi up`) is the stack's rule (infra/config.py).
     source: str = Field(min_length=1, max_length=MAX_URL_CHARS)
     image_column: str = Field(default="image", max_length=MAX_ID_CHARS)  # Hugging Face datasets only
     caption_column: str = Field(default="text", max_length=MAX_ID_CHARS)  # Hugging Face datasets only
@@ -79,12 +89,44 @@ class DatasetSpec(_Schema):
     repeats: int = Field(default=1, ge=1, le=1000)
     default_caption: str = Field(default="", max_length=MAX_TEXT_CHARS)  # for images without a caption file
 
+    @field_validator("source")
+    @classmethod
+    def _readable_source(cls, value: str) -> str:
+        # imported here: contract.dataset imports this module
+        from contract.dataset import DatasetError, classify_source, redacted_source
+
+        try:
+            kind = classify_source(value)
+        except DatasetError as error:  # its message starts with the key and the value: the caller names both
+            raise ValueError(str(error).removeprefix(f"train.dataset.source {redacted_source(value)!r}: ")) from None
+        if kind == "url":
+            path = urlsplit(value).path
+            if not path.lower().endswith(ARCHIVE_SUFFIXES):
+                raise ValueError(
+                    "a URL must name the archive file itself (its path ending in " + ", ".join(ARCHIVE_SUFFIXES)
+                    + "), like https://example.com/datasets/my-style.zip; a web page or a bare host is not a dataset"
+                )
+        return value
+
     @field_validator("caption_extension")
     @classmethod
-    def _dot(cls, value: str) -> str:
-        if not value.startswith("."):
-            raise ValueError(f"must start with a dot, like '.txt' (got {value!r})")
+    def _simple_extension(cls, value: str) -> str:
+        if not _CAPTION_EXTENSION.match(value):
+            raise ValueError("must be a dot and 1 to 10 letters or digits, like '.txt' or '.caption'")
         return value
+
+
+# SD 2.x shares the sd15 family, but these base models were trained at 768 (v-prediction); the -base ones at 512.
+# A model id not listed here gets the family's native resolution: set `resolution: 768` for other 768 models.
+BASE_MODELS_AT_768 = frozenset({"stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"})
+
+
+def default_resolution(family: str, base_model: str) -> int:
+    """A spec's resolution when it names none: the base model's native size (the family's, or 768 for the SD 2.x
+    models above), so an SD 1.5 stack does not train (and sample) at four times its pixel count."""
+    if base_model.lower() in BASE_MODELS_AT_768:
+        return 768
+    return facts_for(family).native_resolution
 
 
 class TrainSpec(_Schema):
@@ -93,7 +135,7 @@ class TrainSpec(_Schema):
     revision: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     dataset: DatasetSpec
     trigger_word: str | None = Field(default=None, max_length=MAX_WORD_CHARS)
-    resolution: int = Field(default=1024, ge=256, le=2048)
+    resolution: int = Field(default=1024, ge=256, le=2048)  # left out: default_resolution (_defaults_from_the_run)
     aspect_buckets: bool = True
     steps: int = Field(default=1000, ge=1, le=200_000)
     rank: int = Field(default=16, ge=1, le=256)
@@ -111,13 +153,32 @@ class TrainSpec(_Schema):
     max_grad_norm: float = Field(default=1.0, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, le=20)
     noise_offset: float = Field(default=0.0, ge=0, le=0.5)
-    checkpoint_every: int = Field(default=250, ge=1)
+    checkpoint_every: int = Field(default=250, ge=1)  # left out: at most the run's length (_defaults_from_the_run)
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     sample_prompts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(default_factory=list, max_length=16)
     sample_every: int | None = Field(default=None, ge=1)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     wandb_project: str | None = Field(default=None, max_length=MAX_ID_CHARS)
     hf_repo: str | None = Field(default=None, max_length=MAX_ID_CHARS, pattern=r"^[\w.-]+/[\w.-]+$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_the_run(cls, data: object) -> object:
+        """Left-out keys whose default depends on others: resolution on the base model, checkpointEvery on steps (a
+        short run still checkpoints once). Unusable inputs leave the plain defaults; their own errors are reported."""
+        if not isinstance(data, dict):
+            return data
+
+        def given(name: str) -> object:
+            return data.get(to_camel(name), data.get(name))
+
+        filled = dict(data)
+        family, base_model, steps = given("family"), given("base_model"), given("steps")
+        if given("resolution") is None and family in FAMILY_NAMES and isinstance(base_model, str):
+            filled["resolution"] = default_resolution(family, base_model)
+        if given("checkpoint_every") is None and type(steps) is int and steps >= 1:
+            filled["checkpointEvery"] = min(250, steps)
+        return filled
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -148,6 +209,32 @@ class TrainSpec(_Schema):
             )
         return self
 
+    @model_validator(mode="after")
+    def _intervals_within_the_run(self) -> TrainSpec:
+        # an interval longer than the run never fires: no checkpoint to resume from, no sample to look at
+        for key, every in (("checkpointEvery", self.checkpoint_every), ("sampleEvery", self.sample_every)):
+            if every is not None and every > self.steps:
+                raise ValueError(f"{key} ({every}) is larger than steps ({self.steps}): it would never happen; "
+                                 f"set it to at most {self.steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _ddpm_only_keys(self) -> TrainSpec:
+        # both act on DDPM noise; a flow-matching trainer would silently ignore or misapply them
+        facts = facts_for(self.family)
+        if facts.objective != "flow_matching":
+            return self
+        refused = [
+            f"{key} ({reason})" for key, is_set, reason in (
+                ("minSnrGamma", self.min_snr_gamma is not None, "min-SNR weighting needs a DDPM schedule's SNR"),
+                ("noiseOffset", self.noise_offset > 0, "the flow-matching reference trainers add no offset noise"),
+            ) if is_set
+        ]
+        if refused:
+            raise ValueError(f"not supported for {facts.name}, a flow-matching model: {'; '.join(refused)}; "
+                             "remove the key")
+        return self
+
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
@@ -163,11 +250,15 @@ class TrainSpec(_Schema):
         return hashlib.sha256(written.encode()).hexdigest()[:10]
 
 
+MAX_HOURS = 168  # a week: longer is a typo or a forgotten pod, not a LoRA run
+MAX_COST_USD = 10_000
+
+
 class RunLimits(_Schema):
     """Every pod has a time and a money limit; the trainer stops its pod at either."""
 
-    max_hours: float = Field(gt=0, le=168)
-    max_cost_usd: float = Field(gt=0, le=10_000)
+    max_hours: float = Field(gt=0, le=MAX_HOURS)
+    max_cost_usd: float = Field(gt=0, le=MAX_COST_USD)
     stall_minutes: float = Field(default=20, gt=0, le=24 * 60)  # no step for this long: the watchdog stops the pod
     # before the first step (model download, dataset preparation, latent caching) the watchdog allows this long
     setup_minutes: float = Field(default=60, gt=0, le=24 * 60)
@@ -175,6 +266,15 @@ class RunLimits(_Schema):
     # limits below the run's own estimate are refused (the run would stop before it ends) unless the stack says
     # they are meant: a trial run that should stop early, a GPU known to be faster than the estimate
     allow_below_estimate: bool = False
+
+    @field_validator("max_hours", "max_cost_usd", mode="before")
+    @classmethod
+    def _finite_budget(cls, value: object, info: ValidationInfo) -> object:
+        # `.inf` / `.nan` in YAML: a limit that never stops a pod; said with the cap, not as a bare "finite number"
+        if isinstance(value, float) and not math.isfinite(value):
+            cap = f"{MAX_HOURS} hours" if info.field_name == "max_hours" else f"${MAX_COST_USD:,}"
+            raise ValueError(f"must be a finite number, at most {cap}: an endless limit never stops the pod")
+        return value
 
 
 class SpecError(ValueError):
@@ -186,7 +286,10 @@ class SpecError(ValueError):
 
 
 def _show(value: object) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    from contract.dataset import redacted_source  # imported here: contract.dataset imports this module
+
+    # a URL's credentials (user:password@, a signed query) never reach a message
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(redacted_source(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -20,6 +20,7 @@ from infra import backends, pricing
 from infra.backends import Backend, ProviderName
 from infra.local_backend.config import LocalConfig
 from infra.lambda_backend.config import LambdaConfig
+from infra.local_dataset import dataset_folder_problem
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from training.version import __version__
@@ -28,6 +29,13 @@ NAMESPACE = "lorastack"
 DEFAULT_REPOSITORY = "ghcr.io/lorastack/trainer"
 _SEMVER = re.compile(r"^v?\d+\.\d+\.\d+([-+][\w.]+)?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Docker's reference grammar (distribution/reference): an optional registry host[:port], then lowercase path
+# components separated by `/`; a tag is a word character then up to 127 of [\w.-]. Anything else cannot be pulled.
+_HOST_PART = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"^(?:{_HOST_PART}(?:\.{_HOST_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*$")
+_TAG = re.compile(r"^\w[\w.-]{0,127}$")
+_MAX_REPOSITORY_LENGTH = 255
 
 
 class ImageConfig(_Schema):
@@ -37,6 +45,27 @@ class ImageConfig(_Schema):
     version: str = __version__
     digest: str | None = None
     build: bool = False  # build and push from this checkout (pulumi-command) instead of pulling a release
+
+    @field_validator("repository")
+    @classmethod
+    def _pullable_repository(cls, value: str) -> str:
+        if len(value) > _MAX_REPOSITORY_LENGTH or not _REPOSITORY.match(value):
+            raise ValueError(
+                f"not an image repository Docker can pull: [registry-host[:port]/]path, lowercase letters, digits and "
+                f"single . _ - between them, no spaces, at most {_MAX_REPOSITORY_LENGTH} characters "
+                f"(like {DEFAULT_REPOSITORY})"
+            )
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _docker_tag(cls, value: str) -> str:
+        if not _TAG.match(value):
+            raise ValueError(
+                "not a Docker tag: a letter, digit or _ then up to 127 letters, digits, _ . or - "
+                f"(no spaces, no '+'), like {__version__}"
+            )
+        return value
 
     @field_validator("version")
     @classmethod
@@ -122,6 +151,13 @@ class StackConfig(_Schema):
                 f"{pricing.STARTUP_SECONDS // 60} min of setup). Raise the limits or train fewer steps (`make cost`), or set "
                 "limits.allowBelowEstimate: true to stop it early on purpose"
             )
+
+    @model_validator(mode="after")
+    def _dataset_folder_reachable(self) -> StackConfig:
+        problem = dataset_folder_problem(self.train.dataset.source)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     @property
     def backend(self) -> Backend:

@@ -17,6 +17,7 @@ import functools
 import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -149,20 +150,22 @@ def _kind(value: object) -> str:
 
 def parse_stack(raw: dict[object, object], source: str) -> StackConfig:
     """Validate the `lorastack:*` entries of a stack file; every problem at once, each naming source and key."""
-    entries, problems = _our_entries(raw, source)
+    secrets, raw = _plain_secrets(raw)  # each secret's value is replaced: no message can quote it
+    entries, problems = _our_entries(raw, source, {finding.path for finding in secrets})
     problems += _unused_backends(entries, source)
     try:
         config = StackConfig.model_validate(entries)
     except ValidationError as error:
         problems += _section_problems(entries, error, source) or _lines(error, source, f"{NAMESPACE}:", StackConfig)
-        raise StackError(problems) from None
-    if problems:
-        raise StackError(problems)
-    return config
+    else:
+        if not (problems or secrets):
+            return config
+    raise StackError(_with_secrets(problems, secrets, source))
 
 
-def _our_entries(raw: dict[object, object], source: str) -> tuple[dict[str, object], list[str]]:
-    """The `lorastack:` entries by name; misspelt namespaces and names, and plain-text secrets, as problems."""
+def _our_entries(raw: dict[object, object], source: str, secret_keys: set[str]) -> tuple[dict[str, object], list[str]]:
+    """The `lorastack:` entries by name; misspelt namespaces and names as problems (`secret_keys`, the keys holding a
+    plain-text secret, are reported as that alone)."""
     fields = _aliases(StackConfig)
     entries: dict[str, object] = {}
     problems: list[str] = []
@@ -177,18 +180,90 @@ def _our_entries(raw: dict[object, object], source: str) -> tuple[dict[str, obje
             elif colon and difflib.get_close_matches(namespace, [NAMESPACE], n=1, cutoff=0.75):
                 problems.append(f"{source}: {key}: unknown namespace {namespace!r}; did you mean `{NAMESPACE}:{name}`?")
             continue  # other providers' config (aws:region, ...) is not ours to judge
-        if name in SECRETS:
-            if not (isinstance(value, dict) and "secure" in value):
-                problems.append(
-                    f"{source}: {key}: a secret stored in plain text; run `pulumi config set --secret {name} ...` "
-                    f"(or export {SECRETS[name]}) and remove the plain value"
-                )
+        if name in SECRETS or key in secret_keys:  # secrets are read apart from StackConfig (infra/credentials.py)
             continue
         if name not in fields:
             problems.append(f"{source}: {key}: unknown key; {_suggest(name, fields + list(SECRETS), NAMESPACE + ':')}")
             continue
         entries[name] = value
     return entries, problems
+
+
+# --- plain-text secrets ------------------------------------------------------------------------------------------
+
+# A key whose name says it holds a credential, however it is spelt (RunPodAPIKey, runpod_api_key, HF_TOKEN,
+# aws:secretKey), compared without case and separators; `tokenizer` or `maxTokens` are not credentials.
+_SECRET_NAME = re.compile(r"(token|apikey|secret|secretkey|accesskey|privatekey|password|passwd|passphrase|credentials?)$")
+# Values shaped like the tokens vendors issue, under any key at all
+_TOKEN_SHAPES = {
+    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
+    "RunPod API key": re.compile(r"\brpa_[A-Za-z0-9]{20,}"),
+    "Replicate API token": re.compile(r"\br8_[A-Za-z0-9]{20,}"),
+    "API secret key (sk-...)": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+}
+_REDACTED = "<redacted>"
+
+
+@dataclass(frozen=True)
+class _PlainSecret:
+    path: str  # the config key, dotted below the top level: `lorastack:train.hfToken`
+    name: str  # its last part
+    nested: bool
+    kind: str | None  # the token shape its value has, or None when only its name says it is a secret
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _plain_secrets(raw: dict[object, object]) -> tuple[list[_PlainSecret], dict[object, object]]:
+    """Every plain-text secret in a stack's config, in any namespace, at any depth: a key named like a credential
+    with a text value (not Pulumi's encrypted `{secure: ...}`), or any text shaped like a vendor's token. And the
+    config with each of those values replaced by a placeholder, to validate the rest without ever quoting one."""
+    found: list[_PlainSecret] = []
+
+    def visit(value: object, path: str, name: str, nested: bool) -> object:
+        if isinstance(value, dict):
+            if "secure" in value:
+                return value
+            return {key: visit(item, f"{path}.{key}", str(key), True) for key, item in value.items()}
+        if isinstance(value, list):
+            return [visit(item, f"{path}[{index}]", name, nested) for index, item in enumerate(value)]
+        if isinstance(value, str) and value:
+            kind = next((kind for kind, shape in _TOKEN_SHAPES.items() if shape.search(value)), None)
+            if kind is not None or _SECRET_NAME.search(_normalised(name)):
+                found.append(_PlainSecret(path, name, nested, kind))
+                return _REDACTED
+        return value
+
+    cleaned = {
+        key: visit(value, key, key.partition(":")[2] or key, False) if isinstance(key, str) else value
+        for key, value in raw.items()
+    }
+    return found, cleaned
+
+
+def _secret_problem(secret: _PlainSecret, source: str) -> str:
+    what = f"holds a {secret.kind} in plain text" if secret.kind else "a secret stored in plain text"
+    known = next((name for name in SECRETS if _normalised(name) == _normalised(secret.name)), None)
+    namespace, colon, _ = secret.path.split(".", 1)[0].partition(":")
+    if known is not None and (namespace == NAMESPACE or not colon):
+        spelt = "" if secret.path == f"{NAMESPACE}:{known}" else f"lorastack reads it as the secret `{known}`: "
+        fix = f"{spelt}run `pulumi config set --secret {known} ...` (or export {SECRETS[known]})"
+    elif secret.nested:
+        fix = f"run `pulumi config set --secret --path '{secret.path}' ...`"
+    else:
+        fix = f"run `pulumi config set --secret {secret.path} ...`"
+    return f"{source}: {secret.path}: {what}; {fix} and remove the plain value"
+
+
+def _with_secrets(problems: list[str], secrets: list[_PlainSecret], source: str) -> list[str]:
+    """The secret findings first, then the other problems without their lines about a secret's key (one line per
+    key: the rest would judge the placeholder)."""
+    keys = tuple(f"{source}: {secret.path}{end}" for secret in secrets for end in (":", " ="))
+    return [_secret_problem(secret, source) for secret in secrets] + [
+        line for line in problems if not line.startswith(keys)
+    ]
 
 
 def _unused_backends(entries: dict[str, object], source: str) -> list[str]:

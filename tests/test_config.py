@@ -42,6 +42,10 @@ def edited(**changes: object) -> dict:
     return config
 
 
+# the sdxl stack turned into a FLUX one: without its DDPM-only keys (minSnrGamma, noiseOffset), which FLUX refuses
+AS_FLUX = {"train.family": "flux", "train.minSnrGamma": None, "train.noiseOffset": None}
+
+
 def problems(config: dict) -> list[str]:
     with pytest.raises(StackError) as caught:
         parse_stack(config, SOURCE)
@@ -134,7 +138,7 @@ def test_replicate_idle_deployment_needs_a_budget():
         "owner": "me", "model": "lora", "hardware": "gpu-h100",
         "deployment": {"hardware": "gpu-l40s", "minInstances": 1, "maxInstances": 2},
     }
-    config = edited(provider="replicate", runpod=None, replicate=replicate, **{"train.family": "flux"})
+    config = edited(provider="replicate", runpod=None, replicate=replicate, **AS_FLUX)
     lines = problems(config)
     assert any("minInstances = 1 keeps gpu-l40s running" in line and "monthlyBudgetUsd" in line for line in lines), lines
 
@@ -200,7 +204,7 @@ def test_replicate_deployment_instances_within_the_apis_bounds():
                      "deployment": {"hardware": "gpu-t4", **counts}}
         try:
             parse_stack(edited(provider="replicate", runpod=None, replicate=replicate,
-                               **{"train.family": "flux", "limits.maxCostUsd": 50}), SOURCE)
+                               **{**AS_FLUX, "limits.maxCostUsd": 50}), SOURCE)
         except StackError as error:
             return error.problems
         return []
@@ -214,7 +218,7 @@ def test_replicate_training_is_priced_at_the_trainers_hardware_not_the_models():
     from infra.replicate_backend.catalog import REPLICATE_HARDWARE_USD_PER_SECOND
 
     replicate = {"owner": "me", "model": "lora", "hardware": "gpu-t4", "trainingHardware": "gpu-h100"}
-    flux = {"train.family": "flux", "limits.maxCostUsd": 50}
+    flux = {**AS_FLUX, "limits.maxCostUsd": 50}
     config = parse_stack(edited(provider="replicate", runpod=None, replicate=replicate, **flux), SOURCE)
     estimate = config.cost_estimate()
     assert estimate.usd_per_hour == pytest.approx(REPLICATE_HARDWARE_USD_PER_SECOND["gpu-h100"] * 3600)

@@ -13,6 +13,7 @@ import yaml
 
 from contract.dataset import folder_content_hash
 from emulator.volume_buckets import EMULATOR_KEYS, S3Server, VolumeBuckets
+from infra import local_dataset
 from infra.runpod_backend import s3 as runpod_s3
 from infra.runpod_backend import uploads
 from infra.runpod_backend.dataset import DatasetUploadProvider
@@ -243,9 +244,9 @@ def test_a_local_folder_needs_a_volume_in_a_data_center_with_the_s3_api(tmp_path
 
 def test_which_sources_are_local_folders(tmp_path):
     (tmp_path / "me" / "style").mkdir(parents=True)
-    assert uploads.local_folder("/data/style", tmp_path) == Path("/data/style")
-    assert uploads.local_folder("./style", tmp_path) == tmp_path / "style"
-    assert uploads.local_folder("me/style", tmp_path) == tmp_path / "me" / "style"  # a folder here wins over the Hub
-    assert uploads.local_folder("acme/style", tmp_path) is None  # a Hugging Face dataset
-    assert uploads.local_folder("/workspace/datasets/demo", tmp_path) is None  # already on the volume
-    assert uploads.local_folder("https://example.com/data.zip", tmp_path) is None
+    assert local_dataset.local_folder("/data/style", tmp_path) == Path("/data/style")
+    assert local_dataset.local_folder("./style", tmp_path) == tmp_path / "style"
+    assert local_dataset.local_folder("me/style", tmp_path) == tmp_path / "me" / "style"  # a folder here wins over the Hub
+    assert local_dataset.local_folder("acme/style", tmp_path) is None  # a Hugging Face dataset
+    assert local_dataset.local_folder("/workspace/datasets/demo", tmp_path) is None  # already on the volume
+    assert local_dataset.local_folder("https://example.com/data.zip", tmp_path) is None

@@ -177,7 +177,8 @@ def test_an_update_a_replacement_and_a_resource_no_longer_declared(runpod, tmp_p
     assert operations.counts == {"same": 1, "replace": 1}
     assert list(runpod.pods) == [replaced["podId"]] != [first["podId"]]  # the old pod went first (one trainer)
 
-    without_volume = {**other_gpu, "volume": None, "dataCenter": None, "cloud": "COMMUNITY"}
+    without_volume = {**other_gpu, "volume": None, "checkpointsLostWithContainer": True, "dataCenter": None,
+                      "cloud": "COMMUNITY"}
     _, operations = runpod_driver("demo", tmp_path, limits=limits, runpod=without_volume).up()
     assert operations.counts == {"replace": 1, "delete": 1}  # the volume the stack no longer declares is deleted
     assert volume_id not in runpod.volumes

@@ -140,7 +140,7 @@ def test_a_volume_not_kept_is_deleted_on_destroy():
 
 def test_a_stack_without_a_volume_lets_the_scheduler_place_the_pod():
     raw = copy.deepcopy(RUNPOD_STACKS["sdxl-4090"])
-    raw["lorastack:runpod"].update(volume=None, dataCenter=None, cloud="COMMUNITY")
+    raw["lorastack:runpod"].update(volume=None, checkpointsLostWithContainer=True, dataCenter=None, cloud="COMMUNITY")
     program, outputs = run("sdxl-4090", raw, {"runpodApiKey": API_KEY})
     (pod,) = program.of_type(POD_TYPE)
     # a None export is left out, as the SDK sends it

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from contract.families import FAMILY_NAMES, facts_for
+from contract.families import FAMILY_NAMES
 from contract.spec import SpecError, TrainSpec, parse_spec
 from contract.workspace import RunPaths
 
@@ -26,12 +26,13 @@ def spec_from_args(args: argparse.Namespace) -> TrainSpec:
         "baseModel": args.model,
         "dataset": {"source": str(args.data)},
         "steps": args.steps,
-        "resolution": args.resolution or facts_for(args.family).native_resolution,
         "rank": args.rank,
         "learningRate": args.learning_rate,
         "seed": args.seed,
         "checkpointEvery": max(1, min(250, args.steps // 4)),
     }
+    if args.resolution:
+        raw["resolution"] = args.resolution  # else the schema's default: the base model's native size
     if args.trigger_word:
         raw["triggerWord"] = args.trigger_word
     if args.sample_prompt:
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="Hugging Face model id or a local diffusers folder")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("outputs/local"))
-    parser.add_argument("--resolution", type=int, help="default: the family's native resolution")
+    parser.add_argument("--resolution", type=int, help="default: the base model's native resolution")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--trigger-word")

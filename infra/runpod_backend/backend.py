@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from cloudapi.runpod_rest import RunpodClient, RunpodError
+from infra.local_dataset import local_folder
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
 from infra.runpod_backend import reap as reap_rules
-from infra.runpod_backend import runs, uploads
+from infra.runpod_backend import runs
 from infra.runpod_backend import s3 as runpod_s3
 from infra.runpod_backend.catalog import VOLUME_USD_PER_GB_MONTH, runpod_usd_per_hour
 from infra.runpod_backend.config import RunpodConfig
@@ -27,13 +28,10 @@ class RunpodBackend:
 
     def check(self, config: StackConfig) -> None:
         """The RunPod section's own rules live in RunpodConfig, the memory fit comes through gpu_memory(); here: a
-        local dataset folder must exist and have an S3-served volume to be uploaded to (uploads.py)."""
+        local dataset folder (whose existence StackConfig checks) needs an S3-served volume to be uploaded to."""
         source = config.train.dataset.source
-        if uploads.local_folder(source) is None:
+        if local_folder(source) is None:
             return
-        problem = uploads.missing_folder_problem(source)
-        if problem:
-            raise ValueError(f"lorastack:{problem}")
         runpod = config.runpod
         if runpod.volume is None:
             raise ValueError(f"lorastack:train.dataset.source = {source!r} is a folder on this machine: it is uploaded "

@@ -22,6 +22,9 @@ class RunpodConfig(_Schema):
     data_center: str | None = None
     container_disk_gb: int = Field(default=40, ge=10, le=1000)
     volume: VolumeConfig | None = Field(default_factory=VolumeConfig)
+    # `volume: null` puts datasets, the model cache and checkpoints on the container disk, which a restarted or
+    # moved pod loses: a stack must say it knows (a lost pod then starts over, and pays for it again)
+    checkpoints_lost_with_container: bool = False
 
     @field_validator("gpu_type")
     @classmethod
@@ -36,6 +39,19 @@ class RunpodConfig(_Schema):
         if value is not None and value not in RUNPOD_DATA_CENTERS:
             raise ValueError("unknown RunPod data center; allowed: " + ", ".join(RUNPOD_DATA_CENTERS))
         return value
+
+    @model_validator(mode="after")
+    def _no_volume_is_stated(self) -> RunpodConfig:
+        if self.volume is None and not self.checkpoints_lost_with_container:
+            raise ValueError(
+                "volume is null: checkpoints, datasets and the model cache would live on the container disk and be "
+                "lost whenever the pod stops or restarts; set volume: {sizeGb: ...}, or state the loss with "
+                "checkpointsLostWithContainer: true"
+            )
+        if self.volume is not None and self.checkpoints_lost_with_container:
+            raise ValueError("checkpointsLostWithContainer is true but a volume is set (checkpoints are kept on it); "
+                             "remove one of the two")
+        return self
 
     @model_validator(mode="after")
     def _volume_rules(self) -> RunpodConfig:

@@ -26,47 +26,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TextIO
 
-from contract.dataset import DatasetError, classify_source, content_hash, dataset_files
+from contract.dataset import DatasetError, content_hash, dataset_files
 from contract.spec import WORKSPACE_MOUNT, TrainSpec
+from infra.local_dataset import local_folder, missing_folder_problem
 from infra.paths import REPO_ROOT
 from infra.runpod_backend import s3 as runpod_s3
 
 UPLOADS_DIR = "datasets/uploads"  # on the volume, beside the trainer's prepared datasets/<hash>/
 MANIFEST_FORMAT = 1
 PARALLEL_FILES = 8  # small files are latency-bound: several in flight at once
-
-
-def local_folder(source: str, project_root: Path = REPO_ROOT) -> Path | None:
-    """The folder on this machine that `source` names, or None when it names something else (a URL, a Hugging
-    Face dataset, a folder already on the volume). The folder need not exist: callers report that."""
-    try:
-        kind = classify_source(source)
-    except DatasetError:
-        return None  # a scheme no one reads: the schema's and the trainer's checks say so
-    if kind == "url":
-        return None
-    path = Path(source).expanduser()
-    if path.is_absolute():
-        mount = PurePosixPath(WORKSPACE_MOUNT)
-        return None if PurePosixPath(path.as_posix()).is_relative_to(mount) else path
-    candidate = project_root / path
-    if kind == "hub":  # `owner/name`: a Hub dataset unless such a folder exists here
-        return candidate if candidate.is_dir() else None
-    return candidate
-
-
-def missing_folder_problem(source: str, project_root: Path = REPO_ROOT) -> str | None:
-    """The message for a local dataset folder that is not there (None when it is, or `source` is not one)."""
-    folder = local_folder(source, project_root)
-    if folder is None or folder.is_dir():
-        return None
-    what = "is not a folder" if folder.exists() else "does not exist"
-    return (f"train.dataset.source = {source!r}: {folder} {what} on this machine; a local dataset is a folder of "
-            f"images with same-named captions (absolute, or relative to {project_root}), uploaded to the network "
-            f"volume by `pulumi up`. A folder already on the volume is a path under {WORKSPACE_MOUNT}/")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import socket
 import tarfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.spec import ENV_MANAGED
+from contract.spec import ENV_MANAGED, ENV_SPEC, SpecError, spec_from_environment
 from contract.workspace import RunPaths
 from training.data import DatasetError, prepare_dataset, safe_extract
 
@@ -234,10 +235,11 @@ def test_a_truncated_tar_gz_is_a_damaged_archive(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["file:///data/set", "ftp://example.com/d.zip", "s3://bucket/d.zip"])
-def test_sources_the_trainer_cannot_read_are_refused_naming_the_key(source, workspace, tmp_path):
-    spec = make_spec("sd15", Path("unused"), tmp_path, dataset={"source": source})
-    with pytest.raises(DatasetError, match=r"^train.dataset.source"):
-        prepare_dataset(spec, RunPaths(workspace, "a"))
+def test_sources_the_trainer_cannot_read_are_refused_naming_the_key(source, tmp_path):
+    # the schema refuses them when the pod reads its spec, as `make check` did, before any download
+    raw = json.loads(make_spec("sd15", Path("unused"), tmp_path).to_env_json()) | {"dataset": {"source": source}}
+    with pytest.raises(SpecError, match=rf"^\$LORASTACK_SPEC: dataset.source = '{source}': "):
+        spec_from_environment({ENV_SPEC: json.dumps(raw)})
 
 
 def test_on_a_pod_a_folder_must_be_on_the_volume(toy_images, workspace, monkeypatch):

@@ -85,7 +85,7 @@ def test_local_training_command_trains_and_exports(tiny_model, toy_images, tmp_p
 
 def test_time_limit_stops_with_a_checkpoint_and_exit_75(tiny_model, toy_images, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-before"))
-    spec = make_spec("flux", tiny_model("flux"), toy_images, steps=5, checkpointEvery=10)
+    spec = make_spec("flux", tiny_model("flux"), toy_images, steps=5, checkpointEvery=5)  # none due at step 1
     limits = json.dumps({"maxHours": 1e-9, "maxCostUsd": 5})  # spent by the first step
     environ = {ENV_SPEC: spec.to_env_json(), ENV_LIMITS: limits, ENV_RUN_ID: "run-1", ENV_WORKSPACE: str(tmp_path)}
     assert main(environ) == 75

@@ -84,7 +84,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiny_mod
 
 
 def test_stop_request_saves_a_checkpoint_and_the_next_run_finishes(tiny_model, toy_images, workspace):
-    spec = make_spec("flux", tiny_model("flux"), toy_images, steps=4, checkpointEvery=10)
+    spec = make_spec("flux", tiny_model("flux"), toy_images, steps=4, checkpointEvery=4)  # none due at step 1
     paths = RunPaths(workspace, "run")
     stop = threading.Event()
 
