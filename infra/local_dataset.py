@@ -39,7 +39,7 @@ def missing_folder_problem(source: str, project_root: Path = REPO_ROOT) -> str |
     if folder is None or folder.is_dir():
         return None
     what = "is not a folder" if folder.exists() else "does not exist"
-    return (f"train.dataset.source = {source!r}: {folder} {what} on this machine; a local dataset is a folder of "
+    return (f"train.dataset.source {source!r}: {folder} {what} on this machine; a local dataset is a folder of "
             f"images with same-named captions (absolute, or relative to {project_root}), uploaded to the network "
             f"volume by `pulumi up`. A folder already on the volume is a path under {WORKSPACE_MOUNT}/")
 
@@ -53,6 +53,6 @@ def dataset_folder_problem(source: str, project_root: Path = REPO_ROOT) -> str |
         return None  # the schema's own check of the source says why
     path = PurePosixPath(source)
     if kind == "folder" and path.is_relative_to(WORKSPACE_MOUNT) and ".." in path.parts:
-        return (f"train.dataset.source = {source!r}: '..' leads off the volume; a folder on the volume is a path "
+        return (f"train.dataset.source {source!r}: '..' leads off the volume; a folder on the volume is a path "
                 f"under {WORKSPACE_MOUNT}/ (like {WORKSPACE_MOUNT}/datasets/my-style)")
     return missing_folder_problem(source, project_root)

@@ -312,17 +312,19 @@ def _section_problems(entries: dict[str, object], whole: ValidationError, source
         backend = provider  # a backend's section is named after it
         if "train" in validated and (backend in validated or backend not in entries):
             problems += [
-                line for line in _stack_rules(provider, validated.get(backend), validated["train"], source)
+                line for line in _stack_rules(provider, validated.get(backend), validated["train"], source, validated.get("limits"))
                 if not _names_any(line, dropped)
             ]
     return problems
 
 
-def _stack_rules(provider: str, backend: BaseModel | None, train: BaseModel, source: str) -> list[str]:
-    """StackConfig's own rules (backend present, memory fit, trainer family) over the validated sections. They are
-    called on an unvalidated StackConfig: validating one would run every section's rules again."""
+def _stack_rules(provider: str, backend: BaseModel | None, train: BaseModel, source: str,
+                 limits: BaseModel | None = None) -> list[str]:
+    """StackConfig's own rules (backend present, memory fit, trainer family, limits vs the estimate) over the
+    validated sections. They are called on an unvalidated StackConfig: validating one would run every section's
+    rules again."""
     candidate = StackConfig.model_construct(
-        provider=provider, train=train, limits=_PLACEHOLDER_LIMITS, **({provider: backend} if backend else {})
+        provider=provider, train=train, limits=limits or _PLACEHOLDER_LIMITS, **({provider: backend} if backend else {})
     )
     lines = []
     for rule in StackConfig.__pydantic_decorators__.model_validators.values():
@@ -425,7 +427,8 @@ def _names_any(line: str, keys: set[str]) -> bool:
     return any(re.search(rf"\b{re.escape(key)}\b", line) for key in keys)
 
 
-_PLACEHOLDER_LIMITS = RunLimits(max_hours=1, max_cost_usd=1)  # stands in when judging rules that do not read limits
+# stands in for limits that did not validate: the rules that read limits are not judged on it
+_PLACEHOLDER_LIMITS = RunLimits(max_hours=1, max_cost_usd=1, allow_below_estimate=True)
 
 
 def load_from_pulumi(stack: str) -> StackConfig:

@@ -230,7 +230,7 @@ def test_provider_check_and_make_check_refuse_a_missing_folder_naming_the_key(tm
     raw["lorastack:train"] = {**raw["lorastack:train"], "dataset": {"source": str(tmp_path / "gone")}}
     with pytest.raises(StackError) as refused:
         parse_stack(raw, "stacks/Pulumi.demo.yaml")
-    assert "lorastack:train.dataset.source" in str(refused.value) and "does not exist on this machine" in str(refused.value)
+    assert "train.dataset.source" in str(refused.value) and "does not exist on this machine" in str(refused.value)
 
 
 def test_a_local_folder_needs_a_volume_in_a_data_center_with_the_s3_api(tmp_path):

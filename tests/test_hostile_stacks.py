@@ -66,12 +66,13 @@ ARCHIVES = ".zip, .tar, .tar.gz, .tgz"
     ("https://example.com/gallery.html", SOURCE_KEY, f"its path ending in {ARCHIVES}"),
     ("https://drive.example.com/file/d/1234/view", SOURCE_KEY, "a web page or a bare host is not a dataset"),
     ("hf://just-a-name", SOURCE_KEY, "a Hugging Face dataset is hf://owner/name"),
-    ("../../etc", "lorastack: train.dataset.source '../../etc'", "'..' leads off the volume"),
-    ("datasets/../../root", "lorastack: train.dataset.source", "'..' leads off the volume"),
+    # a relative path is a folder on this machine, relative to the project root (uploaded by `pulumi up`)
+    ("../../no-such-place", "lorastack: train.dataset.source '../../no-such-place'", "does not exist on this machine"),
+    ("datasets/../../root", "lorastack: train.dataset.source", "does not exist on this machine"),
     ("/workspace/../etc", "lorastack: train.dataset.source", "'..' leads off the volume"),
     ("/home/nobody/no-such-dataset", "lorastack: train.dataset.source '/home/nobody/no-such-dataset'",
-     "no such folder on this machine"),
-    ("./no-such-dataset", "lorastack: train.dataset.source", "must exist"),
+     "does not exist on this machine"),
+    ("./no-such-dataset", "lorastack: train.dataset.source", "does not exist on this machine"),
 ])
 def test_dataset_sources_the_trainer_cannot_reach_are_refused(tmp_path, capsys, source, key, allowed):
     lines = refused(tmp_path, capsys, edited(**{"train.dataset.source": source}))
@@ -321,7 +322,8 @@ def test_the_cost_estimate_follows_the_default_resolution(tmp_path):
 ])
 def test_ddpm_only_keys_are_refused_for_flux(tmp_path, capsys, changes, expected):
     config = edited(**{"train.family": "flux", "train.baseModel": "black-forest-labs/FLUX.1-dev",
-                       "runpod.gpuType": "NVIDIA H100 80GB HBM3", "runpod.dataCenter": "US-KS-2", **changes})
+                       "runpod.gpuType": "NVIDIA H100 80GB HBM3", "runpod.dataCenter": "US-KS-2",
+                       "limits.maxCostUsd": 100, "limits.maxHours": 10, **changes})
     lines = refused(tmp_path, capsys, config)
     assert has(lines, "lorastack:train: ", expected), lines
     assert len(lines) == 1, lines
