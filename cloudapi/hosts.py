@@ -19,6 +19,7 @@ from contract.workspace import workspace_root
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
+ENV_HF_JOB_ID = "JOB_ID"  # set by Hugging Face Jobs inside every job
 
 Log = Callable[[str], None]
 
@@ -97,8 +98,30 @@ class RunpodHost:
         return workspace_root(dict(self._environ))
 
 
+class HfJobHost:
+    """A Hugging Face Job (JOB_ID is set in every job): the job ends, and its billing with it, when this process
+    exits, so there is nothing to stop; its disk dies with it, so checkpoints also go to the checkpoint mirror
+    (cloudapi/checkpoint_mirror.py). The job cannot read its own price: the stack's rate stands."""
+
+    def __init__(self, environ: Mapping[str, str], log: Log):
+        self.machine_id = environ[ENV_HF_JOB_ID]
+        self._environ, self._log = environ, log
+
+    def stop(self, retries: int, backoff_s: float) -> bool:
+        self._log(f"job {self.machine_id} ends when the trainer exits")
+        return True
+
+    def billed_usd_per_hour(self) -> float | None:
+        return None
+
+    def storage_root(self) -> Path:
+        return workspace_root(dict(self._environ))
+
+
 def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
     """The host this process runs on, from the variables its platform sets; `log` receives what it has to say."""
     if environ.get(ENV_POD_ID):
         return RunpodHost(environ, log)
+    if environ.get(ENV_HF_JOB_ID):
+        return HfJobHost(environ, log)
     return LocalHost(environ, log)

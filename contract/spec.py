@@ -30,6 +30,10 @@ ENV_RUN_ID = "LORASTACK_RUN_ID"
 ENV_STACK = "LORASTACK_STACK"
 ENV_WORKSPACE = "LORASTACK_WORKSPACE"  # the network volume's mount point, /workspace on a pod
 ENV_MANAGED = "LORASTACK_MANAGED"  # "1" on every pod lorastack creates: the reaper's label
+# A Hub model repo that mirrors the run's checkpoints and LoRA, for machines whose disk dies with them: the trainer
+# pushes each complete checkpoint there and resumes from the newest one (cloudapi/checkpoint_mirror.py)
+ENV_CHECKPOINT_REPO = "LORASTACK_CHECKPOINT_REPO"
+ENV_CHECKPOINT_REPO_PRIVATE = "LORASTACK_CHECKPOINT_REPO_PRIVATE"  # "1" (the default): created private
 WORKSPACE_MOUNT = "/workspace"
 
 

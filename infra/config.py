@@ -18,6 +18,7 @@ from contract import memory
 from contract.spec import RunLimits, TrainSpec, _Schema
 from infra import backends, pricing
 from infra.backends import Backend, ProviderName
+from infra.hfjobs_backend.config import HfJobsConfig
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from training.version import __version__
@@ -74,6 +75,7 @@ class StackConfig(_Schema):
     # each backend's section (`lorastack:<provider>`), validated by the model its package defines
     runpod: RunpodConfig | None = None
     replicate: ReplicateConfig | None = None
+    hfjobs: HfJobsConfig | None = None
     limits: RunLimits
     wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
     train: TrainSpec

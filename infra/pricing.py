@@ -28,6 +28,7 @@ RELATIVE_SPEED = {
     "NVIDIA RTX 6000 Ada Generation": 1.0, "NVIDIA L4": 0.35, "NVIDIA A40": 0.55, "NVIDIA L40S": 1.1,
     "NVIDIA A100 80GB PCIe": 1.3, "NVIDIA A100-SXM4-80GB": 1.5, "NVIDIA H100 PCIe": 1.9,
     "NVIDIA H100 80GB HBM3": 2.4, "NVIDIA H100 NVL": 2.2, "NVIDIA H200": 2.6,
+    "NVIDIA A10G": 0.45, "NVIDIA RTX PRO 6000 Blackwell Server Edition": 1.6,
 }
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 
