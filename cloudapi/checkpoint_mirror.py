@@ -1,6 +1,7 @@
 """A copy of the run's checkpoints and LoRA in a Hugging Face Hub model repo, for machines without lasting storage.
 
-Set by infra through LORASTACK_CHECKPOINT_REPO (contract/spec.py). The repo holds the run directory's layout
+Set by infra through LORASTACK_CHECKPOINT_REPO (contract/spec.py); the trainer gets it from
+`cloudapi.hosts.checkpoint_mirror`, beside the rest of its view of the machine's storage. The repo holds the run directory's layout
 relative to the storage root (`runs/<run id>/checkpoints/step-<n>/…`, `runs/<run id>/lora/…`), so a fresh
 machine restores the newest complete checkpoint to the same place on its own disk and the trainer resumes from it
 as it would from a volume. A checkpoint is uploaded only once complete (after its atomic rename) in one commit,
@@ -12,13 +13,11 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
 from contract.workspace import RunPaths
 
-ENV_HF_TOKEN = "HF_TOKEN"
 COMPLETE_MARK = "trainer.json"  # training/checkpoints.py writes it last: a checkpoint directory holding it is whole
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -26,18 +25,16 @@ Log = Callable[[str], None]
 
 
 class HubCheckpointMirror:
-    def __init__(self, repo_id: str, token: str | None, private: bool, log: Log, api_factory: Callable | None = None):
-        self.repo_id, self.private, self._log = repo_id, private, log
+    def __init__(self, repo_id: str, token: str | None, private: bool, log: Log, endpoint: str | None = None):
+        """`endpoint`: the Hub's address (HF_ENDPOINT), None for the client's default."""
+        self.repo_id, self.private, self.endpoint, self._log = repo_id, private, endpoint, log
         self._token = token
-        self._api_factory = api_factory
         self._repo_ready = False
 
     def _api(self):
-        if self._api_factory is None:
-            from huggingface_hub import HfApi  # imported late: HF_HOME and HF_ENDPOINT are read at import
+        from huggingface_hub import HfApi  # imported late: HF_HOME is read at import, and set by the trainer first
 
-            self._api_factory = HfApi
-        return self._api_factory(token=self._token)
+        return HfApi(token=self._token, endpoint=self.endpoint)
 
     def _redacted(self, error: Exception) -> str:
         text = f"{type(error).__name__}: {error}"
@@ -91,7 +88,7 @@ class HubCheckpointMirror:
             staging = paths.root / ".mirror-download"
             shutil.rmtree(staging, ignore_errors=True)
             snapshot_download(repo_id=self.repo_id, repo_type="model", allow_patterns=[f"{newest}/*"],
-                              local_dir=str(staging), token=self._token)
+                              local_dir=str(staging), token=self._token, endpoint=self.endpoint)
             target = paths.root / newest
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)  # an incomplete one (no trainer.json) is never kept
@@ -103,10 +100,3 @@ class HubCheckpointMirror:
         self._log(f"restored {newest} from the Hub repo {self.repo_id}")
         return step
 
-
-def mirror_from_environment(environ: Mapping[str, str], log: Log) -> HubCheckpointMirror | None:
-    repo_id = environ.get(ENV_CHECKPOINT_REPO)
-    if not repo_id:
-        return None
-    private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
-    return HubCheckpointMirror(repo_id, environ.get(ENV_HF_TOKEN), private, log)

@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from cloudapi.checkpoint_mirror import HubCheckpointMirror
 from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
 from contract.workspace import workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
@@ -125,3 +127,13 @@ def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
     if environ.get(ENV_HF_JOB_ID):
         return HfJobHost(environ, log)
     return LocalHost(environ, log)
+
+
+def checkpoint_mirror(environ: Mapping[str, str], log: Log) -> HubCheckpointMirror | None:
+    """Where the run's checkpoints and LoRA are also copied, for a machine whose disk dies with it (a Hugging Face
+    Job): the Hub repo LORASTACK_CHECKPOINT_REPO, written with HF_TOKEN; None when the stack sets none."""
+    repo_id = environ.get(ENV_CHECKPOINT_REPO)
+    if not repo_id:
+        return None
+    private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
+    return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, log, environ.get("HF_ENDPOINT") or None)

@@ -450,8 +450,10 @@ class HfHubApi(JsonApi):
             return hub_error(400, "this emulator serves model repos only")
         repo_id = f"{namespace}/{body['name']}"
         with self.lock:
-            if repo_id in self.repos:
-                return hub_error(409, "You already created this model repo")
+            if repo_id in self.repos:  # the Hub's 409 names the repo's url too: create_repo(exist_ok) returns it
+                conflict = hub_error(409, "You already created this model repo")
+                conflict.body["url"] = f"{self.base_url}/{repo_id}"
+                return conflict
             # the Hub's default for a user is public; our code always says which
             self.repos[repo_id] = Repo(repo_id, body.get("visibility", "public") == "private")
         return {"url": f"{self.base_url}/{repo_id}", "name": repo_id, "id": repo_id}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cloudapi.checkpoint_mirror import mirror_from_environment
+from cloudapi.hosts import checkpoint_mirror
 from contract import history
 from contract.workspace import RunPaths
 from training.state import TrainState
@@ -147,14 +147,14 @@ def _mirror_log(line: str) -> None:
 
 def publish_to_mirror(folder: Path, paths: RunPaths) -> None:
     """Copy a finished folder of the run (a checkpoint, the LoRA) to the checkpoint mirror, when there is one."""
-    mirror = mirror_from_environment(os.environ, _mirror_log)
+    mirror = checkpoint_mirror(os.environ, _mirror_log)
     if mirror is not None:
         mirror.publish(folder, paths.root)
 
 
 def restore_from_mirror(state: TrainState) -> None:
     """Before resuming: bring the mirror's newest checkpoint onto this disk (a fresh machine has none)."""
-    mirror = mirror_from_environment(os.environ, _mirror_log)
+    mirror = checkpoint_mirror(os.environ, _mirror_log)
     if mirror is not None and state.accelerator.is_main_process:
         mirror.restore(state.paths)
     state.accelerator.wait_for_everyone()
