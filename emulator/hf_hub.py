@@ -7,9 +7,11 @@ trainer (`python -m training`) as a local process, as the platform runs the cont
 
 - the job's `environment` and `secrets`, plus what the platform sets inside: JOB_ID, ACCELERATOR (the flavor),
   CPU_CORES, MEMORY; HF_ENDPOINT points back at this emulator, so the trainer's Hub pushes land here;
-- a directory as the job's disk, `<root>/jobs/<job id>`, gone with the job (Jobs have no volume that outlives
-  them); the mount path (/workspace) is rewritten to it in every environment value that names it, as
-  emulator/pods.py does; `seed(directory)` stands in for what a real job downloads first (the tiny model);
+- a directory as the job's disk, `<root>/disks/<slot>`, emptied when the job ends (Jobs have no volume that
+  outlives them); the mount path (/workspace) is rewritten to it in every environment value that names it, as
+  emulator/pods.py does. A new job takes the lowest slot no running job holds, so jobs one after another see the
+  same path, as they all see /workspace on the platform (paths are part of the spec's fingerprint);
+  `seed(directory)` stands in for what a real job downloads first (the tiny model);
 - stdout and stderr become the job's log; the job ends when the process exits: COMPLETED on exit 0, ERROR
   otherwise (the server's choice on the real platform; the contract leaves it open);
 - `timeoutSeconds` is enforced: past it the process is killed and the job is ERROR ("Job timeout"); cancel sends
@@ -155,6 +157,7 @@ class HfHubApi(JsonApi):
         self.jobs: dict[str, Job] = {}
         self.repos: dict[str, Repo] = {}
         self.bills: dict[str, JobBill] = {}
+        self._disks: dict[str, int] = {}  # job id -> its disk slot, while it runs
         self.bodies: list[tuple[str, str, object]] = []  # (method, path, JSON body) of every request with one
         self._lost_answers: list[tuple[str, str, int]] = []  # (method, path prefix, count)
         self._ids = itertools.count(1)
@@ -296,7 +299,16 @@ class HfHubApi(JsonApi):
 
     # -- the job's process ------------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
-        return self.root / "jobs" / job_id
+        """The disk of a running job."""
+        with self.lock:
+            if job_id not in self._disks:
+                self._disks[job_id] = min(set(range(len(self._disks) + 1)) - set(self._disks.values()))
+            return self.root / "disks" / str(self._disks[job_id])
+
+    def _free_disk(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)  # the job's disk goes with it
+        with self.lock:
+            del self._disks[job_id]
 
     def append_log(self, job: Job, line: str) -> None:
         with self.lock:
@@ -340,7 +352,8 @@ class HfHubApi(JsonApi):
 
     def _spawn(self, job: Job) -> None:
         directory = self.job_dir(job.id)
-        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
         if self.seed is not None:
             self.seed(directory)
         command = list(job.spec["command"])
@@ -365,7 +378,7 @@ class HfHubApi(JsonApi):
             self.end(job, "COMPLETED", None)
         else:
             self.end(job, "ERROR", f"the command exited with code {code}")
-        shutil.rmtree(self.job_dir(job.id), ignore_errors=True)  # the job's disk goes with it
+        self._free_disk(job.id)
         job.done.set()
 
     def _watch_timeout(self, job: Job) -> None:

@@ -159,11 +159,12 @@ def test_delete_cancels_a_running_job_and_leaves_an_ended_one(hub):
     assert hub.billing_jobs() == []
 
 
-def test_the_timeout_is_the_sooner_of_the_time_and_the_money_limit_in_whole_minutes():
-    assert catalog.timeout_seconds(2, 6, 5.0) == 72 * 60  # $6 at $5/h: 1.2 h
-    assert catalog.timeout_seconds(0.5, 100, 5.0) == 30 * 60
-    assert catalog.timeout_seconds(1, 1.01, 60.0) == 60  # never under a minute
-    assert catalog.timeout_seconds(1, 0.999, 1.0) == 59 * 60  # rounded down: never past a limit
+def test_the_timeout_is_the_sooner_limit_in_whole_minutes_with_time_for_the_last_checkpoint():
+    last = catalog.FINAL_CHECKPOINT_S
+    assert catalog.timeout_seconds(2, 6, 5.0) == 72 * 60 + last  # $6 at $5/h: 1.2 h
+    assert catalog.timeout_seconds(0.5, 100, 5.0) == 30 * 60 + last
+    assert catalog.timeout_seconds(1, 1.01, 60.0) == 60 + last  # never under a minute
+    assert catalog.timeout_seconds(1, 0.999, 1.0) == 59 * 60 + last  # rounded down
 
 
 # --- the checkpoint repo -----------------------------------------------------------------------------------------

@@ -267,13 +267,16 @@ def hfjobs(monkeypatch, tmp_path):
 
 
 def test_the_hfjobs_stack_goes_up_previews_no_change_and_is_destroyed(hfjobs, tmp_path):
+    from infra.hfjobs_backend.catalog import FINAL_CHECKPOINT_S
+
     settings = STACKS["flux-hfjobs"]["lorastack:hfjobs"]
     driver = StackDriver("flux-hfjobs", tmp_path, secrets={"hfToken": HF_TOKEN})
     outputs, operations = driver.up()
     assert operations.counts == {"create": 2}  # the checkpoint repo and the job
     (job,) = hfjobs.jobs.values()
     assert outputs["jobId"] == job.id and job.spec["flavor"] == settings["flavor"]
-    assert job.spec["timeoutSeconds"] == 72 * 60  # maxCostUsd 6 buys 1.2 h at h200's $5.00/h (< maxHours 1.5)
+    # maxCostUsd 6 buys 1.2 h at h200's $5.00/h (< maxHours 1.5), and the trainer's last checkpoint needs its time
+    assert job.spec["timeoutSeconds"] == 72 * 60 + FINAL_CHECKPOINT_S
     assert job.spec["secrets"]["HF_TOKEN"] == HF_TOKEN and HF_TOKEN not in json.dumps(job.spec["environment"])
     assert_no_plain_secrets(state_file(tmp_path, "flux-hfjobs"), HF_TOKEN)
 

@@ -14,7 +14,8 @@ HFJOBS_PRICES_SOURCE = ("Hugging Face Jobs pricing (hub-docs jobs-pricing.md at 
                         "billed per minute, copied 2026-11-30")
 LIVE_PRICES_SOURCE = "Hugging Face Jobs hardware API (live)"
 BILLING_SECONDS = 60  # billed per started minute while Starting or Running
-DEFAULT_SERVER_TIMEOUT_S = 30 * 60  # what the server applies when no timeoutSeconds is sent: never rely on it
+# after a limit the trainer saves a checkpoint and uploads it to the Hub repo: the timeout leaves it this long
+FINAL_CHECKPOINT_S = 2 * 60
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ def hfjobs_usd_per_hour(flavor: str, live: dict[str, dict] | None = None) -> tup
 
 
 def timeout_seconds(max_hours: float, max_cost_usd: float, usd_per_hour: float) -> int:
-    """The job's timeoutSeconds: the time limit, or sooner the time the money limit buys at the flavor's price,
-    whichever ends first, in whole billed minutes (never above the limits: rounded down, at least one minute).
-    The trainer stops itself at its limits before this; the timeout is the platform's backstop."""
+    """The job's timeoutSeconds: the time limit, or sooner the time the money limit buys at the flavor's price, in
+    whole billed minutes (rounded down, at least one), plus FINAL_CHECKPOINT_S. The trainer stops itself at its
+    limits and then saves and uploads a last checkpoint; the timeout is the platform's backstop for a trainer
+    that cannot stop itself, and must not cut that last upload short."""
     hours = min(max_hours, max_cost_usd / usd_per_hour) if usd_per_hour > 0 else max_hours
-    return max(BILLING_SECONDS, math.floor(hours * 3600 / BILLING_SECONDS) * BILLING_SECONDS)
+    limit = max(BILLING_SECONDS, math.floor(hours * 3600 / BILLING_SECONDS) * BILLING_SECONDS)
+    return limit + FINAL_CHECKPOINT_S
