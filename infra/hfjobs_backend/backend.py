@@ -87,7 +87,10 @@ class HfJobsBackend:
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
-        """The jobs of the token's user (HF_JOBS_NAMESPACE: an organization's instead)."""
+        """The jobs of the token's user (HF_JOBS_NAMESPACE: an organization's instead). Without HF_TOKEN there is
+        nothing to look at: no job can have been started without it, and RunPod users may well have none."""
+        if not environ.get(SECRETS["hfToken"]):
+            return []
         jobs = runs.client(environ, environ.get("HF_JOBS_NAMESPACE") or None)
         try:
             return runs.reap(jobs, live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),

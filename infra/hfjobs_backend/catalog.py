@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-HFJOBS_PRICES_SOURCE = ("Hugging Face Jobs pricing (hub-docs jobs-pricing.md at 0b8c07f8210e), list $/hour, "
-                        "billed per minute, copied 2026-11-30")
+HFJOBS_PRICES_SOURCE = ("Hugging Face Jobs pricing (hub-docs jobs-pricing.md at commit 0b8c07f8210e, an undated copy), "
+                        "list $/hour, billed per minute")
 LIVE_PRICES_SOURCE = "Hugging Face Jobs hardware API (live)"
 BILLING_SECONDS = 60  # billed per started minute while Starting or Running
 # after a limit the trainer saves a checkpoint and uploads it to the Hub repo: the timeout leaves it this long
