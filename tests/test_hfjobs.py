@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cloudapi.checkpoint_mirror import HubCheckpointMirror
 from cloudapi.hosts import HfJobHost, checkpoint_mirror, host_from_environment
@@ -21,6 +22,7 @@ from infra.hfjobs_backend import catalog, runs
 from infra.hfjobs_backend.client import LABEL_RUN, LABEL_STACK, HfJobs, managed_labels
 from infra.hfjobs_backend.job import JobProvider
 from infra.hfjobs_backend.repo import HubRepoProvider
+from infra.stack_files import stack_file
 
 TOKEN = "hf_test_token_for_the_jobs_emulator_0b"
 USER = "alice"
@@ -219,13 +221,14 @@ def test_the_mirror_pushes_checkpoints_and_a_fresh_disk_resumes_from_the_newest(
     assert not any(TOKEN in line for line in logged)
 
 
-def test_a_mirror_that_cannot_be_reached_costs_the_resume_not_the_run(tmp_path):
+def test_a_mirror_the_hub_refuses_costs_the_resume_not_the_run(hub, tmp_path):
     logged: list[str] = []
-    mirror = HubCheckpointMirror(f"{USER}/ckpt", TOKEN, True, logged.append, endpoint="http://127.0.0.1:9")
+    wrong = "hf_not_the_token_of_anyone_at_all_00"
+    mirror = HubCheckpointMirror(f"{USER}/ckpt", wrong, True, logged.append, endpoint=hub.base_url)
     paths = RunPaths(tmp_path, "run-1")
     assert mirror.publish(write_checkpoint(paths, 2), paths.root) is False
     assert mirror.restore(RunPaths(tmp_path / "fresh", "run-1")) == 0
-    assert len(logged) == 2 and not any(TOKEN in line for line in logged)
+    assert len(logged) == 2 and not any(wrong in line for line in logged)
 
 
 # --- ops: status, fetch, reap -------------------------------------------------------------------------------------
@@ -263,3 +266,51 @@ def test_a_new_job_needs_labels_to_be_found_by_its_stack(hub):
     created = provider().create(job_props("s1"))
     found = runs.stack_jobs(HfJobs(TOKEN), "s1")
     assert [job.id for job in found] == [created.id] and found[0].labels[LABEL_RUN] == "s1-run"
+
+
+def stack_config(**changes):
+    from infra.stack_files import parse_stack
+
+    raw = yaml.safe_load(stack_file("flux-hfjobs").read_text())["config"]
+    return parse_stack({**raw, **changes}, "flux-hfjobs")
+
+
+def test_status_and_logs_of_a_stack_come_from_its_newest_job(hub):
+    config = stack_config(**{"lorastack:hfjobs": {"flavor": "h200", "namespace": USER,
+                                                  "checkpointRepo": {"repoId": f"{USER}/ckpt"}}})
+    environ = {"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.base_url}
+    assert runs.status("flux-hfjobs", config, environ).code == 1  # nothing yet
+    job_id = provider().create(job_props("flux-hfjobs")).id
+    hub.append_log(hub.jobs[job_id], "step 1/4")
+    hub.end(hub.jobs[job_id], "COMPLETED", None)
+    (line,) = runs.status("flux-hfjobs", config, environ).lines
+    assert job_id in line and "COMPLETED" in line
+    emitted: list[str] = []
+    report = runs.logs("flux-hfjobs", config, environ, emitted.append)
+    assert emitted == ["step 1/4"] and "COMPLETED" in report.lines[0]
+
+
+@pytest.mark.parametrize(("changes", "says"), [
+    ({"lorastack:wait": True}, "wait: true is not offered for hfjobs"),
+    ({"lorastack:hfjobs": {"flavor": "a10g-huge", "checkpointRepo": {"repoId": "a/b"}}}, "l40sx1"),
+    ({"lorastack:hfjobs": {"flavor": "t4-small", "checkpointRepo": {"repoId": "a/b"}}}, "hfjobs.flavor 't4-small'"),
+    ({"lorastack:hfjobs": {"flavor": "h200", "checkpointRepo": {"repoId": "no-namespace"}}}, "namespace/name"),
+])
+def test_a_bad_hfjobs_section_names_the_key_and_what_is_allowed(changes, says):
+    from infra.stack_files import StackError
+
+    with pytest.raises(StackError) as error:
+        stack_config(**changes)
+    assert says in str(error.value)
+
+
+def test_a_lost_answer_on_create_during_up_still_makes_one_job(hub, tmp_path):
+    from emulator.stack_driver import StackDriver
+
+    hub.lose_answers("POST", f"/api/jobs/{USER}")
+    hub.inject(Fault(status=503, method="GET", path_prefix="/api/whoami-v2"))
+    overrides = {"lorastack:hfjobs": {"flavor": "h200", "checkpointRepo": {"repoId": f"{USER}/ckpt"}}}
+    driver = StackDriver("flux-hfjobs", tmp_path, secrets={"hfToken": TOKEN}, overrides=overrides)
+    outputs, operations = driver.up()
+    assert operations.counts == {"create": 2} and list(hub.jobs) == [outputs["jobId"]]
+    assert driver.destroy().counts == {"delete": 1, "retain": 1} and hub.billing_jobs() == []
