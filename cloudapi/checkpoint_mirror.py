@@ -1,10 +1,10 @@
 """A copy of the run's checkpoints and LoRA in a Hugging Face Hub model repo, for machines without lasting storage.
 
 Set by infra through LORASTACK_CHECKPOINT_REPO (contract/spec.py); the trainer gets it from
-`cloudapi.hosts.checkpoint_mirror`, beside the rest of its view of the machine's storage. The repo holds the run directory's layout
-relative to the storage root (`runs/<run id>/checkpoints/step-<n>/…`, `runs/<run id>/lora/…`), so a fresh
-machine restores the newest complete checkpoint to the same place on its own disk and the trainer resumes from it
-as it would from a volume. A checkpoint is uploaded only once complete (after its atomic rename) in one commit,
+`cloudapi.hosts.checkpoint_mirror`, beside the rest of its view of the machine's storage. The repo holds the run
+directory's layout relative to the storage root (`runs/<run id>/checkpoints/step-<n>/…`, `runs/<run id>/lora/…`),
+so a fresh machine restores the newest complete checkpoint to the same place on its own disk and the trainer
+resumes from it as it would from a volume. A checkpoint is uploaded only once complete (after its atomic rename) in one commit,
 so a directory in the repo is always whole. Uploads and downloads never raise: a mirror that cannot be reached
 costs the resume, not the run.
 """

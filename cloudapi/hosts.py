@@ -136,4 +136,5 @@ def checkpoint_mirror(environ: Mapping[str, str], log: Log) -> HubCheckpointMirr
     if not repo_id:
         return None
     private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
-    return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, log, environ.get("HF_ENDPOINT") or None)
+    endpoint = environ.get("HF_ENDPOINT") or None
+    return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, log, endpoint)

@@ -108,6 +108,7 @@ class Job:
     started_at: str | None = None
     finished_at: str | None = None
     logs: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, line)
+    ending: tuple[str, str | None] | None = None  # (stage, message) it shows once its process has exited
     process: subprocess.Popen | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -374,10 +375,14 @@ class HfHubApi(JsonApi):
         for line in process.stdout:
             self.append_log(job, line.rstrip("\n"))
         code = process.wait()
-        if code == 0:
-            self.end(job, "COMPLETED", None)
-        else:
-            self.end(job, "ERROR", f"the command exited with code {code}")
+        with self.lock:
+            if job.ending is None:  # the command ended by itself
+                job.ending = ("COMPLETED", None) if code == 0 else ("ERROR", f"the command exited with code {code}")
+            if job.stage not in TERMINAL:  # else it ended before its process had started
+                (job.stage, job.message), job.finished_at = job.ending, _now()
+            bill = self.bills.get(job.id)
+            if bill is not None and bill.ended is None:
+                bill.ended = time.monotonic()
         self._free_disk(job.id)
         job.done.set()
 
@@ -386,20 +391,22 @@ class HfHubApi(JsonApi):
             self.end(job, "ERROR", "Job timeout")
 
     def end(self, job: Job, stage: str, message: str | None) -> None:
-        """Move a job to a terminal stage (first one wins) and stop its process: SIGTERM, SIGKILL after the grace."""
+        """End a job (the first reason wins): its bill stops now; a running process gets SIGTERM, then SIGKILL
+        after the grace, and the job shows the terminal stage once the process has exited (a container that is
+        still stopping is not ended yet)."""
         with self.lock:
-            if job.stage in TERMINAL:
+            if job.stage in TERMINAL or job.ending is not None:
                 return
-            job.stage, job.message, job.finished_at = stage, message, _now()
             bill = self.bills.get(job.id)
             if bill is not None and bill.ended is None:
                 bill.ended = time.monotonic()
             process = job.process
-        if process is None:  # nothing runs in it (not our image, or still scheduling)
-            job.done.set()
-            return
-        if process.poll() is not None:
-            return
+            if process is None or process.poll() is not None:  # nothing runs in it (not our image, or not yet)
+                job.stage, job.message, job.finished_at = stage, message, _now()
+                if process is None:
+                    job.done.set()
+                return
+            job.ending = (stage, message)
 
         def stop() -> None:
             _signal(process, signal.SIGTERM)
@@ -415,13 +422,16 @@ class HfHubApi(JsonApi):
         """The machine is gone: the trainer dies without a signal, the job is ERROR, its disk is lost. Returns the
         log as it was."""
         job = self.jobs[job_id]
-        if job.process is not None and job.process.poll() is None:
-            _signal(job.process, signal.SIGKILL)
         with self.lock:
-            lines = [line for _, line in job.logs]
-        self.end(job, "ERROR", "the machine was lost")
-        job.done.wait(30)
-        return lines
+            running = job.process is not None and job.process.poll() is None
+            if running:
+                job.ending = ("ERROR", "the machine was lost")
+                self.bills[job_id].ended = time.monotonic()
+        if running:
+            _signal(job.process, signal.SIGKILL)
+            job.done.wait(30)  # its log is read to the end
+        with self.lock:
+            return [line for _, line in job.logs]
 
     def wait_until_ended(self, job_id: str, timeout: float) -> bool:
         """True once the job is in a terminal stage and its process (if any) has exited."""

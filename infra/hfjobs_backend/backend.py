@@ -52,7 +52,8 @@ class HfJobsBackend:
         """GET /api/jobs/hardware: {flavor: hardware JSON} with unitCostUSD per unitLabel."""
         token = environ.get(SECRETS["hfToken"])
         if not token:
-            return LivePrices(None, "Hugging Face Jobs: the dated table; HF_TOKEN is not set (export it for live prices)")
+            return LivePrices(None, "Hugging Face Jobs: the dated table; HF_TOKEN is not set "
+                                    "(export it for live prices)")
         try:
             items = HfJobs(token, environ=environ, retries=0).hardware()
             flavors = {item.name: {"unitCostUSD": item.unit_cost_usd, "unitLabel": item.unit_label} for item in items}
@@ -60,7 +61,8 @@ class HfJobsBackend:
             return LivePrices(None, f"Hugging Face Jobs: the dated table; the hardware API did not answer usefully "
                                     f"({short_error(error)})")
         fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        return LivePrices(flavors, f"Hugging Face Jobs: live hardware prices (GET /api/jobs/hardware), fetched {fetched_at}")
+        return LivePrices(flavors, f"Hugging Face Jobs: live hardware prices (GET /api/jobs/hardware), "
+                                   f"fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: dict[str, dict] | None) -> list[str]:
         if live is None or config.hfjobs.flavor in live:
@@ -98,7 +100,8 @@ class HfJobsBackend:
         except OpsError:
             raise
         except Exception as error:  # noqa: BLE001 - the API's answer, for a person to act on
-            raise OpsError(f"Hugging Face Jobs: {short_error(error)} (check HF_TOKEN, and HF_ENDPOINT if set)") from None
+            raise OpsError(f"Hugging Face Jobs: {short_error(error)} "
+                           "(check HF_TOKEN, and HF_ENDPOINT if set)") from None
 
 
 BACKEND = HfJobsBackend()

@@ -44,9 +44,9 @@ class JobProvider(CredentialedProvider):
 
     credential = "hfToken"
 
-    def __init__(self, retries: int = 6, backoff: float = 0.5, landing_s: float = 10.0):
+    def __init__(self, retries: int = 6, backoff: float = 0.5, landing_s: float = 10.0, cancel_wait_s: float = 120.0):
         super().__init__()
-        self.retries, self.backoff, self.landing_s = retries, backoff, landing_s
+        self.retries, self.backoff, self.landing_s, self.cancel_wait_s = retries, backoff, landing_s, cancel_wait_s
 
     def client(self, namespace: str | None) -> HfJobs:
         return HfJobs(self.credential_value(), namespace, retries=self.retries, backoff=self.backoff)
@@ -133,11 +133,16 @@ class JobProvider(CredentialedProvider):
         raise RuntimeError("a Hugging Face job cannot be changed; every change replaces it (diff says so)")
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        """Cancel the job unless it has ended already (cancel stops its billing); a job is never deleted."""
+        """Cancel the job unless it has ended already (cancel stops its billing; a job is never deleted), then wait
+        for it to end: a trainer that is stopping still uploads its last checkpoint, and the repo must not be
+        deleted (keepOnDestroy: false) before that upload, or the upload would create it again."""
         client = self.client(props.get("namespace"))
+        deadline = time.monotonic() + self.cancel_wait_s
         try:
             if client.inspect(id_).status.stage not in TERMINAL_STAGES:
                 client.cancel(id_)
+            while client.inspect(id_).status.stage not in TERMINAL_STAGES and time.monotonic() < deadline:
+                time.sleep(1.0)
         except Exception as error:
             if not is_not_found(error):
                 raise

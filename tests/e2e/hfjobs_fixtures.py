@@ -22,6 +22,7 @@ from emulator.stack_driver import StackDriver
 from infra.config import StackConfig
 from infra.stack_files import parse_stack, stack_file
 
+from ..test_hfjobs import contract_violations
 from .conftest import demo_config
 
 STACK = "flux-hfjobs"
@@ -107,3 +108,5 @@ def hf_emulated(tmp_path, monkeypatch, seed, hf_faults):
             yield HfEmulated(api, token, tmp_path / "state")
         finally:
             api.shutdown()
+        # what the providers, the ops hooks and the trainer inside the jobs sent, against the contract notes
+        assert contract_violations(api) == []
