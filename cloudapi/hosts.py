@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Protocol
 
 from cloudapi import lambda_rest
+from cloudapi.checkpoint_mirror import HubCheckpointMirror
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
+from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
 from contract.workspace import workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
@@ -24,6 +26,7 @@ ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
 ENV_LAMBDA_INSTANCE_NAME = "LAMBDA_INSTANCE_NAME"  # ours, written by the instance's user data (Lambda sets no id)
 ENV_LAMBDA_API_KEY = "LAMBDA_API_KEY"  # the account key, a secret input of the instance's user data
+ENV_HF_JOB_ID = "JOB_ID"  # set by Hugging Face Jobs inside every job
 
 Log = Callable[[str], None]
 
@@ -192,6 +195,23 @@ class LambdaHost:
         cents = (instance or {}).get("instance_type", {}).get("price_cents_per_hour") or 0
         return cents / 100 if cents > 0 else None
 
+
+class HfJobHost:
+    """A Hugging Face Job (JOB_ID is set in every job): the job ends, and its billing with it, when this process
+    exits, so there is nothing to stop; its disk dies with it, so checkpoints also go to the checkpoint mirror
+    (cloudapi/checkpoint_mirror.py). The job cannot read its own price: the stack's rate stands."""
+
+    def __init__(self, environ: Mapping[str, str], log: Log):
+        self.machine_id = environ[ENV_HF_JOB_ID]
+        self._environ, self._log = environ, log
+
+    def stop(self, retries: int, backoff_s: float) -> bool:
+        self._log(f"job {self.machine_id} ends when the trainer exits")
+        return True
+
+    def billed_usd_per_hour(self) -> float | None:
+        return None
+
     def storage_root(self) -> Path:
         return workspace_root(dict(self._environ))
 
@@ -202,4 +222,17 @@ def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
         return RunpodHost(environ, log)
     if environ.get(ENV_LAMBDA_INSTANCE_NAME):
         return LambdaHost(environ, log)
+    if environ.get(ENV_HF_JOB_ID):
+        return HfJobHost(environ, log)
     return LocalHost(environ, log)
+
+
+def checkpoint_mirror(environ: Mapping[str, str], log: Log) -> HubCheckpointMirror | None:
+    """Where the run's checkpoints and LoRA are also copied, for a machine whose disk dies with it (a Hugging Face
+    Job): the Hub repo LORASTACK_CHECKPOINT_REPO, written with HF_TOKEN; None when the stack sets none."""
+    repo_id = environ.get(ENV_CHECKPOINT_REPO)
+    if not repo_id:
+        return None
+    private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
+    endpoint = environ.get("HF_ENDPOINT") or None
+    return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, log, endpoint)

@@ -37,6 +37,10 @@ ENV_MANAGED = "LORASTACK_MANAGED"  # "1" on every pod lorastack creates: the rea
 # the dataset URL with its credentials, when it has any (the spec then holds contract.redaction's form); the
 # name says SECRET so that the trainer's redact() hides it in everything it prints
 ENV_DATASET_SOURCE = "LORASTACK_DATASET_SOURCE_SECRET"
+# A Hub model repo that mirrors the run's checkpoints and LoRA, for machines whose disk dies with them: the trainer
+# pushes each complete checkpoint there and resumes from the newest one (cloudapi/checkpoint_mirror.py)
+ENV_CHECKPOINT_REPO = "LORASTACK_CHECKPOINT_REPO"
+ENV_CHECKPOINT_REPO_PRIVATE = "LORASTACK_CHECKPOINT_REPO_PRIVATE"  # "1" (the default): created private
 WORKSPACE_MOUNT = "/workspace"
 
 # The spec reaches the pod as one environment variable, and Linux refuses to start a process when one

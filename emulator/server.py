@@ -36,6 +36,7 @@ class Request:
     body: object
     headers: dict[str, str]
     raw: bytes = b""
+    query_all: dict[str, list[str]] = field(default_factory=dict)  # every value of a repeated query parameter
 
 
 @dataclass
@@ -150,7 +151,8 @@ def _make_handler(api: JsonApi) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             body: object = None
-            if raw and "json" in (self.headers.get("Content-Type") or ""):
+            content_type = self.headers.get("Content-Type") or ""
+            if raw and "json" in content_type and "ndjson" not in content_type:  # NDJSON stays in `raw`
                 try:
                     body = json.loads(raw)
                 except json.JSONDecodeError:
@@ -164,6 +166,7 @@ def _make_handler(api: JsonApi) -> type[BaseHTTPRequestHandler]:
                 body=body,
                 headers={k.lower(): v for k, v in self.headers.items()},
                 raw=raw,
+                query_all=parse_qs(parts.query),
             )
             self._send(api.dispatch(request))
 
@@ -184,16 +187,19 @@ def _make_handler(api: JsonApi) -> type[BaseHTTPRequestHandler]:
                     self.wfile.flush()
                 self.close_connection = True
                 return
-            payload = b"" if response.body is None else json.dumps(response.body).encode()
+            if isinstance(response.body, bytes):  # a file's content, as is
+                payload = response.body
+            else:
+                payload = b"" if response.body is None else json.dumps(response.body).encode()
             if response.status >= 400 and response.content_type == "application/json":
                 response.content_type = "application/problem+json"
             self.send_header("Content-Type", response.content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if payload:
+            if payload and self.command != "HEAD":
                 self.wfile.write(payload)
 
-        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
+        do_HEAD = do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
 
     return _Handler
 

@@ -21,6 +21,7 @@ from infra.backends import Backend, ProviderName
 from infra.local_backend.config import LocalConfig
 from infra.lambda_backend.config import LambdaConfig
 from infra.local_dataset import dataset_folder_problem
+from infra.hfjobs_backend.config import HfJobsConfig
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from training.version import __version__
@@ -107,6 +108,7 @@ class StackConfig(_Schema):
     replicate: ReplicateConfig | None = None
     local: LocalConfig | None = None
     lambda_cloud: LambdaConfig | None = Field(default=None, alias="lambda")  # `lambda` is a Python keyword
+    hfjobs: HfJobsConfig | None = None
     limits: RunLimits
     wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
     train: TrainSpec

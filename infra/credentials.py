@@ -34,7 +34,9 @@ SECRETS = {
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
                    "reap": ("runpodApiKey",)}
-COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",), "reap": ("lambdaApiKey",)}
+# hfToken: also the Hugging Face Jobs backend's API credential (its stacks' status, logs and reap)
+COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",), "status": ("hfToken",), "logs": ("hfToken",),
+                            "reap": ("hfToken", "lambdaApiKey")}
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are

@@ -34,6 +34,8 @@ RELATIVE_SPEED = {
     # Lambda Cloud's GPUs not above (by CUDA's names)
     "NVIDIA A10": 0.45, "Quadro RTX 6000": 0.4, "NVIDIA A100-PCIE-40GB": 1.2, "NVIDIA A100-SXM4-40GB": 1.4,
     "NVIDIA GH200 480GB": 2.6, "NVIDIA B200": 4.0,
+    # Hugging Face Jobs' GPUs not above
+    "NVIDIA A10G": 0.45, "NVIDIA RTX PRO 6000 Blackwell Server Edition": 1.6,
 }
 STARTUP_SECONDS = 600  # image pull, model download into the volume cache, latent caching: first run
 

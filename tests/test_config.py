@@ -87,7 +87,7 @@ BAD_INPUTS = [
     ({"image.digest": "sha256:abc"}, "lorastack:image.digest", "64 hex digits"),
     ({"limits.maxCostUsd": -1}, "lorastack:limits.maxCostUsd = -1", "greater than 0"),
     ({"limits": None}, "lorastack:limits", "required key is missing"),
-    ({"provider": "lambda-labs"}, "lorastack:provider = 'lambda-labs'", "'runpod', 'replicate'"),
+    ({"provider": "azure"}, "lorastack:provider = 'azure'", "'runpod', 'replicate'"),  # a provider no backend claims
     (
         {"train.batchSize": 2, "train.gradientCheckpointing": "off"},
         "lorastack:",

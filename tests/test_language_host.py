@@ -301,3 +301,41 @@ def test_a_local_stack_goes_up_previews_no_change_and_is_destroyed(stack, tmp_pa
         kept = settings.get("keepOnDestroy", True)
         assert driver.destroy().counts == ({"delete": 1, "retain": 1} if kept else {"delete": 2})
         assert api.containers == {} and (tmp_path / "folder").is_dir() is kept
+
+
+@pytest.fixture
+def hfjobs(monkeypatch, tmp_path):
+    from emulator.hf_hub import HfHubApi
+
+    namespace = STACKS["flux-hfjobs"]["lorastack:hfjobs"]["checkpointRepo"]["repoId"].split("/")[0]
+    # no trainer runs here (trainer_repositories=()): the job is only RUNNING, as a FLUX run would be for hours
+    api = HfHubApi(tmp_path / "hf", token=HF_TOKEN, user=namespace, trainer_repositories=())
+    with serve(api) as url:
+        api.base_url = url
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield api
+    api.shutdown()
+
+
+def test_the_hfjobs_stack_goes_up_previews_no_change_and_is_destroyed(hfjobs, tmp_path):
+    from infra.hfjobs_backend.catalog import FINAL_CHECKPOINT_S
+
+    settings = STACKS["flux-hfjobs"]["lorastack:hfjobs"]
+    driver = StackDriver("flux-hfjobs", tmp_path, secrets={"hfToken": HF_TOKEN})
+    outputs, operations = driver.up()
+    assert operations.counts == {"create": 2}  # the checkpoint repo and the job
+    (job,) = hfjobs.jobs.values()
+    assert outputs["jobId"] == job.id and job.spec["flavor"] == settings["flavor"]
+    # maxCostUsd 6 buys 1.2 h at h200's $5.00/h (< maxHours 1.5), and the trainer's last checkpoint needs its time
+    assert job.spec["timeoutSeconds"] == 72 * 60 + FINAL_CHECKPOINT_S
+    assert job.spec["secrets"]["HF_TOKEN"] == HF_TOKEN and HF_TOKEN not in json.dumps(job.spec["environment"])
+    assert_no_plain_secrets(state_file(tmp_path, "flux-hfjobs"), HF_TOKEN)
+
+    _, preview = driver.preview()
+    assert preview.counts == {"same": 2} and preview.changes == 0
+
+    destroyed = driver.destroy()
+    assert destroyed.counts == {"delete": 1, "retain": 1}  # the job is canceled, the repo with the checkpoints kept
+    assert job.stage == "CANCELED" and hfjobs.billing_jobs() == []
+    assert settings["checkpointRepo"]["repoId"] in hfjobs.repos

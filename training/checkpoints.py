@@ -14,12 +14,14 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cloudapi.hosts import checkpoint_mirror
 from contract import history
 from contract.workspace import RunPaths
 from training.state import TrainState
@@ -134,8 +136,28 @@ def save_checkpoint(state: TrainState) -> Path:
         _fsync(paths.checkpoints)
         history.record_checkpoint(paths.run, state.step)
         prune(paths, state.spec.keep_checkpoints)
+        publish_to_mirror(final, paths)
     accelerator.wait_for_everyone()
     return final
+
+
+def _mirror_log(line: str) -> None:
+    print(f"checkpoint mirror: {line}", file=sys.stderr, flush=True)
+
+
+def publish_to_mirror(folder: Path, paths: RunPaths) -> None:
+    """Copy a finished folder of the run (a checkpoint, the LoRA) to the checkpoint mirror, when there is one."""
+    mirror = checkpoint_mirror(os.environ, _mirror_log)
+    if mirror is not None:
+        mirror.publish(folder, paths.root)
+
+
+def restore_from_mirror(state: TrainState) -> None:
+    """Before resuming: bring the mirror's newest checkpoint onto this disk (a fresh machine has none)."""
+    mirror = checkpoint_mirror(os.environ, _mirror_log)
+    if mirror is not None and state.accelerator.is_main_process:
+        mirror.restore(state.paths)
+    state.accelerator.wait_for_everyone()
 
 
 def prune(paths: RunPaths, keep: int) -> None:

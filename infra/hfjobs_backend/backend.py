@@ -1,0 +1,107 @@
+"""Hugging Face Jobs as a lorastack backend: a Hub repo for checkpoints and the LoRA, and a job running our trainer
+image (infra.backends.Backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.credentials import SECRETS
+from infra.hfjobs_backend import runs
+from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS, hfjobs_usd_per_hour
+from infra.hfjobs_backend.client import HfJobs
+from infra.hfjobs_backend.config import HfJobsConfig
+
+if TYPE_CHECKING:
+    from infra.config import StackConfig
+
+
+class HfJobsBackend:
+    name = "hfjobs"
+    section = HfJobsConfig
+
+    def check(self, config: StackConfig) -> None:
+        if config.wait:
+            raise ValueError("wait: true is not offered for hfjobs stacks yet: the job runs on after `pulumi up`; "
+                             "follow it with `make logs` and download the LoRA with `make fetch`")
+
+    def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
+        return f"hfjobs.flavor {config.hfjobs.flavor!r}", config.hfjobs.hardware.memory_gb
+
+    def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
+        return hfjobs_usd_per_hour(config.hfjobs.flavor, live)
+
+    def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
+        flavor = config.hfjobs.hardware
+        return flavor.gpu, flavor.gpu_count
+
+    def hardware(self, config: StackConfig) -> str:
+        flavor = config.hfjobs.hardware
+        return f"{config.hfjobs.flavor} ({flavor.gpu.removeprefix('NVIDIA ')} x{flavor.gpu_count})"
+
+    def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
+        repo = config.hfjobs.checkpoint_repo
+        kept = "kept on destroy" if repo.keep_on_destroy else "deleted on destroy"
+        return [f"{stack}: checkpoints and LoRA in the Hub repo {repo.repo_id} (Hub storage quota of the account, "
+                f"{kept}); billed per minute while the job starts or runs"]
+
+    def live_prices(self, environ: Mapping[str, str], timeout: float) -> LivePrices:
+        """GET /api/jobs/hardware: {flavor: hardware JSON} with unitCostUSD per unitLabel."""
+        token = environ.get(SECRETS["hfToken"])
+        if not token:
+            return LivePrices(None, "Hugging Face Jobs: the dated table; HF_TOKEN is not set "
+                                    "(export it for live prices)")
+        try:
+            items = HfJobs(token, environ=environ, retries=0).hardware()
+            flavors = {item.name: {"unitCostUSD": item.unit_cost_usd, "unitLabel": item.unit_label} for item in items}
+        except Exception as error:  # noqa: BLE001 - any failure falls back to the dated table, with the reason
+            return LivePrices(None, f"Hugging Face Jobs: the dated table; the hardware API did not answer usefully "
+                                    f"({short_error(error)})")
+        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return LivePrices(flavors, f"Hugging Face Jobs: live hardware prices (GET /api/jobs/hardware), "
+                                   f"fetched {fetched_at}")
+
+    def live_warnings(self, config: StackConfig, live: dict[str, dict] | None) -> list[str]:
+        if live is None or config.hfjobs.flavor in live:
+            return []
+        offered = ", ".join(name for name in live if name in HFJOBS_FLAVORS)
+        return [f"Hugging Face Jobs no longer lists flavor {config.hfjobs.flavor!r} (GET /api/jobs/hardware); "
+                f"GPU flavors offered: {offered}"]
+
+    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
+              image_ref: Callable[[], Any]) -> dict[str, Any]:
+        from infra.hfjobs_backend.component import HfJobsTraining, HfJobsTrainingArgs  # pulumi: only in the program
+
+        args = HfJobsTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
+        return dict(HfJobsTraining(stack, args).exports)
+
+    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
+        return runs.status(stack, config, environ)
+
+    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
+        return runs.logs(stack, config, environ, emit)
+
+    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
+        return runs.fetch(stack, config, destination, environ)
+
+    def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
+             grace_minutes: float) -> list[ReapDecision]:
+        """The jobs of the token's user (HF_JOBS_NAMESPACE: an organization's instead). Without HF_TOKEN there is
+        nothing to look at: no job can have been started without it, and RunPod users may well have none."""
+        if not environ.get(SECRETS["hfToken"]):
+            return []
+        jobs = runs.client(environ, environ.get("HF_JOBS_NAMESPACE") or None)
+        try:
+            return runs.reap(jobs, live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+                             grace_minutes=grace_minutes)
+        except OpsError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the API's answer, for a person to act on
+            raise OpsError(f"Hugging Face Jobs: {short_error(error)} "
+                           "(check HF_TOKEN, and HF_ENDPOINT if set)") from None
+
+
+BACKEND = HfJobsBackend()
