@@ -2,7 +2,8 @@
 
 The trainer (training/lifecycle.py) talks to a `Host` and knows no cloud. `host_from_environment` picks the
 implementation from the variables the platform sets in the container: RUNPOD_POD_ID (with the pod-scoped
-RUNPOD_API_KEY RunPod sets beside it) means a RunPod pod; anything else is a local run (a laptop, a test, the
+RUNPOD_API_KEY RunPod sets beside it) means a RunPod pod; CONTAINER_ID with CONTAINER_API_KEY a Vast.ai
+instance; anything else is a local run (a laptop, a test, the
 emulator without pods), which has nothing to stop and no bill of its own. A new platform is one class here and
 one line in `host_from_environment`.
 """
@@ -13,12 +14,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from cloudapi.run_mirror import RunMirror, mirror_from_environment  # noqa: F401 - the trainer's durable storage
 from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from cloudapi.vast_rest import VastClient, VastError
 from contract.workspace import workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
 ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
+ENV_VAST_CONTAINER_ID = "CONTAINER_ID"  # set by Vast.ai inside every instance: the instance id
+ENV_VAST_CONTAINER_API_KEY = "CONTAINER_API_KEY"  # Vast.ai's key for start/stop/destroy of this instance only
+ENV_VAST_URL = "VAST_URL"
 
 Log = Callable[[str], None]
 
@@ -97,8 +103,39 @@ class RunpodHost:
         return workspace_root(dict(self._environ))
 
 
+class VastHost:
+    """A Vast.ai instance: it destroys itself when done (a stopped instance keeps billing its disk, and an exited
+    container bills it too), with the per-instance CONTAINER_API_KEY. That key may only start, stop or destroy,
+    so the billed rate is not read: the limits count at the stack's price ceiling, which the offer is within."""
+
+    def __init__(self, environ: Mapping[str, str], log: Log):
+        self.machine_id = environ[ENV_VAST_CONTAINER_ID]
+        self._environ, self._log = environ, log
+
+    def stop(self, retries: int, backoff_s: float) -> bool:
+        """DELETE /api/v0/instances/{CONTAINER_ID}/ with Bearer CONTAINER_API_KEY."""
+        instance_id = self.machine_id
+        try:
+            client = VastClient(self._environ.get(ENV_VAST_CONTAINER_API_KEY, ""),
+                                base_url=self._environ.get(ENV_VAST_URL) or None, retries=retries, backoff=backoff_s)
+            client.destroy_instance(instance_id)  # an instance already gone counts as destroyed
+        except (VastError, ValueError) as error:
+            self._log(f"could not destroy instance {instance_id}: {error}")
+            return False
+        self._log(f"destroy requested for instance {instance_id}")
+        return True
+
+    def billed_usd_per_hour(self) -> float | None:
+        return None
+
+    def storage_root(self) -> Path:
+        return workspace_root(dict(self._environ))
+
+
 def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
     """The host this process runs on, from the variables its platform sets; `log` receives what it has to say."""
     if environ.get(ENV_POD_ID):
         return RunpodHost(environ, log)
+    if environ.get(ENV_VAST_CONTAINER_ID) and environ.get(ENV_VAST_CONTAINER_API_KEY):
+        return VastHost(environ, log)
     return LocalHost(environ, log)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 BACKEND_MODULES: dict[str, str] = {
     "runpod": "infra.runpod_backend.backend",
     "replicate": "infra.replicate_backend.backend",
+    "vast": "infra.vast_backend.backend",
 }
 ProviderName = Literal[tuple(BACKEND_MODULES)]  # type: ignore[valid-type]  # the schema's `provider` values
 

@@ -20,6 +20,7 @@ from infra import backends, pricing
 from infra.backends import Backend, ProviderName
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
+from infra.vast_backend.config import VastConfig
 from training.version import __version__
 
 NAMESPACE = "lorastack"
@@ -74,6 +75,7 @@ class StackConfig(_Schema):
     # each backend's section (`lorastack:<provider>`), validated by the model its package defines
     runpod: RunpodConfig | None = None
     replicate: ReplicateConfig | None = None
+    vast: VastConfig | None = None
     limits: RunLimits
     wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
     train: TrainSpec

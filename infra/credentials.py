@@ -25,6 +25,10 @@ SECRETS = {
     "replicateApiToken": "REPLICATE_API_TOKEN",
     "hfToken": "HF_TOKEN",
     "wandbApiKey": "WANDB_API_KEY",
+    "vastApiKey": "VAST_API_KEY",
+    # the S3-compatible bucket a Vast.ai run is mirrored to (lorastack:vast.bucket), under boto3's own names
+    "bucketAccessKeyId": "AWS_ACCESS_KEY_ID",
+    "bucketSecretAccessKey": "AWS_SECRET_ACCESS_KEY",
 }
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),

@@ -38,7 +38,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 
-from cloudapi.hosts import Host, host_from_environment
+from cloudapi.hosts import Host, host_from_environment, mirror_from_environment
 from contract.spec import RunLimits
 from contract.workspace import RunPaths, atomic_write_json, read_json
 from training.tracking import redact, update_status, utc_now
@@ -102,6 +102,27 @@ def host(environ: Mapping[str, str]) -> Host:
 def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float = 0.5) -> bool:
     """Stop the machine this trainer runs on; True when stopped or not on one (a local run)."""
     return host(environ).stop(retries, backoff_s)
+
+
+def restore_from_mirror(paths: RunPaths, environ: Mapping[str, str]) -> None:
+    """Where the run is mirrored to a bucket (cloudapi/run_mirror.py): bring its newest checkpoint and files."""
+    mirror = mirror_from_environment(environ)
+    if mirror is not None:
+        mirror.restore(paths, lambda line: _log(line, environ))
+
+
+def push_to_mirror(paths: RunPaths, environ: Mapping[str, str]) -> bool:
+    """Upload the run's files to its bucket, if it has one; False when that failed (then the machine is kept:
+    its disk holds the only copy of the result)."""
+    try:
+        mirror = mirror_from_environment(environ)
+        if mirror is not None:
+            count = mirror.push_files(paths)
+            _log(f"mirrored {count} run files to s3://{mirror.bucket}/{mirror.run_key(paths.run_id)}", environ)
+    except Exception as error:  # noqa: BLE001 - logged; the caller keeps the machine
+        _log(f"could not mirror the run's files, so the machine is kept for them: {error}", environ)
+        return False
+    return True
 
 
 def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
@@ -271,6 +292,8 @@ class Lifecycle:
             return self._pod_stop_result
 
     def _send_stop(self) -> bool:
+        if not push_to_mirror(self.paths, self.environ):
+            return False
         return stop_own_pod(self.environ, self._stop_retries, self._stop_backoff_s)
 
     def _record_failure(self, exc: BaseException) -> None:
