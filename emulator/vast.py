@@ -204,7 +204,7 @@ class VastApi(JsonApi):
         query = request.body if isinstance(request.body, dict) else {}
         with self.lock:
             found = [dict(item) for item in self.offers.values() if _matches(item, query)]
-        for column, direction in query.get("order") or [["dph_total", "asc"]]:
+        for column, direction in reversed(query.get("order") or [["dph_total", "asc"]]):  # stable: first key wins
             found.sort(key=lambda item: item.get(column) or 0, reverse=direction == "desc")
         return {"offers": found[: int(query.get("limit") or 64)]}
 

@@ -91,6 +91,7 @@ def fail_before_start(problems: list[str], paths: RunPaths | None, environ: Mapp
             update_status(paths, {"state": "failed", "message": message}, environ)
         except OSError as error:
             _log(f"could not write status.json: {error}", environ)
+        push_to_mirror(paths, environ)  # the reason outlives a machine that destroys itself
     return stop_own_pod(environ)
 
 

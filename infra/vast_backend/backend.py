@@ -76,7 +76,7 @@ class VastBackend:
         if not key:
             return LivePrices(None, "Vast.ai: the stack's price ceiling; VAST_API_KEY is not set (export it for live offers)")
         query = {"gpu_name": {"in": list(VAST_GPUS)}, "rentable": {"eq": True}, "rented": {"eq": False},
-                 "order": [["dph_total", "asc"]], "type": "on-demand", "limit": LIVE_OFFERS_LIMIT}
+                 "order": [["dph_total", "asc"], ["id", "asc"]], "type": "on-demand", "limit": LIVE_OFFERS_LIMIT}
         try:
             offers = VastClient(key, retries=0, timeout=timeout).search_offers(query)
         except (VastError, requests.RequestException, KeyError, TypeError, ValueError) as error:

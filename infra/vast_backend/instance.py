@@ -46,7 +46,8 @@ def offer_query(props: dict[str, Any]) -> dict:
         "disk_space": {"gte": props["diskGb"]},
         "rentable": {"eq": True},
         "rented": {"eq": False},
-        "order": [["dph_total", "asc"]],
+        # cheapest first, then by id: two entries also meet the spec's minItems 2 (vast-cli sends any number)
+        "order": [["dph_total", "asc"], ["id", "asc"]],
         "type": "on-demand",  # what vast-cli sends (the spec's enum says ondemand; the API takes both)
         "limit": OFFERS_PER_SEARCH,
         "allocated_storage": props["diskGb"],
