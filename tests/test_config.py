@@ -83,7 +83,7 @@ BAD_INPUTS = [
     ({"image.digest": "sha256:abc"}, "lorastack:image.digest", "64 hex digits"),
     ({"limits.maxCostUsd": -1}, "lorastack:limits.maxCostUsd = -1", "greater than 0"),
     ({"limits": None}, "lorastack:limits", "required key is missing"),
-    ({"provider": "lambda"}, "lorastack:provider = 'lambda'", "'runpod' or 'replicate'"),
+    ({"provider": "nimbus"}, "lorastack:provider = 'nimbus'", "'runpod', 'replicate'"),  # every registered backend is listed
     (
         {"train.batchSize": 2, "train.gradientCheckpointing": "off"},
         "lorastack:",

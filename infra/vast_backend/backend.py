@@ -3,6 +3,7 @@ mirrored to the stack's S3-compatible bucket, the instance destroys itself when 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ import requests
 from cloudapi.vast_rest import VastClient, VastError
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
 from infra.vast_backend import runs
-from infra.vast_backend.catalog import CEILING_SOURCE, LIVE_PRICES_SOURCE, VAST_GPUS, VAST_PRICES_SOURCE
+from infra.vast_backend.catalog import LIVE_PRICES_SOURCE, VAST_GPUS, VAST_PRICES_SOURCE, ceiling_source
 from infra.vast_backend.config import VastConfig
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class VastBackend:
                        default=None)
         if cheapest is not None:
             return cheapest, LIVE_PRICES_SOURCE
-        return config.vast.max_usd_per_hour, CEILING_SOURCE
+        return config.vast.max_usd_per_hour, ceiling_source(config.vast.gpu, config.vast.gpu_count)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
         return config.vast.gpu.cuda_name, config.vast.gpu_count
@@ -117,6 +118,10 @@ class VastBackend:
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
+        if not runs.api_key(environ):  # no Vast.ai account here: the other backends are still reaped
+            print("Vast.ai: VAST_API_KEY is not set, so its instances were not checked (export it to reap them)",
+                  file=sys.stderr, flush=True)
+            return []
         try:
             return runs.reap(runs.vast_client(environ), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
                              grace_minutes=grace_minutes)

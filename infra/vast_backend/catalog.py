@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VAST_PRICES_SOURCE = (
-    "Vast.ai marketplace on-demand rates, low end as recorded by usagepricing.com/blueprint/vast-ai (June 2026) and "
+    "Vast.ai on-demand marketplace rates, low end, recorded by usagepricing.com/blueprint/vast-ai (June 2026) and "
     "fairlane.systems/en/wissen/tool-vast-ai (May 2026), copied 2026-11-30"
 )
-CEILING_SOURCE = "the stack's price ceiling (lorastack:vast.maxUsdPerHour): no offer above it is rented"
+PRICES_COPIED = "copied 2026-11-30"
 LIVE_PRICES_SOURCE = "Vast.ai offer search (POST /api/v0/bundles/, live): the cheapest matching offer"
 
 
@@ -39,3 +39,9 @@ VAST_GPUS: dict[str, VastGpu] = {
         VastGpu("H200", "NVIDIA H200", 141, 3.50),
     )
 }
+
+
+def ceiling_source(gpu: VastGpu, count: int) -> str:
+    """Where the estimate's rate comes from when no live offer was read: the ceiling, beside the dated rates."""
+    return (f"the stack's ceiling lorastack:vast.maxUsdPerHour (offers from ${gpu.typical_usd * count:.2f}/h on the "
+            f"Vast.ai marketplace, {PRICES_COPIED})")
