@@ -131,7 +131,7 @@ class VastApi(JsonApi):
         self.api_key = api_key
         self.offers = {item["id"]: item for item in offers}
         self.instances: dict[int, InstanceRecord] = {}
-        self.destroyed: list[int] = []
+        self.destroyed: dict[int, InstanceRecord] = {}  # kept for tests: a destroyed instance's log
         self.bodies: list[Request] = []  # every request, with its body and query: for the spec validation test
         self.runtime = runtime or InstanceRuntime()
         self.runtime.bind(self)
@@ -185,7 +185,7 @@ class VastApi(JsonApi):
 
     def append_log(self, instance_id: int, line: str) -> None:
         with self.lock:
-            record = self.instances.get(instance_id)
+            record = self.instances.get(instance_id) or self.destroyed.get(instance_id)
             if record is not None:
                 record.logs.append(line)
 
@@ -195,7 +195,7 @@ class VastApi(JsonApi):
             record = self.instances.pop(instance_id, None)
             if record is None:
                 return
-            self.destroyed.append(instance_id)
+            self.destroyed[instance_id] = record
             self.offers[record.offer["id"]] = record.offer
         self.runtime.on_destroy(record)
 
