@@ -16,7 +16,7 @@ delay with status 0, which answers too late: a lost answer).
 The runtime (`VastRuntime`) runs an instance whose image is our trainer as `python -m training` on this machine
 (emulator/pods.py does the same for RunPod pods), with what Vast sets inside a container: CONTAINER_ID,
 CONTAINER_API_KEY and VAST_URL pointing back here. The instance's disk is a directory that dies with the
-instance (`/workspace` in env values is rewritten to it). A container that exits leaves the instance `exited`
+instance (`/workspace` in env values is rewritten to it; see `disk`). A container that exits leaves the instance `exited`
 (still billing disk); `lose_host` kills the process, wipes the disk and marks the instance `offline`.
 """
 
@@ -315,7 +315,12 @@ class VastRuntime(InstanceRuntime):
         self.exited: dict[int, threading.Event] = {}
 
     def disk(self, instance_id: int) -> Path:
-        return self.root / "instances" / str(instance_id)
+        """The instance's disk. Named by its label, not its id: the trainer's spec carries the rewritten /workspace
+        paths, and a replacement (which comes only after its predecessor is gone) must see the same ones, as every
+        real instance sees /workspace. The directory itself dies with each instance."""
+        with self.api.lock:
+            record = self.api.instances.get(instance_id) or self.api.destroyed.get(instance_id)
+        return self.root / "disks" / re.sub(r"[^A-Za-z0-9_.-]", "_", record.label or str(instance_id))
 
     def on_start(self, instance: InstanceRecord) -> None:
         if instance.image.rsplit("@", 1)[0].rsplit(":", 1)[0] not in self.trainer_repositories:
@@ -390,13 +395,20 @@ class VastRuntime(InstanceRuntime):
 
     def on_destroy(self, instance: InstanceRecord) -> None:
         self._kill(instance.id, graceful=True)
-        threading.Thread(target=self._wipe_when_exited, args=(instance.id,), daemon=True).start()
+        disk = self.disk(instance.id)
+        if not disk.exists():
+            return
+        # the disk goes with the instance: out of the way now (a replacement may start at once), removed once
+        # the trainer has exited
+        gone = disk.with_name(f".destroyed-{instance.id}")
+        disk.rename(gone)
+        threading.Thread(target=self._wipe_when_exited, args=(instance.id, gone), daemon=True).start()
 
-    def _wipe_when_exited(self, instance_id: int) -> None:
+    def _wipe_when_exited(self, instance_id: int, directory: Path) -> None:
         event = self.exited.get(instance_id)
         if event is not None:
             event.wait(self.stop_grace_s + 5)
-        shutil.rmtree(self.disk(instance_id), ignore_errors=True)  # the disk goes with the instance
+        shutil.rmtree(directory, ignore_errors=True)
 
     def lose_host(self, instance_id: int) -> list[str]:
         """The machine is gone: the trainer is killed mid-step, its disk lost, the instance `offline`."""

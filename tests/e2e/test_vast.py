@@ -87,7 +87,7 @@ def test_a_lost_host_resumes_on_a_new_instance_from_the_bucket(vast):
     assert new != lost and int(lost) not in vast.api.instances  # the lost one no longer bills its disk
     assert vast.runtime.wait_until_gone(int(new), GONE_WITHIN_S), vast.logs(new)[-20:]
     status = bucket_status(vast, run_id)
-    assert status["state"] == "succeeded" and status["step"] == 16
+    assert status["state"] == "succeeded" and status["step"] == 16, "\n".join([status.get("message", ""), *vast.logs(new)[-40:]])
     restored = next(line for line in vast.logs(new) if "restored checkpoint" in line)
     resumed_from = int(restored.split("step-")[1].split()[0])
     print(f"lost host: the bucket held step {reached} when the host was lost; the new instance resumed from "
