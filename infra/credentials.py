@@ -33,7 +33,9 @@ SECRETS = {
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
                    "reap": ("runpodApiKey",)}
-COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",)}
+_VAST_SECRETS = ("vastApiKey", "bucketAccessKeyId", "bucketSecretAccessKey")  # a Vast.ai stack's API and bucket
+COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken", *_VAST_SECRETS), "status": _VAST_SECRETS, "logs": _VAST_SECRETS,
+                            "reap": _VAST_SECRETS}
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are
