@@ -27,6 +27,7 @@ from cloudapi.vast_rest import RETRY_STATUSES, NotFound, VastClient, VastError
 from contract.spec import ENV_MANAGED
 from infra.dynamic import CredentialedProvider, changed_keys, is_unknown, whole_numbers
 from infra.vast_backend.catalog import VAST_GPUS
+from infra.vast_backend.marks import is_ours
 
 INSTANCE_REPLACE_KEYS = ("label", "image", "gpuName", "gpuCount", "minReliability", "maxUsdPerHour", "diskGb",
                          "verified", "env")
@@ -186,16 +187,6 @@ def _pinned(image: str) -> bool:
         return True
     name = image.rsplit("/", 1)[-1]
     return ":" in name and name.rsplit(":", 1)[1] not in ("", "latest")
-
-
-def extra_env(instance: dict) -> dict[str, str]:
-    """The instance's env: the raw API has a list of [name, value] pairs (vast-cli makes it a dict)."""
-    value = instance.get("extra_env") or []
-    return dict(value) if isinstance(value, list) else dict(value)
-
-
-def is_ours(instance: dict) -> bool:
-    return extra_env(instance).get(ENV_MANAGED) == "1"
 
 
 def _find(client: VastClient, label: str) -> dict | None:

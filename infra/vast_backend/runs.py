@@ -6,6 +6,9 @@ Credentials outside Pulumi: VAST_API_KEY, and the bucket's AWS_ACCESS_KEY_ID / A
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -19,7 +22,7 @@ from contract.naming import NAME_PREFIX, pod_name, run_id
 from contract.spec import ENV_LIMITS, ENV_STACK, RunLimits
 from infra.backends import OpsError, ReapDecision, Report
 from infra.credentials import SECRETS
-from infra.vast_backend.instance import extra_env, is_ours
+from infra.vast_backend.marks import extra_env, is_ours
 
 API_HINT = "(check VAST_API_KEY, and VAST_URL if set)"
 LOG_POLL_S = 5.0
@@ -61,8 +64,6 @@ def _named(action: str, error: VastError) -> OpsError:
 def run_status(stack: str, config, environ: Mapping[str, str]) -> dict | None:
     """status.json from the bucket (the trainer mirrors it with each checkpoint and at the end), or None."""
     mirror = bucket_mirror(config, environ)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:
         key = mirror.run_key(run_id(stack, config.train), "status.json")
         target = Path(folder) / "status.json"
@@ -70,8 +71,6 @@ def run_status(stack: str, config, environ: Mapping[str, str]) -> dict | None:
             mirror.client.download_file(mirror.bucket, key, str(target))
         except Exception:  # noqa: BLE001 - absent until the first checkpoint: said as "no status yet"
             return None
-        import json
-
         return json.loads(target.read_text())
 
 
@@ -134,10 +133,8 @@ def fetch(stack: str, config, destination: Path, environ: Mapping[str, str]) -> 
     if not lora.is_dir():
         raise OpsError(f"no LoRA under s3://{mirror.bucket}/{with_lora} yet: the run has not exported it "
                        f"(make status STACK={stack})")
-    import shutil
-
     shutil.copytree(lora, destination, dirs_exist_ok=True)
-    lines = [] if (staging / "DONE").exists() else [f"note: the run has not finished (no DONE in the bucket)"]
+    lines = [] if (staging / "DONE").exists() else ["note: the run has not finished (no DONE in the bucket)"]
     shutil.rmtree(staging, ignore_errors=True)
     return Report([*lines, f"{stack}: LoRA downloaded from s3://{mirror.bucket}/{with_lora} ({count} run files read) "
                            f"into {destination}"])
