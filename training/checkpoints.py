@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,11 +136,21 @@ def save_checkpoint(state: TrainState) -> Path:
         _fsync(paths.checkpoints)
         history.record_checkpoint(paths.run, state.step)
         prune(paths, state.spec.keep_checkpoints)
-        mirror = mirror_from_environment(os.environ)
-        if mirror is not None:  # a platform whose disk dies with its machine: the checkpoint goes to the bucket
-            mirror.push_checkpoint(paths, final)
+        _mirror(paths, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _mirror(paths: RunPaths, directory: Path) -> None:
+    """Where the disk dies with its machine, the checkpoint goes to the run's bucket too. A failed upload is
+    logged, not fatal: training goes on, and the next checkpoint tries again (a lost host meanwhile resumes from
+    the bucket's older one)."""
+    try:
+        mirror = mirror_from_environment(os.environ)
+        if mirror is not None:
+            mirror.push_checkpoint(paths, directory)
+    except Exception as error:  # noqa: BLE001 - boto3 has retried already; say so and train on
+        print(f"checkpoints: could not mirror {directory.name} to the bucket: {error}", file=sys.stderr, flush=True)
 
 
 def prune(paths: RunPaths, keep: int) -> None:
