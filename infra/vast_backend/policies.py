@@ -37,7 +37,8 @@ def validate_instance(args: ResourceValidationArgs, report_violation: ReportViol
                                                for key in ("maxHours", "maxCostUsd", "usdPerHour")):
         report_violation(f"instance {label!r} has no valid {ENV_LIMITS} (positive maxHours, maxCostUsd, usdPerHour)")
         return
-    budget = (stack_file_entries(stack_of(args), STACKS_DIR) or {}).get("limits")
+    stack = stack_of(args) or (str(label)[len(NAME_PREFIX):] if str(label).startswith(NAME_PREFIX) else None)
+    budget = (stack_file_entries(stack, STACKS_DIR) or {}).get("limits")
     if isinstance(budget, Mapping):
         for key in ("maxHours", "maxCostUsd"):
             allowed = budget.get(key)
