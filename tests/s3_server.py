@@ -39,6 +39,10 @@ def s3_server(*buckets: str) -> Iterator[S3Server]:
     try:
         host, port = server.get_host_and_port()
         s3 = S3Server(f"http://{host}:{port}")
+        # moto keeps its buckets in the process, across servers: each server starts empty, as a fresh bucket would
+        import requests
+
+        requests.post(f"{s3.endpoint}/moto-api/reset", timeout=10).raise_for_status()
         for bucket in buckets:
             s3.client().create_bucket(Bucket=bucket)
         yield s3
