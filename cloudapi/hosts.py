@@ -3,7 +3,8 @@
 The trainer (training/lifecycle.py) talks to a `Host` and knows no cloud. `host_from_environment` picks the
 implementation from the variables the platform sets in the container: RUNPOD_POD_ID (with the pod-scoped
 RUNPOD_API_KEY RunPod sets beside it) means a RunPod pod; LAMBDA_INSTANCE_NAME (ours: Lambda injects no id, so the
-user data the instance boots with names it) means a Lambda Cloud instance; anything else is a local run (a laptop, a test, the
+user data the instance boots with names it) means a Lambda Cloud instance; JOB_ID a Hugging Face Job;
+CONTAINER_ID with CONTAINER_API_KEY a Vast.ai instance; anything else is a local run (a laptop, a test, the
 emulator without pods), which has nothing to stop and no bill of its own. A new platform is one class here and
 one line in `host_from_environment`.
 """
@@ -17,7 +18,9 @@ from typing import Protocol
 
 from cloudapi import lambda_rest
 from cloudapi.checkpoint_mirror import HubCheckpointMirror
+from cloudapi.run_mirror import RunMirror, mirror_from_environment  # noqa: F401 - the trainer's durable storage
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
+from cloudapi.vast_rest import VastClient, VastError
 from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
 from contract.workspace import workspace_root
 
@@ -27,6 +30,9 @@ ENV_API_BASE_URL = "RUNPOD_API_BASE_URL"
 ENV_LAMBDA_INSTANCE_NAME = "LAMBDA_INSTANCE_NAME"  # ours, written by the instance's user data (Lambda sets no id)
 ENV_LAMBDA_API_KEY = "LAMBDA_API_KEY"  # the account key, a secret input of the instance's user data
 ENV_HF_JOB_ID = "JOB_ID"  # set by Hugging Face Jobs inside every job
+ENV_VAST_CONTAINER_ID = "CONTAINER_ID"  # set by Vast.ai inside every instance: the instance id
+ENV_VAST_CONTAINER_API_KEY = "CONTAINER_API_KEY"  # Vast.ai's key for start/stop/destroy of this instance only
+ENV_VAST_URL = "VAST_URL"
 
 Log = Callable[[str], None]
 
@@ -171,7 +177,7 @@ class LambdaHost:
             return self.name
         return instance["id"] if instance else self.name
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
         """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing."""
         try:
             client = self._client(retries, backoff_s)
@@ -205,8 +211,37 @@ class HfJobHost:
         self.machine_id = environ[ENV_HF_JOB_ID]
         self._environ, self._log = environ, log
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
         self._log(f"job {self.machine_id} ends when the trainer exits")
+        return True
+
+    def billed_usd_per_hour(self) -> float | None:
+        return None
+
+    def storage_root(self) -> Path:
+        return workspace_root(dict(self._environ))
+
+
+class VastHost:
+    """A Vast.ai instance: it destroys itself when done (a stopped instance keeps billing its disk, and an exited
+    container bills it too), with the per-instance CONTAINER_API_KEY. That key may only start, stop or destroy,
+    so the billed rate is not read: the limits count at the stack's price ceiling, which the offer is within."""
+
+    def __init__(self, environ: Mapping[str, str], log: Log):
+        self.machine_id = environ[ENV_VAST_CONTAINER_ID]
+        self._environ, self._log = environ, log
+
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
+        """DELETE /api/v0/instances/{CONTAINER_ID}/ with Bearer CONTAINER_API_KEY."""
+        instance_id = self.machine_id
+        try:
+            client = VastClient(self._environ.get(ENV_VAST_CONTAINER_API_KEY, ""),
+                                base_url=self._environ.get(ENV_VAST_URL) or None, retries=retries, backoff=backoff_s)
+            client.destroy_instance(instance_id)  # an instance already gone counts as destroyed
+        except (VastError, ValueError) as error:
+            self._log(f"could not destroy instance {instance_id}: {error}")
+            return False
+        self._log(f"destroy requested for instance {instance_id}")
         return True
 
     def billed_usd_per_hour(self) -> float | None:
@@ -224,6 +259,8 @@ def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
         return LambdaHost(environ, log)
     if environ.get(ENV_HF_JOB_ID):
         return HfJobHost(environ, log)
+    if environ.get(ENV_VAST_CONTAINER_ID) and environ.get(ENV_VAST_CONTAINER_API_KEY):
+        return VastHost(environ, log)
     return LocalHost(environ, log)
 
 

@@ -31,6 +31,7 @@ BACKEND_MODULES: dict[str, str] = {
     "local": "infra.local_backend.backend",
     "lambda": "infra.lambda_backend.backend",
     "hfjobs": "infra.hfjobs_backend.backend",
+    "vast": "infra.vast_backend.backend",
 }
 ProviderName = Literal[tuple(BACKEND_MODULES)]  # type: ignore[valid-type]  # the schema's `provider` values
 

@@ -24,6 +24,7 @@ from infra.local_dataset import dataset_folder_problem
 from infra.hfjobs_backend.config import HfJobsConfig
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
+from infra.vast_backend.config import VastConfig
 from training.version import __version__
 
 NAMESPACE = "lorastack"
@@ -109,6 +110,7 @@ class StackConfig(_Schema):
     local: LocalConfig | None = None
     lambda_cloud: LambdaConfig | None = Field(default=None, alias="lambda")  # `lambda` is a Python keyword
     hfjobs: HfJobsConfig | None = None
+    vast: VastConfig | None = None
     limits: RunLimits
     wait: bool = False  # `pulumi up` follows the run to its end and downloads the LoRA to outputs/<stack>/
     train: TrainSpec

@@ -30,13 +30,18 @@ SECRETS = {
     # API key, made under Settings > S3 API Keys; the access key is the user id (user_...), the secret rps_...
     "runpodS3AccessKey": "RUNPOD_S3_ACCESS_KEY",
     "runpodS3Secret": "RUNPOD_S3_SECRET_KEY",
+    "vastApiKey": "VAST_API_KEY",
+    # the S3-compatible bucket a Vast.ai run is mirrored to (lorastack:vast.bucket), under boto3's own names
+    "bucketAccessKeyId": "AWS_ACCESS_KEY_ID",
+    "bucketSecretAccessKey": "AWS_SECRET_ACCESS_KEY",
 }
 # The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
 COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
                    "reap": ("runpodApiKey",)}
 # hfToken: also the Hugging Face Jobs backend's API credential (its stacks' status, logs and reap)
-COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken",), "status": ("hfToken",), "logs": ("hfToken",),
-                            "reap": ("hfToken", "lambdaApiKey")}
+_VAST_SECRETS = ("vastApiKey", "bucketAccessKeyId", "bucketSecretAccessKey")  # a Vast.ai stack's API and bucket
+COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken", *_VAST_SECRETS), "status": ("hfToken", *_VAST_SECRETS),
+                            "logs": ("hfToken", *_VAST_SECRETS), "reap": ("hfToken", "lambdaApiKey", *_VAST_SECRETS)}
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are

@@ -3,6 +3,7 @@ the RunPod emulator (plus a few routes of our own where a test needs prices the 
 
 from __future__ import annotations
 
+import re
 import io
 import json
 import re

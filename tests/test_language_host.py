@@ -339,3 +339,32 @@ def test_the_hfjobs_stack_goes_up_previews_no_change_and_is_destroyed(hfjobs, tm
     assert destroyed.counts == {"delete": 1, "retain": 1}  # the job is canceled, the repo with the checkpoints kept
     assert job.stage == "CANCELED" and hfjobs.billing_jobs() == []
     assert settings["checkpointRepo"]["repoId"] in hfjobs.repos
+
+
+VAST_KEY = "vast_language_host_test_key_7a11e5"
+BUCKET_KEYS = {"bucketAccessKeyId": "AKIA_LANGUAGE_HOST_TEST", "bucketSecretAccessKey": "bucket_secret_language_host_test"}
+
+
+@pytest.mark.parametrize("stack", sorted(name for name, config in STACKS.items() if config["lorastack:provider"] == "vast"))
+def test_a_vast_stack_goes_up_previews_no_change_and_is_destroyed(stack, tmp_path, monkeypatch):
+    from emulator.vast import VastApi, offer
+
+    settings = STACKS[stack]["lorastack:vast"]
+    api = VastApi(VAST_KEY, [offer(7, settings["gpuName"], settings["maxUsdPerHour"] - 0.01,
+                                   num_gpus=settings.get("gpuCount", 1), disk_space=2 * settings.get("diskGb", 80))])
+    with serve(api) as url:
+        monkeypatch.setenv("VAST_URL", url)
+        for variable in ("VAST_API_KEY", "HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(variable, raising=False)
+        driver = StackDriver(stack, tmp_path, secrets={"vastApiKey": VAST_KEY, "hfToken": HF_TOKEN, **BUCKET_KEYS})
+        outputs, operations = driver.up()
+        assert operations.counts == {"create": 1}
+        (instance,) = api.instances.values()
+        assert outputs["instanceId"] == str(instance.id) and instance.label == f"lorastack-{stack}"
+        assert instance.env["AWS_SECRET_ACCESS_KEY"] == BUCKET_KEYS["bucketSecretAccessKey"]
+        assert_no_plain_secrets(state_file(tmp_path, stack), VAST_KEY, HF_TOKEN, *BUCKET_KEYS.values())
+
+        _, preview = driver.preview()
+        assert preview.counts == {"same": 1} and preview.changes == 0
+        assert driver.destroy().counts == {"delete": 1}
+        assert api.instances == {} and 7 in api.offers  # nothing bills; the bucket is the user's and untouched

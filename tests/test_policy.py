@@ -258,3 +258,27 @@ def test_a_warm_deployment_is_caught_with_the_engines_float_numbers():
     found = violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, warm)
     assert found and "2 instance(s)" in found[0]
     assert violations("deployments-scale-to-zero", DEPLOYMENT_TYPE, {**DEPLOYMENT, "minInstances": 0.0}) == []
+
+
+def vast_instance_props(**changes: Any) -> dict:
+    """The inputs infra/vast_backend/component.py gives the Instance of the example Vast.ai stack (env: its plain part)."""
+    stack = "sdxl-vast-4090"
+    config = load_stack(stack)
+    vast = config.vast
+    env = {"LORASTACK_LIMITS": config.run_limits().model_dump_json(by_alias=True), "LORASTACK_MANAGED": "1"}
+    props = {"label": pod_name(stack), "image": config.image.ref, "gpuName": vast.gpu_name, "gpuCount": vast.gpu_count,
+             "minReliability": vast.min_reliability, "maxUsdPerHour": vast.max_usd_per_hour, "diskGb": vast.disk_gb,
+             "verified": vast.verified, "env": env, "instanceId": None, "__provider": "gASVpickled-provider"}
+    return {**props, **changes}
+
+
+def test_a_vast_instance_needs_limits_within_budget_the_reapers_marks_and_a_pinned_image():
+    policy, kind = "vast-instance-limits-and-image", "pulumi-python:dynamic/vast:Instance"
+    assert all_violations(kind, vast_instance_props()) == []
+    assert "latest" in " ".join(violations(policy, kind, vast_instance_props(image="ghcr.io/lorastack/trainer:latest")))
+    unmarked = vast_instance_props(label="my-box")
+    assert "reaper's marks" in " ".join(violations(policy, kind, unmarked))
+    limits = json.loads(vast_instance_props()["env"]["LORASTACK_LIMITS"])
+    over = vast_instance_props(env={"LORASTACK_MANAGED": "1",
+                                    "LORASTACK_LIMITS": json.dumps({**limits, "maxCostUsd": 50})})
+    assert "above the stack's budget" in " ".join(violations(policy, kind, over))

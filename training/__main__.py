@@ -201,6 +201,9 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         fail_before_start(error.problems, RunPaths(storage, named) if named else None, environ)
         return EXIT_CONFIG
     paths = RunPaths(storage, run_id)
+    from training.lifecycle import restore_from_mirror
+
+    restore_from_mirror(paths, environ)  # a new machine resumes from storage that outlived the last one
     if paths.done.exists():
         print(f"run {run_id} already finished ({paths.done} exists): nothing to train", flush=True)
         # The container came back after the run (RunPod restarts an exited entrypoint): stop the pod again.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cloudapi.hosts import checkpoint_mirror
+from cloudapi.hosts import checkpoint_mirror, mirror_from_environment
 from contract import history
 from contract.workspace import RunPaths
 from training.state import TrainState
@@ -137,6 +137,7 @@ def save_checkpoint(state: TrainState) -> Path:
         history.record_checkpoint(paths.run, state.step)
         prune(paths, state.spec.keep_checkpoints)
         publish_to_mirror(final, paths)
+        _mirror(paths, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -158,6 +159,18 @@ def restore_from_mirror(state: TrainState) -> None:
     if mirror is not None and state.accelerator.is_main_process:
         mirror.restore(state.paths)
     state.accelerator.wait_for_everyone()
+
+
+def _mirror(paths: RunPaths, directory: Path) -> None:
+    """Where the disk dies with its machine, the checkpoint goes to the run's bucket too. A failed upload is
+    logged, not fatal: training goes on, and the next checkpoint tries again (a lost host meanwhile resumes from
+    the bucket's older one)."""
+    try:
+        mirror = mirror_from_environment(os.environ)
+        if mirror is not None:
+            mirror.push_checkpoint(paths, directory)
+    except Exception as error:  # noqa: BLE001 - boto3 has retried already; say so and train on
+        print(f"checkpoints: could not mirror {directory.name} to the bucket: {error}", file=sys.stderr, flush=True)
 
 
 def prune(paths: RunPaths, keep: int) -> None:

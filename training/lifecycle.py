@@ -38,7 +38,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 
-from cloudapi.hosts import Host, host_from_environment
+from cloudapi.hosts import Host, host_from_environment, mirror_from_environment
 from contract.spec import RunLimits
 from contract.workspace import RunPaths, atomic_write_json, read_json
 from training.tracking import redact, update_status, utc_now
@@ -117,6 +117,7 @@ def fail_before_start(problems: list[str], paths: RunPaths | None, environ: Mapp
             update_status(paths, {"state": "failed", "message": message}, environ)
         except OSError as error:
             _log(f"could not write status.json: {error}", environ)
+        push_to_mirror(paths, environ)  # the reason outlives a machine that destroys itself
     return stop_own_pod(environ)
 
 
@@ -130,6 +131,27 @@ def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float 
     """Stop the machine this trainer runs on; True when stopped or not on one (a local run). A pod that refuses
     the stop is asked again for `keep_trying_s`."""
     return host(environ).stop(retries, backoff_s, keep_trying_s)
+
+
+def restore_from_mirror(paths: RunPaths, environ: Mapping[str, str]) -> None:
+    """Where the run is mirrored to a bucket (cloudapi/run_mirror.py): bring its newest checkpoint and files."""
+    mirror = mirror_from_environment(environ)
+    if mirror is not None:
+        mirror.restore(paths, lambda line: _log(line, environ))
+
+
+def push_to_mirror(paths: RunPaths, environ: Mapping[str, str]) -> bool:
+    """Upload the run's files to its bucket, if it has one; False when that failed (then the machine is kept:
+    its disk holds the only copy of the result)."""
+    try:
+        mirror = mirror_from_environment(environ)
+        if mirror is not None:
+            count = mirror.push_files(paths)
+            _log(f"mirrored {count} run files to s3://{mirror.bucket}/{mirror.run_key(paths.run_id)}", environ)
+    except Exception as error:  # noqa: BLE001 - logged; the caller keeps the machine
+        _log(f"could not mirror the run's files, so the machine is kept for them: {error}", environ)
+        return False
+    return True
 
 
 def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits:
@@ -299,6 +321,8 @@ class Lifecycle:
             return self._pod_stop_result
 
     def _send_stop(self) -> bool:
+        if not push_to_mirror(self.paths, self.environ):
+            return False
         # a pod that refuses the stop is asked again for what is left of the run's time limit (at least
         # STOP_PATIENCE_S): the limits are what the stack agreed to pay for
         left = self.limits.max_hours * 3600 - self.run_seconds()
