@@ -62,7 +62,7 @@ def test_a_crash_destroys_the_instance_and_the_reason_is_in_the_bucket(vast):
 
 
 def test_the_time_limit_checkpoints_mirrors_and_destroys(vast):
-    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 0.005})  # 18 s
+    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 0.005, "allowBelowEstimate": True})  # 18 s, on purpose
     outputs, _ = driver.up()
     assert vast.runtime.wait_until_gone(int(outputs["instanceId"]), GONE_WITHIN_S)
     status = bucket_status(vast, outputs["runId"])
@@ -73,7 +73,7 @@ def test_the_time_limit_checkpoints_mirrors_and_destroys(vast):
 
 def test_the_money_limit_counts_at_the_ceiling_and_destroys(vast):
     # the trainer cannot read its billed rate with the instance key: it counts at maxUsdPerHour ($0.5/h): about 43 s, room for a loaded machine
-    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 1, "maxCostUsd": 0.006})
+    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 1, "maxCostUsd": 0.006, "allowBelowEstimate": True})
     outputs, _ = driver.up()
     assert vast.runtime.wait_until_gone(int(outputs["instanceId"]), GONE_WITHIN_S)
     status = bucket_status(vast, outputs["runId"])
