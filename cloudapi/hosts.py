@@ -111,7 +111,7 @@ class RunpodHost:
                 refusals += 1
                 time.sleep(wait)
                 continue
-            except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+            except Exception as error:  # logged; the caller exits non-zero
                 self._log(f"could not stop pod {pod_id}: {error}")
                 return False
             self._log(f"stop requested for pod {pod_id}")
@@ -123,7 +123,7 @@ class RunpodHost:
             return client.get_pod(self.machine_id).get("status")
         except NotFound:
             return "TERMINATED"
-        except Exception as error:  # noqa: BLE001 - not knowing is not proof of a stop
+        except Exception as error:  # not knowing is not proof of a stop
             self._log(f"could not read pod {self.machine_id}'s status: {error}")
             return None
 
@@ -180,7 +180,7 @@ class LambdaHost:
         except lambda_rest.NotFound:
             self._log(f"instance {self.name} is already terminated")
             return True
-        except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+        except Exception as error:  # logged; the caller exits non-zero
             self._log(f"could not terminate instance {self.name}: {error}")
             return False
         self._log(f"terminate requested for instance {instance['id']} ({self.name})")

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from contract.redaction import redacted_source
 from contract.families import FAMILY_NAMES, facts_for
+from contract.redaction import redacted_source
 
 Family = Literal[FAMILY_NAMES]  # the names contract/families.py registers, in its order
 Precision = Literal["bf16", "fp16", "fp32"]

@@ -31,11 +31,16 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from emulator.pods import (
-    ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA_FILE, ENV_FAULT_VOLUME, HOST_VARIABLES, PodFaults,
+    ENV_FAULT_HANG,
+    ENV_FAULT_PROBE,
+    ENV_FAULT_QUOTA_FILE,
+    ENV_FAULT_VOLUME,
+    HOST_VARIABLES,
+    PodFaults,
 )
 from emulator.server import ApiError, JsonApi, Request, Response
 from infra.config import DEFAULT_REPOSITORY
@@ -48,7 +53,7 @@ STDOUT = 1
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass

@@ -45,9 +45,9 @@ from pathlib import Path
 
 from emulator.runpod import PodRuntime
 from emulator.volume_buckets import VolumeBuckets
-from infra.runpod_backend import catalog
 from infra.config import DEFAULT_REPOSITORY
 from infra.paths import REPO_ROOT
+from infra.runpod_backend import catalog
 
 # Variables of this machine a container would also have; everything else comes from the pod's env.
 HOST_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -273,7 +273,7 @@ class ProcessRuntime(PodRuntime):
         if self.volume_buckets is not None and network:
             try:
                 self.volume_buckets.pull(network[0]["volumeId"], directory)
-            except Exception as error:  # noqa: BLE001 - the pod starts anyway and fails on what it misses
+            except Exception as error:  # the pod starts anyway and fails on what it misses
                 self.api.append_log(pod["id"], f"emulator: copying the volume's bucket in failed: {error}", source="system")
 
     def _push_written(self, pod_id: str) -> None:
@@ -284,7 +284,7 @@ class ProcessRuntime(PodRuntime):
         if self.volume_buckets is not None and volume_id and volume_id in self.api.volumes:
             try:
                 self.volume_buckets.push(volume_id, self.volume_dir(volume_id))
-            except Exception as error:  # noqa: BLE001 - e.g. the volume was deleted meanwhile; the pod is over
+            except Exception as error:  # e.g. the volume was deleted meanwhile; the pod is over
                 self.api.append_log(pod_id, f"emulator: copying the volume out to its bucket failed: {error}", source="system")
 
     # -- what tests do to pods --------------------------------------------------------------------------------

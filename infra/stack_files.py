@@ -104,7 +104,7 @@ def read_stack_document(path: Path) -> dict[str, object]:
         byte = f"0x{data[error.start]:02x}"
         raise StackError([f"{shown}: not UTF-8 text (byte {byte} on line {line}); save it as UTF-8"]) from None
     try:
-        document = yaml.load(text, Loader=_StackYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_StackYamlLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

@@ -142,7 +142,7 @@ def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits
     machine = host(environ)
     try:
         billed = machine.billed_usd_per_hour()
-    except Exception as error:  # noqa: BLE001 - the table's rate still applies; say why the live one did not
+    except Exception as error:  # the table's rate still applies; say why the live one did not
         _log(f"could not read pod {machine.machine_id}'s billed rate, using ${limits.usd_per_hour:g}/h: {error}",
              environ)
         return limits
@@ -312,7 +312,7 @@ class Lifecycle:
                 self._on_failure(exc)
             else:
                 update_status(self.paths, {"state": "failed", "message": message}, self.environ)
-        except Exception as error:  # noqa: BLE001 - the pod must still be stopped
+        except Exception as error:  # the pod must still be stopped
             self._log(f"could not record the failure in status.json: {error}")
 
     # -- watchdog -------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ class Lifecycle:
             try:
                 self._flush_ledger()
                 update_status(self.paths, {"state": "stalled", "message": message}, self.environ)
-            except Exception as error:  # noqa: BLE001 - stopping the pod matters more
+            except Exception as error:  # stopping the pod matters more
                 self._log(f"could not write status.json: {error}")
             stopped = self.stop_pod()
             self._finished.set()

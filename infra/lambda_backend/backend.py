@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +85,7 @@ class LambdaBackend:
             types = client_from(environ, retries=0, timeout=timeout).instance_types()
         except (LambdaError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Lambda Cloud: the dated table; the API did not answer usefully ({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(types, f"Lambda Cloud: live instance types (GET /api/v1/instance-types), fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
@@ -117,7 +117,7 @@ class LambdaBackend:
         if not instances:
             return Report([f"{stack}: no Lambda instance named {pod_name(stack)} (the run ended and terminated its "
                            "instance, or `pulumi up` has not run)"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = []
         for instance in instances:
             hours = reap_rules.hours_since_launch(instance, now)
@@ -152,7 +152,7 @@ class LambdaBackend:
         if not api_key(environ):
             return []  # no Lambda key configured: nothing of ours can be on Lambda for this account to find
         try:
-            return reap_rules.reap(client_from(environ), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return reap_rules.reap(client_from(environ), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                    grace_minutes=grace_minutes)
         except LambdaError as error:
             raise OpsError(f"{error} ({KEY_HINT})") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +125,7 @@ class LocalBackend:
             client = engine.connect(environ)
         except engine.NoEngine:
             return []  # no engine running here: no container of ours can be running either
-        return reap_rules.reap(client, live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+        return reap_rules.reap(client, live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                grace_minutes=grace_minutes)
 
 

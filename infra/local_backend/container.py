@@ -107,7 +107,7 @@ class ContainerProvider(ResourceProvider):
             try:
                 container = client.containers.create(**_create_arguments(props, digest))
                 break
-            except Exception as error:  # noqa: BLE001 - only transient ones are tried again, after a look
+            except Exception as error:  # only transient ones are tried again, after a look
                 if not engine.is_transient(error) or attempt == self.retries:
                     raise
                 self._pause(attempt)

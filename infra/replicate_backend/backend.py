@@ -7,7 +7,7 @@ import shutil
 import sys
 import tarfile
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -68,7 +68,7 @@ class ReplicateBackend:
         except (requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Replicate: the dated table; GET /v1/hardware did not answer usefully "
                                     f"({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(skus, f"Replicate: the dated table (GET /v1/hardware lists no prices); SKUs checked against "
                                 f"it at {fetched_at}")
 

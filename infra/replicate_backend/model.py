@@ -23,8 +23,8 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.replicate_backend import catalog
 from infra.dynamic import is_unknown, keyed_diff
+from infra.replicate_backend import catalog
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 

@@ -36,11 +36,11 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from contract.dataset import folder_content_hash
+from contract.spec import TrainSpec
+from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
-from contract.spec import TrainSpec
 
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"
 RUNNING = ("starting", "processing")
@@ -269,7 +269,7 @@ class TrainingProvider(ReplicateProvider):
 def _cancel_quietly(client: ReplicateClient, training_id: str) -> None:
     try:
         client.cancel_training(training_id)
-    except Exception as error:  # noqa: BLE001 - the caller re-raises the first error; this one is reported
+    except Exception as error:  # the caller re-raises the first error; this one is reported
         print(f"[replicate] could not cancel training {training_id} ({error}): cancel it at "
               f"https://replicate.com/p/{training_id}", file=sys.stderr, flush=True)
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
 
 from cloudapi.runpod_rest import RunpodClient, RunpodError
-from infra.local_dataset import local_folder
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.local_dataset import local_folder
 from infra.runpod_backend import reap as reap_rules
 from infra.runpod_backend import runs
 from infra.runpod_backend import s3 as runpod_s3
@@ -73,7 +73,7 @@ class RunpodBackend:
             gpus = {gpu["id"]: gpu for gpu in RunpodClient(key, retries=0, timeout=timeout).gpu_types()}
         except (RunpodError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"RunPod: the dated table; the catalog API did not answer usefully ({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(gpus, f"RunPod: live GPU catalog (GET /v2/catalog/gpus), fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
@@ -101,7 +101,7 @@ class RunpodBackend:
         if not key:
             raise OpsError("RUNPOD_API_KEY is not set: export it (RunPod console > Settings > API Keys)")
         try:
-            return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                    grace_minutes=grace_minutes)
         except RunpodError as error:
             raise OpsError(f"{error} {runs.API_HINT}") from None

@@ -19,11 +19,11 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra.runpod_backend import catalog
 from cloudapi.runpod_rest import NotFound, RunpodClient
-from infra.dynamic import is_unknown, whole_numbers
-from infra.runpod_backend.provider import RunpodProvider
 from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
+from infra.dynamic import is_unknown, whole_numbers
+from infra.runpod_backend import catalog
+from infra.runpod_backend.provider import RunpodProvider
 
 POD_REPLACE_KEYS = ("gpuTypeId", "gpuCount", "cloud", "dataCenterIds", "networkVolumeId")
 POD_UPDATE_KEYS = ("name", "image", "env", "containerDiskGb", "volumeMountPath")

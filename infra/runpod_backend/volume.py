@@ -18,13 +18,17 @@ from typing import Any
 
 import pulumi
 from pulumi.dynamic import (
-    CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult,
+    CheckFailure,
+    CheckResult,
+    CreateResult,
+    ReadResult,
+    UpdateResult,
 )
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra.runpod_backend import catalog
-from infra.dynamic import is_unknown, whole_numbers
 from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from infra.dynamic import is_unknown, whole_numbers
+from infra.runpod_backend import catalog
 from infra.runpod_backend.provider import RunpodProvider
 
 MIN_VOLUME_GB, MAX_VOLUME_GB = 10, 4096

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from cloudapi.lambda_rest import LambdaClient
+from contract.workspace import RunPaths, read_json
 from emulator.lambda_cloud import BootRuntime, LambdaCloudApi, TrainerBoot
 from emulator.server import serve
 from emulator.stack_driver import StackDriver
 from infra import paths
 from training import checkpoints
-from contract.workspace import RunPaths, read_json
 
 from .conftest import demo_config
 
