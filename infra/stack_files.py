@@ -296,7 +296,7 @@ def _section_problems(entries: dict[str, object], whole: ValidationError, source
             value = ImageConfig.from_reference(value)
         model = _model_of(field.annotation)
         if model is None or value is None:  # a scalar (provider, wait) or an explicit null: the whole stack's errors
-            own = [line for line, item in zip(_lines(whole, source, f"{NAMESPACE}:", StackConfig), whole.errors())
+            own = [line for line, item in zip(_lines(whole, source, f"{NAMESPACE}:", StackConfig), whole.errors(), strict=False)
                    if item["loc"][:1] == (alias,)]
             problems += own
             if not own:

@@ -18,6 +18,7 @@ Delete: `docker stop` (SIGTERM: the trainer checkpoints and exits) then remove.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -132,7 +133,7 @@ class ContainerProvider(ResourceProvider):
             container = self._call(lambda: client.containers.get(id_))
             if container.status in ("running", "restarting", "paused"):
                 self._call(lambda: container.stop(timeout=STOP_TIMEOUT_S))
-            self._call(lambda: container.remove(force=True))
+            self._call(functools.partial(container.remove, force=True))
         except NotFound:
             pass  # already gone: what we wanted
 
@@ -157,7 +158,7 @@ class ContainerProvider(ResourceProvider):
                     f"container {name} ({container.short_id}) is running another configuration of stack "
                     f"{props['stack']}: `pulumi refresh`, or `docker stop {name}` first"
                 )
-            self._call(lambda: container.remove(force=True))
+            self._call(functools.partial(container.remove, force=True))
         return None
 
     def _pause(self, attempt: int) -> None:

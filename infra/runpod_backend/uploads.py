@@ -240,7 +240,7 @@ def upload(dataset: LocalDataset, s3, bucket: str, *, part_bytes: int = runpod_s
     present = runpod_s3.list_files(s3, bucket, dataset.prefix)
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:  # hashing reads files; it releases the GIL
         digests = dict(zip((relative for relative, _ in dataset.files),
-                           pool.map(lambda item: file_sha256(dataset.folder / item[0]), dataset.files)))
+                           pool.map(lambda item: file_sha256(dataset.folder / item[0]), dataset.files), strict=True))
     missing = [(relative, size) for relative, size in dataset.files if present.get(dataset.prefix + relative) != size]
     known = uploaded_files(s3, bucket) if missing else {}
     copies, sends = [], []

@@ -167,3 +167,8 @@ def api_only(tmp_path, monkeypatch):
 
 def json_env(value: dict) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+# The Lambda Cloud fixtures live in lambda_fixtures.py (it builds on demo_config and seed above); imported here, at the
+# end, pytest offers them to every module of this folder the way it offers this file's own
+from .lambda_fixtures import lambda_api_only, lambda_cloud  # noqa: E402, F401

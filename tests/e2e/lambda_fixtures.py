@@ -2,7 +2,7 @@
 local process (TrainerBoot), and the shipped stack sdxl-lambda-h100 made tiny (the demo's model, dataset, steps
 and limits) and brought up and down by the offline driver over the real program and providers.
 
-Import the fixtures into a test module (`from .lambda_fixtures import lambda_cloud, ...`); `seed` and `faults`
+conftest.py imports the fixtures, so every test module of this folder can name them; `seed` and `faults`
 come from conftest.py.
 """
 

@@ -12,7 +12,6 @@ from emulator.server import Fault
 from training import checkpoints
 
 from .conftest import probe_steps
-from .lambda_fixtures import lambda_api_only, lambda_cloud  # noqa: F401 - fixtures
 
 ENDED_WITHIN_S = 300  # from `up` to a terminated instance: generous, the two cores are shared and loaded
 
