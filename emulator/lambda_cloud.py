@@ -87,7 +87,8 @@ class InstanceRecord:
             "region": _region(self.region),
             "instance_type": _instance_type(kind.name),
             "hostname": self.hostname,
-            "actions": {action: {"available": self.status == "active"} for action in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
+            "actions": {action: {"available": self.status == "active"}
+                        for action in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
             "tags": self.tags,
         }
 
@@ -237,7 +238,8 @@ class LambdaCloudApi(JsonApi):
             instance_id = secrets.token_hex(16)
             instance = self.instances[instance_id] = InstanceRecord(
                 instance_id, name, type_name, region, list(keys), mounted, user_data, [dict(t) for t in tags],
-                hostname=hostname or f"ip-{len(self.instances) + len(self.ended) + 10}", ip=f"198.51.100.{len(self.instances) % 250 + 2}",
+                hostname=hostname or f"ip-{len(self.instances) + len(self.ended) + 10}",
+                ip=f"198.51.100.{len(self.instances) % 250 + 2}",
             )
             for fs in mounted:
                 self.filesystems[fs["id"]]["is_in_use"] = True

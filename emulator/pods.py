@@ -19,8 +19,9 @@ keeps the figures after the pod is gone, so a test can read what a run cost.
 
 Faults for tests (`PodFaults`), applied inside the trainer process by emulator/pod_process.py, which runs the
 same `training` module after installing them: a per-volume disk quota that a test sets or lowers at any time
-(`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps, the process alive: a hung GPU as the watchdog sees
-it), and a probe line per completed step (so a test knows exactly how far a killed trainer got).
+(`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps,
+the process alive: a hung GPU as the watchdog sees it), and a probe line per completed step (so a test knows
+exactly how far a killed trainer got).
 Other images are only marked RUNNING, as the base PodRuntime does.
 
 RunPod's S3 API (`volume_buckets`, emulator/volume_buckets.py): with it, each volume is also a bucket on a local

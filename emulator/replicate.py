@@ -425,7 +425,8 @@ class ReplicateApi(JsonApi):
         training.status, training.started_at = "processing", started
         steps = int(training.input.get("steps", 1000))
         done = min(steps, int(steps * (now - started) / self.run_seconds)) if self.run_seconds else steps
-        training.logs = "".join(f"flux_train_replicate: step {step}/{steps}\n" for step in range(0, done + 1, max(1, steps // 10)))
+        training.logs = "".join(f"flux_train_replicate: step {step}/{steps}\n"
+                                for step in range(0, done + 1, max(1, steps // 10)))
         if now < started + self.run_seconds:
             return
         training.completed_at = started + self.run_seconds

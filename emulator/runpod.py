@@ -549,7 +549,8 @@ class RunpodApi(JsonApi):
         with self.lock:
             pod = self._pod(pod_id)
             if action not in ACTIONS[pod.status]:
-                raise ApiError(409, f"cannot {action} a pod that is {pod.status}; allowed: {', '.join(ACTIONS[pod.status]) or 'none'}")
+                allowed = ", ".join(ACTIONS[pod.status]) or "none"
+                raise ApiError(409, f"cannot {action} a pod that is {pod.status}; allowed: {allowed}")
             if action == "stop" and pod.locked:
                 raise ApiError(409, "the pod is locked")
             pod.status = "EXITED" if action == "stop" else "STARTING"

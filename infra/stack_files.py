@@ -312,7 +312,8 @@ def _section_problems(entries: dict[str, object], whole: ValidationError, source
         backend = provider  # a backend's section is named after it
         if "train" in validated and (backend in validated or backend not in entries):
             problems += [
-                line for line in _stack_rules(provider, validated.get(backend), validated["train"], source, validated.get("limits"))
+                line
+                for line in _stack_rules(provider, validated.get(backend), validated["train"], source, validated.get("limits"))
                 if not _names_any(line, dropped)
             ]
     return problems

@@ -47,7 +47,9 @@ class LambdaTraining(pulumi.ComponentResource):
         section = config.lambda_cloud
         api_key = args.secrets.get("lambdaApiKey")
         if api_key is None:
-            raise pulumi.RunError("no Lambda Cloud API key: `pulumi config set --secret lambdaApiKey ...` or export LAMBDA_API_KEY")
+            raise pulumi.RunError(
+                "no Lambda Cloud API key: `pulumi config set --secret lambdaApiKey ...` or export LAMBDA_API_KEY"
+            )
 
         self.filesystem = None
         filesystem_name = None

@@ -77,7 +77,9 @@ class ContainerProvider(ResourceProvider):
         failures: list[CheckFailure] = []
         image = known.get("image")
         if image is not None and not (isinstance(image, str) and is_pinned(image)):
-            failures.append(CheckFailure("image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {image!r}"))
+            failures.append(CheckFailure(
+                "image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {image!r}"
+            ))
         folder = known.get("folder")
         if folder is not None and not (isinstance(folder, str) and os.path.isabs(folder)):
             failures.append(CheckFailure("folder", f"must be an absolute path on the engine's machine (got {folder!r})"))

@@ -46,11 +46,19 @@ class ReplicateTraining(pulumi.ComponentResource):
             raise ValueError(f"stack {args.stack}: ReplicateTraining needs the lorastack:replicate section")
         # the providers read the token themselves (configure()); this only fails early and clearly
         if secrets.get("replicateApiToken") is None:
-            raise ValueError("no Replicate API token: `pulumi config set --secret replicateApiToken r8_...` or export REPLICATE_API_TOKEN")
+            raise ValueError(
+                "no Replicate API token: `pulumi config set --secret replicateApiToken r8_...` or export REPLICATE_API_TOKEN"
+            )
         if spec.hf_repo and secrets.get("hfToken") is None:
-            raise ValueError(f"train.hfRepo is {spec.hf_repo} but there is no hfToken to push with: `pulumi config set --secret hfToken hf_...`")
+            raise ValueError(
+                f"train.hfRepo is {spec.hf_repo} but there is no hfToken to push with: "
+                "`pulumi config set --secret hfToken hf_...`"
+            )
         if spec.wandb_project and secrets.get("wandbApiKey") is None:
-            raise ValueError(f"train.wandbProject is {spec.wandb_project} but there is no wandbApiKey: `pulumi config set --secret wandbApiKey ...`")
+            raise ValueError(
+                f"train.wandbProject is {spec.wandb_project} but there is no wandbApiKey: "
+                "`pulumi config set --secret wandbApiKey ...`"
+            )
         child = pulumi.ResourceOptions(parent=self)
 
         kept = replicate.keep_model_on_destroy

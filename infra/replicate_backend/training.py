@@ -139,9 +139,13 @@ class TrainingProvider(ReplicateProvider):
         if not is_unknown(trainer_inputs):
             for key in SECRET_INPUTS.values():
                 if key in trainer_inputs:
-                    failures.append(CheckFailure("trainerInput", f"{key} is a secret: pass it as a secret input, not in trainerInput"))
+                    failures.append(
+                        CheckFailure("trainerInput", f"{key} is a secret: pass it as a secret input, not in trainerInput")
+                    )
         if not isinstance(source, str) or not source:
-            failures.append(CheckFailure("datasetSource", "a local folder of images with .txt captions, or an https URL of a .zip"))
+            failures.append(
+                CheckFailure("datasetSource", "a local folder of images with .txt captions, or an https URL of a .zip")
+            )
         elif is_url(source):
             if not source.split("?", 1)[0].lower().endswith(".zip"):
                 failures.append(CheckFailure(
@@ -154,7 +158,9 @@ class TrainingProvider(ReplicateProvider):
             try:
                 archive = dataset_zip(Path(source), news.get("captionExtension") or ".txt", news.get("defaultCaption") or "")
             except DatasetError as error:
-                failures.append(CheckFailure("datasetSource", f"{error} (Hugging Face dataset ids are not supported on Replicate)"))
+                failures.append(
+                    CheckFailure("datasetSource", f"{error} (Hugging Face dataset ids are not supported on Replicate)")
+                )
             else:
                 if len(archive) > MAX_UPLOAD_BYTES:
                     failures.append(CheckFailure(

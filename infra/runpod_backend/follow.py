@@ -119,7 +119,10 @@ def follow_run(
             return RunOutcome("timeout", progress.step, progress.total, progress.loss, message, None)
         time.sleep(poll_s)
 
-    state = progress.state if progress.state and progress.state != "running" else ("lost" if pod_status == "TERMINATED" else "unknown")
+    if progress.state and progress.state != "running":
+        state = progress.state
+    else:
+        state = "lost" if pod_status == "TERMINATED" else "unknown"
     message = (status_file or {}).get("message") or f"pod {pod_id} is {pod_status}"
     if state != "succeeded":
         report(f"the run ended {state}: {message}")
