@@ -175,7 +175,7 @@ class InstanceArgs:
     region_name: pulumi.Input[str]
     ssh_key_names: pulumi.Input[list[str]]
     user_data: pulumi.Input[str]  # a secret Output: it holds the API key
-    file_system_names: pulumi.Input[list[str]] = field(default_factory=list)
+    file_system_names: pulumi.Input[list[pulumi.Input[str]]] = field(default_factory=list)
     tags: pulumi.Input[list[dict[str, str]]] = field(default_factory=list)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import requests
 
@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from infra.config import StackConfig
 
 
+def _section(config: StackConfig) -> RunpodConfig:
+    """The stack's `lorastack:runpod` section: StackConfig refuses a runpod stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(RunpodConfig, config.runpod)  # never None here (StackConfig's _backend check)
+
+
 class RunpodBackend:
     name = "runpod"
     section = RunpodConfig
@@ -32,7 +38,7 @@ class RunpodBackend:
         source = config.train.dataset.source
         if local_folder(source) is None:
             return
-        runpod = config.runpod
+        runpod = _section(config)
         if runpod.volume is None:
             raise ValueError(f"lorastack:train.dataset.source = {source!r} is a folder on this machine: it is uploaded "
                              "to the network volume, so lorastack:runpod.volume must be set")
@@ -43,21 +49,21 @@ class RunpodBackend:
                 f"dataCenter is {runpod.data_center}: pick one of those, or put the dataset at an https URL")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        return f"runpod.gpuType {config.runpod.gpu_type!r}", config.runpod.gpu.memory_gb
+        return f"runpod.gpuType {_section(config).gpu_type!r}", _section(config).gpu.memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
-        runpod = config.runpod
+        runpod = _section(config)
         return runpod_usd_per_hour(runpod.gpu_type, runpod.gpu_count, runpod.cloud, live)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        return config.runpod.gpu_type, config.runpod.gpu_count
+        return _section(config).gpu_type, _section(config).gpu_count
 
     def hardware(self, config: StackConfig) -> str:
-        runpod = config.runpod
+        runpod = _section(config)
         return f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        volume = config.runpod.volume
+        volume = _section(config).volume
         if volume is None:
             return []
         monthly = volume.size_gb * VOLUME_USD_PER_GB_MONTH
