@@ -29,7 +29,9 @@ Log = Callable[[str], None]
 
 
 class Host(Protocol):
-    machine_id: str  # this machine's id on its platform ("" for a local run): a new machine is a fresh start
+    @property
+    def machine_id(self) -> str:
+        """This machine's id on its platform ("" for a local run): a new machine is a fresh start."""
 
     def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
         """Stop the machine this process runs on; True when it is stopped (or there is none to stop). A machine
@@ -168,8 +170,9 @@ class LambdaHost:
             return self.name
         return instance["id"] if instance else self.name
 
-    def stop(self, retries: int, backoff_s: float) -> bool:
-        """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing."""
+    def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
+        """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing.
+        Lambda has no state that refuses a terminate, so there is nothing to keep trying (`keep_trying_s` unused)."""
         try:
             client = self._client(retries, backoff_s)
             instance = self._find_self(client)
