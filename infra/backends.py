@@ -32,7 +32,10 @@ BACKEND_MODULES: dict[str, str] = {
     "local": "infra.local_backend.backend",
     "lambda": "infra.lambda_backend.backend",
 }
-ProviderName = Literal[tuple(BACKEND_MODULES)]  # type: ignore[valid-type]  # the schema's `provider` values
+if TYPE_CHECKING:
+    ProviderName = str  # a Literal built at runtime from a tuple is not a static type: mypy reads it as str
+else:
+    ProviderName = Literal[tuple(BACKEND_MODULES)]  # the schema's `provider` values
 
 
 class OpsError(Exception):
