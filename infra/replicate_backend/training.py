@@ -309,7 +309,8 @@ def _failure_message(training: dict) -> str:
 
 
 def _outputs(props: dict[str, Any], training: dict) -> dict[str, Any]:
-    output = training.get("output") if isinstance(training.get("output"), dict) else {}
+    raw_output = training.get("output")
+    output: dict[str, Any] = raw_output if isinstance(raw_output, dict) else {}
     version_ref = output.get("version")
     return {
         **plain_inputs(props, tuple(SECRET_INPUTS)),

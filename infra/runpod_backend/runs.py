@@ -134,7 +134,7 @@ STATUS_COLUMNS = ("pod", "state", "step", "loss", "s/step", "ETA", "cost so far"
 
 
 def status_rows(pods: list[dict], progress: dict[str, Progress | None]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for pod in pods:
         found = progress.get(pod["id"])
         state = pod.get("status", "?")
