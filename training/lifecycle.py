@@ -37,6 +37,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any, Literal
 
 from cloudapi.hosts import Host, host_from_environment
 from contract.spec import RunLimits
@@ -190,7 +192,7 @@ class Lifecycle:
         self._finished = threading.Event()
         self._pod_stop_lock = threading.Lock()
         self._pod_stop_result: bool | None = None
-        self._previous_sigterm = None
+        self._previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None  # as signal.signal returns
         self._watchdog: threading.Thread | None = None
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class Lifecycle:
     def __enter__(self) -> Lifecycle:
         return self.start()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._finished.is_set():  # finish() ran (its SystemExit, if any, must not turn into "failed")
             return False
         if exc is not None:

@@ -114,6 +114,7 @@ class ContainerProvider(ResourceProvider):
                 if not engine.is_transient(error) or attempt == self.retries:
                     raise
                 self._pause(attempt)
+        assert container is not None  # the loop ends with a container, or raises
         if container.status == "created":
             self._call(container.start)
             self._call(container.reload)
