@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pulumi
 
@@ -103,7 +104,8 @@ class ReplicateTraining(pulumi.ComponentResource):
                 DeploymentArgs(
                     name=replicate.model,
                     model=model_ref,
-                    version=self.training.version,
+                    # passed on as it is (a cast for the type only): the version a finished training made
+                    version=cast(pulumi.Output[str], self.training.version),
                     hardware=replicate.deployment.hardware,
                     min_instances=replicate.deployment.min_instances,
                     max_instances=replicate.deployment.max_instances,
