@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from emulator.server import ApiError, JsonApi, Request, Response, serve
 from infra.replicate_backend import catalog
@@ -49,7 +50,7 @@ TRAINER_INPUTS: dict[str, str] = {
     "wandb_sample_prompts": "string", "wandb_save_interval": "integer", "hf_repo_id": "string", "hf_token": "string",
     "gradient_checkpointing": "boolean", "layers_to_optimize_regex": "string",
 }
-_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -446,7 +447,8 @@ class ReplicateApi(JsonApi):
             training.status, training.error = "failed", f"destination {training.destination} no longer exists"
             return
         version_id = hashlib.sha256(f"{training.destination}:{training.id}".encode()).hexdigest()
-        destination.versions.insert(0, self._version_json(version_id, training.completed_at))
+        completed = cast(float, training.completed_at)  # _advance sets it before it publishes
+        destination.versions.insert(0, self._version_json(version_id, completed))
         training.output = {
             "version": f"{training.destination}:{version_id}",
             "weights": f"https://replicate.delivery/emulated/{training.id}/trained_model.tar",
@@ -472,8 +474,9 @@ class ReplicateApi(JsonApi):
             "urls": {"web": f"https://replicate.com/p/{training.id}", "get": base, "cancel": f"{base}/cancel"},
         }
         if training.status in TERMINAL:
-            run_time = (training.completed_at - training.started_at) if training.started_at else 0.0
-            body["metrics"] = {"predict_time": run_time, "total_time": training.completed_at - training.created_at}
+            completed = cast(float, training.completed_at)  # set whenever a training reaches a terminal state
+            run_time = (completed - training.started_at) if training.started_at else 0.0
+            body["metrics"] = {"predict_time": run_time, "total_time": completed - training.created_at}
         return body
 
     def _training(self, training_id: str) -> _Training:
@@ -605,7 +608,7 @@ class ReplicateApi(JsonApi):
         if "content" not in parts:
             raise ApiError(422, "content is required", ["content"])
         content_part = parts["content"]
-        data = content_part.get_payload(decode=True) or b""
+        data = cast(bytes, content_part.get_payload(decode=True) or b"")  # a leaf part, decoded: its bytes
         filename = parts["filename"].get_content().strip() if "filename" in parts else content_part.get_filename() or "file"
         mime = parts["type"].get_content().strip() if "type" in parts else content_part.get_content_type()
         try:
