@@ -19,6 +19,7 @@ addition inside the "container": LAMBDA_API_BASE_URL, pointing the trainer back 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import re
@@ -463,7 +464,7 @@ class TrainerBoot(BootRuntime):
             if fresh and self.seed_filesystem is not None and instance.filesystems:
                 self.seed_filesystem(directory)
             pattern = re.compile(r'(^|")' + re.escape(container_path.rstrip("/")) + r'(?=/|"|$)')
-            values = {name: pattern.sub(lambda m, d=directory: m.group(1) + str(d), value) for name, value in values.items()}
+            values = {name: pattern.sub(functools.partial(_mounted, str(directory)), value) for name, value in values.items()}
         env.update(values)
         env["LAMBDA_API_BASE_URL"] = self.base_url
         if self.faults.hang_after_step is not None:
@@ -484,6 +485,7 @@ class TrainerBoot(BootRuntime):
         threading.Thread(target=self._follow, args=(instance, spec, container), daemon=True).start()
 
     def _follow(self, instance: InstanceRecord, spec: ContainerSpec, container: _Container) -> None:
+        assert container.process.stdout is not None  # started with stdout=PIPE
         for line in container.process.stdout:
             with self.api.lock:
                 instance.logs.append(line.rstrip("\n"))
@@ -560,3 +562,8 @@ class TrainerBoot(BootRuntime):
             self._signal(container, signal.SIGKILL)
         for container in list(self._containers.values()):
             container.done.wait(10)
+
+
+def _mounted(source: str, match: re.Match[str]) -> str:
+    """A mount's container path in an environment value, replaced by its host directory (the quote before it kept)."""
+    return match.group(1) + source

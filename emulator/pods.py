@@ -136,7 +136,7 @@ class ProcessRuntime(PodRuntime):
         stop_grace_s: float = 10.0,
         restart_delay_s: float = 1.0,
         extra_env: dict[str, str] | None = None,
-        seed_volume: Callable[[Path], None] | None = None,
+        seed_volume: Callable[[Path], object] | None = None,  # what it returns is unused
         faults: PodFaults | None = None,
         clock: Callable[[], float] = time.monotonic,
         volume_buckets: VolumeBuckets | None = None,
@@ -389,6 +389,7 @@ class ProcessRuntime(PodRuntime):
         threading.Thread(target=self._follow, args=(pod_id, container), name=f"pod-{pod_id}", daemon=True).start()
 
     def _follow(self, pod_id: str, container: _Container) -> None:
+        assert container.process.stdout is not None  # started with stdout=PIPE
         for line in container.process.stdout:
             self.api.append_log(pod_id, line.rstrip("\n"))
         code = container.process.wait()
