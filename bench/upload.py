@@ -18,7 +18,7 @@ import random
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from emulator.volume_buckets import EMULATOR_KEYS, S3Server, VolumeBuckets
@@ -84,7 +84,7 @@ def machine() -> dict:
 
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "boto3": boto3.__version__, "moto": moto.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "server": "moto server mode on 127.0.0.1 (in memory)"}
 
 

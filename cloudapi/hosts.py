@@ -38,7 +38,9 @@ Log = Callable[[str], None]
 
 
 class Host(Protocol):
-    machine_id: str  # this machine's id on its platform ("" for a local run): a new machine is a fresh start
+    @property
+    def machine_id(self) -> str:
+        """This machine's id on its platform ("" for a local run): a new machine is a fresh start."""
 
     def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
         """Stop the machine this process runs on; True when it is stopped (or there is none to stop). A machine
@@ -120,7 +122,7 @@ class RunpodHost:
                 refusals += 1
                 time.sleep(wait)
                 continue
-            except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+            except Exception as error:  # logged; the caller exits non-zero
                 self._log(f"could not stop pod {pod_id}: {error}")
                 return False
             self._log(f"stop requested for pod {pod_id}")
@@ -132,7 +134,7 @@ class RunpodHost:
             return client.get_pod(self.machine_id).get("status")
         except NotFound:
             return "TERMINATED"
-        except Exception as error:  # noqa: BLE001 - not knowing is not proof of a stop
+        except Exception as error:  # not knowing is not proof of a stop
             self._log(f"could not read pod {self.machine_id}'s status: {error}")
             return None
 
@@ -178,7 +180,8 @@ class LambdaHost:
         return instance["id"] if instance else self.name
 
     def stop(self, retries: int, backoff_s: float, keep_trying_s: float = 0.0) -> bool:
-        """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing."""
+        """POST /api/v1/instance-operations/terminate {"instance_ids": [own id]}: the only way to end billing.
+        Lambda has no state that refuses a terminate, so there is nothing to keep trying (`keep_trying_s` unused)."""
         try:
             client = self._client(retries, backoff_s)
             instance = self._find_self(client)
@@ -189,7 +192,7 @@ class LambdaHost:
         except lambda_rest.NotFound:
             self._log(f"instance {self.name} is already terminated")
             return True
-        except Exception as error:  # noqa: BLE001 - logged; the caller exits non-zero
+        except Exception as error:  # logged; the caller exits non-zero
             self._log(f"could not terminate instance {self.name}: {error}")
             return False
         self._log(f"terminate requested for instance {instance['id']} ({self.name})")

@@ -12,16 +12,20 @@ import json
 import math
 import os
 import re
-from typing import Annotated, Literal, get_args
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from contract.redaction import redacted_source
 from contract.families import FAMILY_NAMES, facts_for
+from contract.redaction import redacted_source
 
-Family = Literal[FAMILY_NAMES]  # the names contract/families.py registers, in its order
+if TYPE_CHECKING:
+    Family = str  # a Literal built at runtime from a tuple is not a static type: mypy reads it as str
+else:
+    Family = Literal[FAMILY_NAMES]  # the names contract/families.py registers, in its order
 Precision = Literal["bf16", "fp16", "fp32"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Toggle = Literal["auto", "on", "off"]
@@ -68,7 +72,8 @@ class _Schema(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers(cls, value: object, info: ValidationInfo) -> object:
-        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+        name = cast(str, info.field_name)  # a field validator is always called for a field
+        if isinstance(value, bool) and _is_number(cls.model_fields[name].annotation):
             raise ValueError("must be a number, not true/false")
         return value
 
@@ -321,7 +326,7 @@ def parse_spec(raw: object, source: str, prefix: str = "train") -> TrainSpec:
         raise SpecError(describe_errors(error, source, prefix)) from None
 
 
-def spec_from_environment(environ: dict[str, str] | None = None) -> TrainSpec:
+def spec_from_environment(environ: Mapping[str, str] | None = None) -> TrainSpec:
     """The trainer's entry: LORASTACK_SPEC (JSON) or LORASTACK_SPEC_FILE (JSON or YAML)."""
     environ = os.environ if environ is None else environ
     if environ.get(ENV_SPEC):

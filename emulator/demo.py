@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run         {outputs['runId']}: {run.get('state')} ({run.get('message')})")
             print(f"  LoRA        {run.get('lora')}")
             # numbers come back through Pulumi's outputs as protobuf doubles (4 arrives as 4.0)
-            steps = "/".join(f"{value:g}" if isinstance(value, float) else str(value) for value in (run.get("step"), run.get("total")))
+            steps = "/".join(f"{value:g}" if isinstance(value, float) else str(value)
+                             for value in (run.get("step"), run.get("total")))
             print(f"  steps       {steps}, final loss {run.get('loss')}")
             print(f"  billed      {bill.closed_seconds} s on {bill.gpu_id} at ${bill.usd_per_hour:.2f}/h = "
                   f"${bill.cost_usd(time.monotonic()):.4f} (emulated; the pod stopped itself)")

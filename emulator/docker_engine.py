@@ -19,6 +19,8 @@ timeout; a process ended by signal N exits 128+N, as in a container. Other image
 
 from __future__ import annotations
 
+import builtins
+import functools
 import json
 import os
 import re
@@ -29,13 +31,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from emulator.pods import (
-    ENV_FAULT_HANG, ENV_FAULT_PROBE, ENV_FAULT_QUOTA_FILE, ENV_FAULT_VOLUME, HOST_VARIABLES, PodFaults,
+    ENV_FAULT_HANG,
+    ENV_FAULT_PROBE,
+    ENV_FAULT_QUOTA_FILE,
+    ENV_FAULT_VOLUME,
+    HOST_VARIABLES,
+    PodFaults,
 )
 from emulator.server import ApiError, JsonApi, Request, Response
 from infra.config import DEFAULT_REPOSITORY
@@ -48,7 +56,7 @@ STDOUT = 1
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -290,12 +298,12 @@ class DockerEngineApi(JsonApi):
         except ProcessLookupError:
             pass
 
-    def lines(self, container_id: str) -> list[str]:
+    def lines(self, container_id: str) -> builtins.list[str]:  # `list` here is the method below
         container = self.find(container_id)
         with self.lock:
             return [line.decode(errors="replace").rstrip("\n") for line in container.logs]
 
-    def running(self) -> list[str]:
+    def running(self) -> builtins.list[str]:
         with self.lock:
             return [c.id for c in self.containers.values() if c.status == "running"]
 
@@ -313,7 +321,7 @@ class DockerEngineApi(JsonApi):
         declared = dict(entry.partition("=")[::2] for entry in container.config.get("Env") or [])
         for mount in container.mounts():
             pattern = re.compile(r'(^|")' + re.escape(mount["Destination"].rstrip("/")) + r'(?=/|"|$)')
-            declared = {name: pattern.sub(lambda m, s=mount["Source"]: m.group(1) + s, value)
+            declared = {name: pattern.sub(functools.partial(_mounted, mount["Source"]), value)
                         for name, value in declared.items()}
         env.update(declared)
         faults, folder = self.faults, (container.mounts() or [{"Source": ""}])[0]["Source"]
@@ -337,6 +345,7 @@ class DockerEngineApi(JsonApi):
 
     def _follow(self, container: Container) -> None:
         process = container.process
+        assert process is not None and process.stdout is not None  # _spawn started it with stdout=PIPE
         for line in process.stdout:
             with self.lock:
                 container.logs.append(line)
@@ -365,4 +374,9 @@ def _filter_values(value: object) -> list[str]:
         return [key for key, wanted in value.items() if wanted]
     if isinstance(value, str):
         return [value]
-    return list(value or [])
+    return list(cast(Iterable[str], value or []))  # else a list of values, as the SDK sends
+
+
+def _mounted(source: str, match: re.Match[str]) -> str:
+    """A mount's container path in an environment value, replaced by its host directory (the quote before it kept)."""
+    return match.group(1) + source

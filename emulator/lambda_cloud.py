@@ -19,6 +19,7 @@ addition inside the "container": LAMBDA_API_BASE_URL, pointing the trainer back 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import re
@@ -87,7 +88,8 @@ class InstanceRecord:
             "region": _region(self.region),
             "instance_type": _instance_type(kind.name),
             "hostname": self.hostname,
-            "actions": {action: {"available": self.status == "active"} for action in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
+            "actions": {action: {"available": self.status == "active"}
+                        for action in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
             "tags": self.tags,
         }
 
@@ -237,7 +239,8 @@ class LambdaCloudApi(JsonApi):
             instance_id = secrets.token_hex(16)
             instance = self.instances[instance_id] = InstanceRecord(
                 instance_id, name, type_name, region, list(keys), mounted, user_data, [dict(t) for t in tags],
-                hostname=hostname or f"ip-{len(self.instances) + len(self.ended) + 10}", ip=f"198.51.100.{len(self.instances) % 250 + 2}",
+                hostname=hostname or f"ip-{len(self.instances) + len(self.ended) + 10}",
+                ip=f"198.51.100.{len(self.instances) % 250 + 2}",
             )
             for fs in mounted:
                 self.filesystems[fs["id"]]["is_in_use"] = True
@@ -461,7 +464,7 @@ class TrainerBoot(BootRuntime):
             if fresh and self.seed_filesystem is not None and instance.filesystems:
                 self.seed_filesystem(directory)
             pattern = re.compile(r'(^|")' + re.escape(container_path.rstrip("/")) + r'(?=/|"|$)')
-            values = {name: pattern.sub(lambda m, d=directory: m.group(1) + str(d), value) for name, value in values.items()}
+            values = {name: pattern.sub(functools.partial(_mounted, str(directory)), value) for name, value in values.items()}
         env.update(values)
         env["LAMBDA_API_BASE_URL"] = self.base_url
         if self.faults.hang_after_step is not None:
@@ -482,6 +485,7 @@ class TrainerBoot(BootRuntime):
         threading.Thread(target=self._follow, args=(instance, spec, container), daemon=True).start()
 
     def _follow(self, instance: InstanceRecord, spec: ContainerSpec, container: _Container) -> None:
+        assert container.process.stdout is not None  # started with stdout=PIPE
         for line in container.process.stdout:
             with self.api.lock:
                 instance.logs.append(line.rstrip("\n"))
@@ -558,3 +562,8 @@ class TrainerBoot(BootRuntime):
             self._signal(container, signal.SIGKILL)
         for container in list(self._containers.values()):
             container.done.wait(10)
+
+
+def _mounted(source: str, match: re.Match[str]) -> str:
+    """A mount's container path in an environment value, replaced by its host directory (the quote before it kept)."""
+    return match.group(1) + source

@@ -19,8 +19,9 @@ keeps the figures after the pod is gone, so a test can read what a run cost.
 
 Faults for tests (`PodFaults`), applied inside the trainer process by emulator/pod_process.py, which runs the
 same `training` module after installing them: a per-volume disk quota that a test sets or lowers at any time
-(`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps, the process alive: a hung GPU as the watchdog sees
-it), and a probe line per completed step (so a test knows exactly how far a killed trainer got).
+(`set_volume_quota`; ENOSPC when a checkpoint write takes the volume over it), a hang after step N (no more steps,
+the process alive: a hung GPU as the watchdog sees it), and a probe line per completed step (so a test knows
+exactly how far a killed trainer got).
 Other images are only marked RUNNING, as the base PodRuntime does.
 
 RunPod's S3 API (`volume_buckets`, emulator/volume_buckets.py): with it, each volume is also a bucket on a local
@@ -45,9 +46,9 @@ from pathlib import Path
 
 from emulator.runpod import PodRuntime
 from emulator.volume_buckets import VolumeBuckets
-from infra.runpod_backend import catalog
 from infra.config import DEFAULT_REPOSITORY
 from infra.paths import REPO_ROOT
+from infra.runpod_backend import catalog
 
 # Variables of this machine a container would also have; everything else comes from the pod's env.
 HOST_VARIABLES = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -135,7 +136,7 @@ class ProcessRuntime(PodRuntime):
         stop_grace_s: float = 10.0,
         restart_delay_s: float = 1.0,
         extra_env: dict[str, str] | None = None,
-        seed_volume: Callable[[Path], None] | None = None,
+        seed_volume: Callable[[Path], object] | None = None,  # what it returns is unused
         faults: PodFaults | None = None,
         clock: Callable[[], float] = time.monotonic,
         volume_buckets: VolumeBuckets | None = None,
@@ -273,7 +274,7 @@ class ProcessRuntime(PodRuntime):
         if self.volume_buckets is not None and network:
             try:
                 self.volume_buckets.pull(network[0]["volumeId"], directory)
-            except Exception as error:  # noqa: BLE001 - the pod starts anyway and fails on what it misses
+            except Exception as error:  # the pod starts anyway and fails on what it misses
                 self.api.append_log(pod["id"], f"emulator: copying the volume's bucket in failed: {error}", source="system")
 
     def _push_written(self, pod_id: str) -> None:
@@ -284,7 +285,7 @@ class ProcessRuntime(PodRuntime):
         if self.volume_buckets is not None and volume_id and volume_id in self.api.volumes:
             try:
                 self.volume_buckets.push(volume_id, self.volume_dir(volume_id))
-            except Exception as error:  # noqa: BLE001 - e.g. the volume was deleted meanwhile; the pod is over
+            except Exception as error:  # e.g. the volume was deleted meanwhile; the pod is over
                 self.api.append_log(pod_id, f"emulator: copying the volume out to its bucket failed: {error}", source="system")
 
     # -- what tests do to pods --------------------------------------------------------------------------------
@@ -388,6 +389,7 @@ class ProcessRuntime(PodRuntime):
         threading.Thread(target=self._follow, args=(pod_id, container), name=f"pod-{pod_id}", daemon=True).start()
 
     def _follow(self, pod_id: str, container: _Container) -> None:
+        assert container.process.stdout is not None  # started with stdout=PIPE
         for line in container.process.stdout:
             self.api.append_log(pod_id, line.rstrip("\n"))
         code = container.process.wait()

@@ -21,7 +21,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import cast
 
 from emulator.server import ApiError, JsonApi, Request, Response, serve
 from infra.replicate_backend import catalog
@@ -49,7 +50,7 @@ TRAINER_INPUTS: dict[str, str] = {
     "wandb_sample_prompts": "string", "wandb_save_interval": "integer", "hf_repo_id": "string", "hf_token": "string",
     "gradient_checkpointing": "boolean", "layers_to_optimize_regex": "string",
 }
-_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -67,7 +68,7 @@ class FakeClock:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -425,7 +426,8 @@ class ReplicateApi(JsonApi):
         training.status, training.started_at = "processing", started
         steps = int(training.input.get("steps", 1000))
         done = min(steps, int(steps * (now - started) / self.run_seconds)) if self.run_seconds else steps
-        training.logs = "".join(f"flux_train_replicate: step {step}/{steps}\n" for step in range(0, done + 1, max(1, steps // 10)))
+        training.logs = "".join(f"flux_train_replicate: step {step}/{steps}\n"
+                                for step in range(0, done + 1, max(1, steps // 10)))
         if now < started + self.run_seconds:
             return
         training.completed_at = started + self.run_seconds
@@ -445,7 +447,8 @@ class ReplicateApi(JsonApi):
             training.status, training.error = "failed", f"destination {training.destination} no longer exists"
             return
         version_id = hashlib.sha256(f"{training.destination}:{training.id}".encode()).hexdigest()
-        destination.versions.insert(0, self._version_json(version_id, training.completed_at))
+        completed = cast(float, training.completed_at)  # _advance sets it before it publishes
+        destination.versions.insert(0, self._version_json(version_id, completed))
         training.output = {
             "version": f"{training.destination}:{version_id}",
             "weights": f"https://replicate.delivery/emulated/{training.id}/trained_model.tar",
@@ -471,8 +474,9 @@ class ReplicateApi(JsonApi):
             "urls": {"web": f"https://replicate.com/p/{training.id}", "get": base, "cancel": f"{base}/cancel"},
         }
         if training.status in TERMINAL:
-            run_time = (training.completed_at - training.started_at) if training.started_at else 0.0
-            body["metrics"] = {"predict_time": run_time, "total_time": training.completed_at - training.created_at}
+            completed = cast(float, training.completed_at)  # set whenever a training reaches a terminal state
+            run_time = (completed - training.started_at) if training.started_at else 0.0
+            body["metrics"] = {"predict_time": run_time, "total_time": completed - training.created_at}
         return body
 
     def _training(self, training_id: str) -> _Training:
@@ -604,7 +608,7 @@ class ReplicateApi(JsonApi):
         if "content" not in parts:
             raise ApiError(422, "content is required", ["content"])
         content_part = parts["content"]
-        data = content_part.get_payload(decode=True) or b""
+        data = cast(bytes, content_part.get_payload(decode=True) or b"")  # a leaf part, decoded: its bytes
         filename = parts["filename"].get_content().strip() if "filename" in parts else content_part.get_filename() or "file"
         mime = parts["type"].get_content().strip() if "type" in parts else content_part.get_content_type()
         try:
@@ -620,8 +624,8 @@ class ReplicateApi(JsonApi):
                 "name": filename,
                 "content_type": mime,
                 "size": len(data),
-                "etag": hashlib.md5(data).hexdigest(),  # noqa: S324 - an ETag, not security
-                "checksums": {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()},  # noqa: S324
+                "etag": hashlib.md5(data).hexdigest(),  # an ETag, not security
+                "checksums": {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()},
                 "metadata": metadata,
                 "created_at": _iso(now),
                 "expires_at": _iso(now + FILE_LIFETIME_SECONDS),

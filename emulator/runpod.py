@@ -18,12 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from emulator.server import ApiError, JsonApi, Request, Response, serve
 from cloudapi.runpod_rest import LIVE_POD_STATUSES
+from emulator.server import ApiError, JsonApi, Request, Response, serve
 from infra.runpod_backend import catalog
 
 # Which actions each status allows (the spec's `actions` field and its 409 rule).
@@ -42,7 +42,7 @@ _REGIONS = {"US": "NORTH_AMERICA", "CA": "NORTH_AMERICA", "EU": "EUROPE", "EUR":
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _new_id(length: int) -> str:
@@ -549,7 +549,8 @@ class RunpodApi(JsonApi):
         with self.lock:
             pod = self._pod(pod_id)
             if action not in ACTIONS[pod.status]:
-                raise ApiError(409, f"cannot {action} a pod that is {pod.status}; allowed: {', '.join(ACTIONS[pod.status]) or 'none'}")
+                allowed = ", ".join(ACTIONS[pod.status]) or "none"
+                raise ApiError(409, f"cannot {action} a pod that is {pod.status}; allowed: {allowed}")
             if action == "stop" and pod.locked:
                 raise ApiError(409, "the pod is locked")
             pod.status = "EXITED" if action == "stop" else "STARTING"
@@ -615,7 +616,7 @@ class RunpodApi(JsonApi):
         elif since:
             try:
                 cutoff = datetime.fromisoformat(since)
-                cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=timezone.utc)
+                cutoff = cutoff if cutoff.tzinfo else cutoff.replace(tzinfo=UTC)
             except ValueError:
                 raise ApiError(422, "Request validation failed.", ["since: expected an RFC 3339 timestamp"]) from None
             backfill = [line for line in lines if datetime.fromisoformat(line.ts) >= cutoff]

@@ -2,9 +2,10 @@
 
 A backend is one package, `infra/<name>_backend/`, whose `backend.py` holds `BACKEND`, an object with the
 `Backend` interface below: its stack-file section, its prices, the Pulumi component it builds, and the hooks
-`make status|logs|fetch|reap|cost` call; its `policies.py` holds its policy-pack policies (POLICIES). Nothing outside a backend package branches on the provider's name:
-the program, the CLI, the reaper and the cost table ask the registry. A backend's module is imported when it is
-first asked for, so a RunPod stack never loads Replicate's SDK and `make check` loads no Pulumi at all.
+`make status|logs|fetch|reap|cost` call; its `policies.py` holds its policy-pack policies (POLICIES). Nothing
+outside a backend package branches on the provider's name: the program, the CLI, the reaper and the cost table
+ask the registry. A backend's module is imported when it is first asked for, so a RunPod stack never loads
+Replicate's SDK and `make check` loads no Pulumi at all.
 
 Adding a backend: its package (config.py, catalog.py, backend.py, policies.py, the providers and the component), an emulator
 of its API under emulator/, and one line in BACKEND_MODULES.
@@ -33,7 +34,10 @@ BACKEND_MODULES: dict[str, str] = {
     "hfjobs": "infra.hfjobs_backend.backend",
     "vast": "infra.vast_backend.backend",
 }
-ProviderName = Literal[tuple(BACKEND_MODULES)]  # type: ignore[valid-type]  # the schema's `provider` values
+if TYPE_CHECKING:
+    ProviderName = str  # a Literal built at runtime from a tuple is not a static type: mypy reads it as str
+else:
+    ProviderName = Literal[tuple(BACKEND_MODULES)]  # the schema's `provider` values
 
 
 class OpsError(Exception):

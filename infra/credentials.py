@@ -17,7 +17,10 @@ import sys
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    import pulumi
 
 # Secret config keys and the environment variables that stand in for them (CI, local shells).
 SECRETS = {
@@ -47,7 +50,7 @@ PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are
 
 
-def secret(name: str, pulumi_config: object | None = None) -> object | None:
+def secret(name: str, pulumi_config: pulumi.Config | None = None) -> object | None:
     """A secret from Pulumi config (stays a secret Output) or, failing that, its environment variable."""
     if pulumi_config is not None:
         value = pulumi_config.get_secret(name)

@@ -19,11 +19,12 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError, model_validator
 
-from contract.spec import RunLimits, SpecError, describe_errors
+from contract.spec import RunLimits, SpecError, TrainSpec, describe_errors
 from infra.backends import BACKEND_MODULES
 from infra.config import NAMESPACE, ImageConfig, StackConfig
 from infra.credentials import SECRETS
@@ -71,7 +72,7 @@ class _StackYamlLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[object, yaml.Mark] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -88,7 +89,7 @@ class _StackYamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_stack_document(path: Path) -> dict[str, object]:
+def read_stack_document(path: Path) -> dict[object, object]:
     """The `config` mapping of a stack file, or StackError with one line saying what is wrong with the file."""
     shown = _display(path)
     try:
@@ -104,7 +105,7 @@ def read_stack_document(path: Path) -> dict[str, object]:
         byte = f"0x{data[error.start]:02x}"
         raise StackError([f"{shown}: not UTF-8 text (byte {byte} on line {line}); save it as UTF-8"]) from None
     try:
-        document = yaml.load(text, Loader=_StackYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_StackYamlLoader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -296,7 +297,7 @@ def _section_problems(entries: dict[str, object], whole: ValidationError, source
             value = ImageConfig.from_reference(value)
         model = _model_of(field.annotation)
         if model is None or value is None:  # a scalar (provider, wait) or an explicit null: the whole stack's errors
-            own = [line for line, item in zip(_lines(whole, source, f"{NAMESPACE}:", StackConfig), whole.errors())
+            own = [line for line, item in zip(_lines(whole, source, f"{NAMESPACE}:", StackConfig), whole.errors(), strict=False)
                    if item["loc"][:1] == (alias,)]
             problems += own
             if not own:
@@ -312,19 +313,24 @@ def _section_problems(entries: dict[str, object], whole: ValidationError, source
         backend = provider  # a backend's section is named after it
         if "train" in validated and (backend in validated or backend not in entries):
             problems += [
-                line for line in _stack_rules(provider, validated.get(backend), validated["train"], source, validated.get("limits"))
+                line
+                # the sections that validated are models (a section that is null is None)
+                for line in _stack_rules(provider, typing.cast(BaseModel | None, validated.get(backend)),
+                                         typing.cast(TrainSpec, validated["train"]), source,
+                                         typing.cast(RunLimits | None, validated.get("limits")))
                 if not _names_any(line, dropped)
             ]
     return problems
 
 
-def _stack_rules(provider: str, backend: BaseModel | None, train: BaseModel, source: str,
-                 limits: BaseModel | None = None) -> list[str]:
+def _stack_rules(provider: str, backend: BaseModel | None, train: TrainSpec, source: str,
+                 limits: RunLimits | None = None) -> list[str]:
     """StackConfig's own rules (backend present, memory fit, trainer family, limits vs the estimate) over the
     validated sections. They are called on an unvalidated StackConfig: validating one would run every section's
     rules again."""
+    sections: dict[str, Any] = {provider: backend} if backend else {}
     candidate = StackConfig.model_construct(
-        provider=provider, train=train, limits=limits or _PLACEHOLDER_LIMITS, **({provider: backend} if backend else {})
+        provider=provider, train=train, limits=limits or _PLACEHOLDER_LIMITS, **sections
     )
     lines = []
     for rule in StackConfig.__pydantic_decorators__.model_validators.values():
@@ -413,9 +419,10 @@ def _model_of(annotation: object) -> type[BaseModel] | None:
 def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     for part in path:
         field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
-        model = _model_of(field.annotation) if field is not None else None
-        if model is None:
+        inner = _model_of(field.annotation) if field is not None else None
+        if inner is None:
             return None
+        model = inner
     return model
 
 
@@ -436,12 +443,13 @@ def load_from_pulumi(stack: str) -> StackConfig:
     import pulumi
 
     config = pulumi.Config(NAMESPACE)
-    raw: dict[str, object] = {}
+    raw: dict[object, object] = {}
     for field in StackConfig.model_fields.values():
+        alias = typing.cast(str, field.alias)  # every field has one (the schema's alias_generator)
         try:
-            value = config.get_object(field.alias)
+            value = config.get_object(alias)
         except pulumi.ConfigTypeError:  # the CLI hands plain scalars (provider: runpod) over as bare text
-            value = config.get(field.alias)
+            value = config.get(alias)
         if value is not None:
-            raw[f"{NAMESPACE}:{field.alias}"] = value
+            raw[f"{NAMESPACE}:{alias}"] = value
     return parse_stack(raw, _display(stack_file(stack)))

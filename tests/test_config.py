@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from contract.naming import run_id
-from infra.stack_files import STACKS_DIR, StackError, load_stack, parse_stack
 from contract.spec import SpecError, TrainSpec, spec_from_environment
+from infra.stack_files import STACKS_DIR, StackError, load_stack, parse_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 SDXL = yaml.safe_load((STACKS_DIR / "Pulumi.sdxl-4090.yaml").read_text())["config"]

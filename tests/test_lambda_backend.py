@@ -3,7 +3,7 @@ against emulator/lambda_cloud.py, and its policy-pack policies on the inputs its
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -40,7 +40,7 @@ def launch(api, name: str, stack: str, *, hours_ago: float | None, max_hours: st
     if managed:
         tags += [{"key": reap.TAG_MAX_HOURS, "value": max_hours}, {"key": reap.TAG_MAX_COST, "value": max_cost}]
     if hours_ago is not None:
-        tags.append(reap.launched_at_tag(datetime.now(timezone.utc) - timedelta(hours=hours_ago)))
+        tags.append(reap.launched_at_tag(datetime.now(UTC) - timedelta(hours=hours_ago)))
     (instance_id,) = api.client.launch({"region_name": "us-south-2", "instance_type_name": "gpu_1x_h100_sxm5",
                                         "ssh_key_names": ["k"], "name": name, "tags": tags})
     return instance_id

@@ -142,7 +142,8 @@ def test_a_filesystem_moved_to_another_region_says_where_the_old_one_is(api):
 
 
 def test_filesystem_check_names_bad_inputs(api):
-    failures = filesystem_provider().check({}, {"name": "9-starts-with-a-digit", "region": "mars-1", "keepOnDestroy": "no"}).failures
+    props = {"name": "9-starts-with-a-digit", "region": "mars-1", "keepOnDestroy": "no"}
+    failures = filesystem_provider().check({}, props).failures
     assert {failure.property for failure in failures} == {"name", "region", "keepOnDestroy"}
 
 

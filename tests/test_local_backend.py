@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -154,7 +154,7 @@ def test_the_reaper_stops_ours_past_their_limits_and_leaves_the_rest(engine):
     orphan = run("lorastack-orphan", "gone", {ENV_LIMITS: limits})
     unlimited = run("lorastack-unlimited", "live", {})
     foreign = run("someone-elses", None, {})
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     engine.api.containers[money].started_at = (started - timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     decisions = {d.resource_id: d for d in reap_rules.reap(client, {"live"}, dry_run=False, now=started + timedelta(minutes=1),

@@ -64,6 +64,7 @@ def read_configuration(environ: Mapping[str, str]) -> tuple[TrainSpec, RunLimits
         problems.append(f"${ENV_RUN_ID} is not set: the run's directory on the volume is named by it")
     if problems:
         raise SpecError(problems)
+    assert spec is not None and limits is not None  # each is set, or its problem was raised above
     return spec, limits, run_id
 
 

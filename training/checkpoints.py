@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -79,7 +80,9 @@ def _lora_tensors(state: TrainState) -> dict[str, torch.Tensor]:
 
 def _random_states(state: TrainState) -> dict:
     version, mt_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    # the legacy tuple (the default; the dict form only with legacy=False)
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    kind, keys, position, has_gauss, cached_gaussian = legacy
     states = {
         "python": [version, list(mt_state), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],

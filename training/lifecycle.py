@@ -37,6 +37,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any, Literal
 
 from cloudapi.hosts import Host, host_from_environment, mirror_from_environment
 from contract.spec import RunLimits
@@ -164,7 +166,7 @@ def with_billed_rate(limits: RunLimits, environ: Mapping[str, str]) -> RunLimits
     machine = host(environ)
     try:
         billed = machine.billed_usd_per_hour()
-    except Exception as error:  # noqa: BLE001 - the table's rate still applies; say why the live one did not
+    except Exception as error:  # the table's rate still applies; say why the live one did not
         _log(f"could not read pod {machine.machine_id}'s billed rate, using ${limits.usd_per_hour:g}/h: {error}",
              environ)
         return limits
@@ -212,7 +214,7 @@ class Lifecycle:
         self._finished = threading.Event()
         self._pod_stop_lock = threading.Lock()
         self._pod_stop_result: bool | None = None
-        self._previous_sigterm = None
+        self._previous_sigterm: Callable[[int, FrameType | None], Any] | int | None = None  # as signal.signal returns
         self._watchdog: threading.Thread | None = None
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class Lifecycle:
     def __enter__(self) -> Lifecycle:
         return self.start()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._finished.is_set():  # finish() ran (its SystemExit, if any, must not turn into "failed")
             return False
         if exc is not None:
@@ -336,7 +338,7 @@ class Lifecycle:
                 self._on_failure(exc)
             else:
                 update_status(self.paths, {"state": "failed", "message": message}, self.environ)
-        except Exception as error:  # noqa: BLE001 - the pod must still be stopped
+        except Exception as error:  # the pod must still be stopped
             self._log(f"could not record the failure in status.json: {error}")
 
     # -- watchdog -------------------------------------------------------------------------------------------
@@ -359,7 +361,7 @@ class Lifecycle:
             try:
                 self._flush_ledger()
                 update_status(self.paths, {"state": "stalled", "message": message}, self.environ)
-            except Exception as error:  # noqa: BLE001 - stopping the pod matters more
+            except Exception as error:  # stopping the pod matters more
                 self._log(f"could not write status.json: {error}")
             stopped = self.stop_pod()
             self._finished.set()

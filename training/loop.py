@@ -34,7 +34,7 @@ from training.models import ComponentSource, load_models, mixed_precision_name, 
 from training.state import TrainState
 
 StepCallback = Callable[[int, float, float], None]  # (step, loss, learning rate)
-SamplesCallback = Callable[[int, list[Image.Image], list[str]], None]  # (step, images, prompts)
+SamplesCallback = Callable[[int, list[Image.Image], list[str]], object]  # (step, images, prompts); the result is unused
 
 
 @dataclass

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import requests
 
@@ -42,6 +42,12 @@ def stack_instances(client: LambdaClient, stack: str) -> list[dict]:
             if instance.get("name") == pod_name(stack) and reap_rules.is_managed(instance)]
 
 
+def _section(config: StackConfig) -> LambdaConfig:
+    """The stack's `lorastack:lambda` section: StackConfig refuses a lambda stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(LambdaConfig, config.lambda_cloud)  # never None here (StackConfig's _backend check)
+
+
 class LambdaBackend:
     name = "lambda"
     section = LambdaConfig
@@ -55,22 +61,22 @@ class LambdaBackend:
             )
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        section = config.lambda_cloud
+        section = _section(config)
         return f"lambda.instanceType {section.instance_type!r}", section.kind.memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
-        return lambda_usd_per_hour(config.lambda_cloud.instance_type, live)
+        return lambda_usd_per_hour(_section(config).instance_type, live)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        kind = config.lambda_cloud.kind
+        kind = _section(config).kind
         return kind.gpu, kind.gpu_count
 
     def hardware(self, config: StackConfig) -> str:
-        section = config.lambda_cloud
+        section = _section(config)
         return f"{section.kind.label} ({section.instance_type}, {section.region})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        filesystem = config.lambda_cloud.filesystem
+        filesystem = _section(config).filesystem
         if filesystem is None:
             return []
         kept = "kept on destroy" if filesystem.keep_on_destroy else "deleted on destroy"
@@ -85,11 +91,11 @@ class LambdaBackend:
             types = client_from(environ, retries=0, timeout=timeout).instance_types()
         except (LambdaError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Lambda Cloud: the dated table; the API did not answer usefully ({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(types, f"Lambda Cloud: live instance types (GET /api/v1/instance-types), fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
-        section = config.lambda_cloud
+        section = _section(config)
         entry = (live or {}).get(section.instance_type)
         if live and entry is None:
             return [f"lambda.instanceType {section.instance_type!r} is no longer offered by Lambda Cloud"]
@@ -117,7 +123,7 @@ class LambdaBackend:
         if not instances:
             return Report([f"{stack}: no Lambda instance named {pod_name(stack)} (the run ended and terminated its "
                            "instance, or `pulumi up` has not run)"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = []
         for instance in instances:
             hours = reap_rules.hours_since_launch(instance, now)
@@ -140,7 +146,7 @@ class LambdaBackend:
                        f"ssh ubuntu@{live[0]['ip']} sudo docker logs --follow {CONTAINER_NAME}"])
 
     def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
-        section = config.lambda_cloud
+        section = _section(config)
         where = (f"on the filesystem {pod_name(stack)} in {section.region} ({filesystem_mount(pod_name(stack))} on an "
                  "instance that mounts it)" if section.filesystem else "on the instance's own disk, gone with it")
         raise OpsError(f"{stack}: the LoRA is {where}; Lambda Cloud has no API to read a filesystem from outside. "
@@ -152,7 +158,7 @@ class LambdaBackend:
         if not api_key(environ):
             return []  # no Lambda key configured: nothing of ours can be on Lambda for this account to find
         try:
-            return reap_rules.reap(client_from(environ), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return reap_rules.reap(client_from(environ), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                    grace_minutes=grace_minutes)
         except LambdaError as error:
             raise OpsError(f"{error} ({KEY_HINT})") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import pulumi
 
@@ -20,6 +21,7 @@ from cloudapi.hosts import ENV_LAMBDA_API_KEY, ENV_LAMBDA_INSTANCE_NAME
 from contract.naming import pod_name, run_id
 from infra.config import StackConfig
 from infra.lambda_backend import reap, user_data
+from infra.lambda_backend.config import LambdaConfig
 from infra.lambda_backend.filesystem import Filesystem, FilesystemArgs
 from infra.lambda_backend.instance import Instance, InstanceArgs
 from infra.runpod_backend.component import pod_env
@@ -44,22 +46,27 @@ class LambdaTraining(pulumi.ComponentResource):
     def __init__(self, name: str, args: LambdaTrainingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("lorastack:lambda:Training", name, None, opts)
         config, stack = args.config, args.stack
-        section = config.lambda_cloud
+        section = cast(LambdaConfig, config.lambda_cloud)  # a lambda stack has its section (StackConfig's _backend check)
         api_key = args.secrets.get("lambdaApiKey")
         if api_key is None:
-            raise pulumi.RunError("no Lambda Cloud API key: `pulumi config set --secret lambdaApiKey ...` or export LAMBDA_API_KEY")
+            raise pulumi.RunError(
+                "no Lambda Cloud API key: `pulumi config set --secret lambdaApiKey ...` or export LAMBDA_API_KEY"
+            )
 
         self.filesystem = None
-        filesystem_name = None
+        filesystem_name: str | None = None
+        file_system_names: list[pulumi.Input[str]] = []
         if section.filesystem is not None:
             kept = section.filesystem.keep_on_destroy
-            filesystem_name = pod_name(stack)
+            filesystem_name = created_name = pod_name(stack)
             self.filesystem = Filesystem(
                 f"{name}-filesystem",
                 FilesystemArgs(name=filesystem_name, region=section.region, keep_on_destroy=kept),
                 # kept: `pulumi destroy` forgets the filesystem and says so, and never calls the provider's delete
                 pulumi.ResourceOptions(parent=self, retain_on_delete=kept),
             )
+            # the filesystem's name once it exists: the instance launches after it
+            file_system_names = [self.filesystem.id.apply(lambda _: created_name)]
 
         instance_name = pod_name(stack)
         env = pulumi.Output.all(pod_env(stack, config, args.secrets), api_key, args.image_ref).apply(
@@ -76,8 +83,7 @@ class LambdaTraining(pulumi.ComponentResource):
                 region_name=section.region,
                 ssh_key_names=[section.ssh_key_name],
                 user_data=pulumi.Output.secret(env),
-                # the filesystem's name once it exists: the instance launches after it
-                file_system_names=[self.filesystem.id.apply(lambda _: filesystem_name)] if self.filesystem else [],
+                file_system_names=file_system_names,
                 tags=reap.tags(stack, config.limits),
             ),
             pulumi.ResourceOptions(parent=self, depends_on=[self.filesystem] if self.filesystem else []),

@@ -43,7 +43,8 @@ class FilesystemProvider(LambdaProvider):
             failures.append(CheckFailure("name", f"a Lambda filesystem name is a letter, then letters, digits and "
                                                  f"dashes, 60 at most (got {name!r})"))
         if not is_unknown(region) and region not in catalog.LAMBDA_REGIONS:
-            failures.append(CheckFailure("region", f"unknown Lambda region {region!r}; allowed: {', '.join(catalog.LAMBDA_REGIONS)}"))
+            allowed = ", ".join(catalog.LAMBDA_REGIONS)
+            failures.append(CheckFailure("region", f"unknown Lambda region {region!r}; allowed: {allowed}"))
         if not is_unknown(news.get("keepOnDestroy")) and not isinstance(news.get("keepOnDestroy"), bool):
             failures.append(CheckFailure("keepOnDestroy", "must be true or false"))
         return CheckResult(news, failures)
@@ -60,7 +61,8 @@ class FilesystemProvider(LambdaProvider):
             except LambdaError as error:
                 if error.code != DUPLICATE:
                     raise
-                elsewhere = next((fs["region"]["name"] for fs in self.client().list_filesystems() if fs["name"] == props["name"]), "?")
+                elsewhere = next((fs["region"]["name"] for fs in self.client().list_filesystems()
+                                  if fs["name"] == props["name"]), "?")
                 raise RuntimeError(
                     f"a Lambda filesystem named {props['name']} already exists in {elsewhere} (kept from an earlier "
                     f"region of this stack?); filesystems are region-locked and their names unique: delete it in the "
@@ -74,7 +76,8 @@ class FilesystemProvider(LambdaProvider):
         filesystem = next((fs for fs in self.client().list_filesystems() if fs["id"] == id_), None)  # no GET by id
         if filesystem is None:
             return ReadResult("", {})
-        return ReadResult(id_, _outputs({**props, "name": filesystem["name"], "region": filesystem["region"]["name"]}, filesystem))
+        found = {**props, "name": filesystem["name"], "region": filesystem["region"]["name"]}
+        return ReadResult(id_, _outputs(found, filesystem))
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         return UpdateResult({**{key: value for key, value in olds.items() if key != PROVIDER_KEY}, **news,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pulumi
@@ -138,7 +138,7 @@ def _launch_body(props: dict[str, Any]) -> dict:
         "ssh_key_names": list(props["sshKeyNames"]),
         "name": props["name"],
         "user_data": props["userData"],
-        "tags": [dict(tag) for tag in props.get("tags") or []] + [reap.launched_at_tag(datetime.now(timezone.utc))],
+        "tags": [dict(tag) for tag in props.get("tags") or []] + [reap.launched_at_tag(datetime.now(UTC))],
     }
     if props.get("fileSystemNames"):
         body["file_system_names"] = list(props["fileSystemNames"])
@@ -175,7 +175,7 @@ class InstanceArgs:
     region_name: pulumi.Input[str]
     ssh_key_names: pulumi.Input[list[str]]
     user_data: pulumi.Input[str]  # a secret Output: it holds the API key
-    file_system_names: pulumi.Input[list[str]] = field(default_factory=list)
+    file_system_names: pulumi.Input[list[pulumi.Input[str]]] = field(default_factory=list)
     tags: pulumi.Input[list[dict[str, str]]] = field(default_factory=list)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pulumi_policy import (
     EnforcementLevel,
@@ -31,7 +32,8 @@ def is_filesystem(args: ResourceValidationArgs) -> bool:
     return is_dynamic(args.resource_type) and {"region", "keepOnDestroy"} <= set(args.props) and "sizeGb" not in args.props
 
 
-def _tags(args: ResourceValidationArgs) -> dict[str, str]:
+def _tags(args: ResourceValidationArgs) -> dict[Any, Any]:
+    """The instance's tags as the stack wrote them: keys and values are not known to be strings."""
     tags = args.props.get("tags") if "tags" in args.props else None
     return {tag.get("key"): tag.get("value") for tag in tags or [] if isinstance(tag, Mapping)}
 

@@ -11,7 +11,7 @@ on its way out is billed. One of ours is terminated when
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cloudapi.lambda_rest import GONE_STATUSES, LambdaClient
 from contract.naming import NAME_PREFIX
@@ -31,7 +31,7 @@ def tags(stack: str, limits: RunLimits) -> list[dict[str, str]]:
 
 
 def launched_at_tag(now: datetime) -> dict[str, str]:
-    return {"key": TAG_LAUNCHED_AT, "value": now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {"key": TAG_LAUNCHED_AT, "value": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def tag_values(instance: dict) -> dict[str, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from contract.naming import pod_name, run_id
 from contract.workspace import RunPaths, read_json
@@ -35,6 +35,12 @@ def _container(client, stack: str):
     return found[0] if found else None
 
 
+def _section(config: StackConfig) -> LocalConfig:
+    """The stack's `lorastack:local` section: StackConfig refuses a local stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(LocalConfig, config.local)  # never None here (StackConfig's _backend check)
+
+
 class LocalBackend:
     name = "local"
     section = LocalConfig
@@ -45,21 +51,21 @@ class LocalBackend:
                              "local.folder (see the loraDir output); follow the run with make logs")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        return f"local.gpuType {config.local.gpu_type!r}", config.local.memory_gb
+        return f"local.gpuType {_section(config).gpu_type!r}", _section(config).memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: Any = None) -> tuple[float, str]:
-        return config.local.usd_per_hour, PRICE_SOURCE
+        return _section(config).usd_per_hour, PRICE_SOURCE
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        count = config.local.gpu_count
-        return config.local.gpu_type, count if isinstance(count, int) else 1
+        count = _section(config).gpu_count
+        return _section(config).gpu_type, count if isinstance(count, int) else 1
 
     def hardware(self, config: StackConfig) -> str:
-        return f"{config.local.gpu_type} (own, gpus: {config.local.gpu_count})"
+        return f"{_section(config).gpu_type} (own, gpus: {_section(config).gpu_count})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        kept = "kept on destroy" if config.local.keep_on_destroy else "deleted on destroy"
-        return [f"{stack}: checkpoints in {config.local.folder_path(stack)} on your disk ({kept})"]
+        kept = "kept on destroy" if _section(config).keep_on_destroy else "deleted on destroy"
+        return [f"{stack}: checkpoints in {_section(config).folder_path(stack)} on your disk ({kept})"]
 
     def live_prices(self, environ: Mapping[str, str], timeout: float) -> LivePrices:
         return LivePrices(None, "local: no vendor price; the stack's local.usdPerHour")
@@ -75,7 +81,7 @@ class LocalBackend:
         return dict(LocalTraining(stack, args).exports)
 
     def _paths(self, stack: str, config: StackConfig) -> RunPaths:
-        return RunPaths(config.local.folder_path(stack), run_id(stack, config.train))
+        return RunPaths(_section(config).folder_path(stack), run_id(stack, config.train))
 
     def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
         from infra.progress import progress_from_status_file
@@ -125,7 +131,7 @@ class LocalBackend:
             client = engine.connect(environ)
         except engine.NoEngine:
             return []  # no engine running here: no container of ours can be running either
-        return reap_rules.reap(client, live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+        return reap_rules.reap(client, live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                grace_minutes=grace_minutes)
 
 

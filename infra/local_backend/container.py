@@ -18,6 +18,7 @@ Delete: `docker stop` (SIGTERM: the trainer checkpoints and exits) then remove.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,7 +77,9 @@ class ContainerProvider(ResourceProvider):
         failures: list[CheckFailure] = []
         image = known.get("image")
         if image is not None and not (isinstance(image, str) and is_pinned(image)):
-            failures.append(CheckFailure("image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {image!r}"))
+            failures.append(CheckFailure(
+                "image", f"must be a pinned image reference (a version tag or @sha256 digest, never latest): {image!r}"
+            ))
         folder = known.get("folder")
         if folder is not None and not (isinstance(folder, str) and os.path.isabs(folder)):
             failures.append(CheckFailure("folder", f"must be an absolute path on the engine's machine (got {folder!r})"))
@@ -107,10 +110,11 @@ class ContainerProvider(ResourceProvider):
             try:
                 container = client.containers.create(**_create_arguments(props, digest))
                 break
-            except Exception as error:  # noqa: BLE001 - only transient ones are tried again, after a look
+            except Exception as error:  # only transient ones are tried again, after a look
                 if not engine.is_transient(error) or attempt == self.retries:
                     raise
                 self._pause(attempt)
+        assert container is not None  # the loop ends with a container, or raises
         if container.status == "created":
             self._call(container.start)
             self._call(container.reload)
@@ -132,7 +136,7 @@ class ContainerProvider(ResourceProvider):
             container = self._call(lambda: client.containers.get(id_))
             if container.status in ("running", "restarting", "paused"):
                 self._call(lambda: container.stop(timeout=STOP_TIMEOUT_S))
-            self._call(lambda: container.remove(force=True))
+            self._call(functools.partial(container.remove, force=True))
         except NotFound:
             pass  # already gone: what we wanted
 
@@ -157,7 +161,7 @@ class ContainerProvider(ResourceProvider):
                     f"container {name} ({container.short_id}) is running another configuration of stack "
                     f"{props['stack']}: `pulumi refresh`, or `docker stop {name}` first"
                 )
-            self._call(lambda: container.remove(force=True))
+            self._call(functools.partial(container.remove, force=True))
         return None
 
     def _pause(self, attempt: int) -> None:

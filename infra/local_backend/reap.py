@@ -11,6 +11,7 @@ A container that has exited uses nothing: it is left for its stack's `pulumi des
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -78,6 +79,6 @@ def reap(client, live_stacks: set[str], *, dry_run: bool, now: datetime, grace_m
         for decision in decisions:
             if decision.terminate:
                 container = by_id[decision.resource_id]
-                engine.call(lambda: container.stop(timeout=STOP_TIMEOUT_S))  # SIGTERM: the trainer checkpoints
-                engine.call(lambda: container.remove(force=True))
+                engine.call(functools.partial(container.stop, timeout=STOP_TIMEOUT_S))  # SIGTERM: the trainer checkpoints
+                engine.call(functools.partial(container.remove, force=True))
     return decisions

@@ -7,9 +7,9 @@ import shutil
 import sys
 import tarfile
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import requests
@@ -26,12 +26,18 @@ DEFAULT_BASE_URL = "https://api.replicate.com"
 FLUX_ONLY_TRAINER = "ostris/flux-dev-lora-trainer"
 
 
+def _section(config: StackConfig) -> ReplicateConfig:
+    """The stack's `lorastack:replicate` section: StackConfig refuses a replicate stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(ReplicateConfig, config.replicate)  # never None here (StackConfig's _backend check)
+
+
 class ReplicateBackend:
     name = "replicate"
     section = ReplicateConfig
 
     def check(self, config: StackConfig) -> None:
-        trainer = config.replicate.trainer
+        trainer = _section(config).trainer
         if config.train.family != "flux" and trainer == FLUX_ONLY_TRAINER:
             raise ValueError(
                 f"train.family is {config.train.family} but the Replicate trainer {trainer} "
@@ -43,13 +49,13 @@ class ReplicateBackend:
 
     def usd_per_hour(self, config: StackConfig, live: Any = None) -> tuple[float, str]:
         # GET /v1/hardware lists SKUs but no prices: the dated table is the only price there is
-        return REPLICATE_HARDWARE_USD_PER_SECOND[config.replicate.training_hardware] * 3600, REPLICATE_PRICES_SOURCE
+        return REPLICATE_HARDWARE_USD_PER_SECOND[_section(config).training_hardware] * 3600, REPLICATE_PRICES_SOURCE
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        return REPLICATE_SKU_GPU[config.replicate.training_hardware], 1
+        return REPLICATE_SKU_GPU[_section(config).training_hardware], 1
 
     def hardware(self, config: StackConfig) -> str:
-        return config.replicate.training_hardware
+        return _section(config).training_hardware
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
         return []
@@ -68,7 +74,7 @@ class ReplicateBackend:
         except (requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Replicate: the dated table; GET /v1/hardware did not answer usefully "
                                     f"({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(skus, f"Replicate: the dated table (GET /v1/hardware lists no prices); SKUs checked against "
                                 f"it at {fetched_at}")
 
@@ -76,7 +82,7 @@ class ReplicateBackend:
         if live is None:
             return []
         return [f"Replicate no longer lists hardware {sku!r} (GET /v1/hardware); pick another SKU"
-                for sku in {config.replicate.hardware, config.replicate.training_hardware} if sku not in live]
+                for sku in {_section(config).hardware, _section(config).training_hardware} if sku not in live]
 
     def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
               image_ref: Callable[[], Any]) -> dict[str, Any]:
@@ -94,7 +100,7 @@ class ReplicateBackend:
     def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
         """The weights of the destination model's newest training, as Replicate returns them, and a report of
         what there is to show (Replicate's trainer keeps no samples or loss history of ours)."""
-        replicate = config.replicate
+        replicate = _section(config)
         model = f"{replicate.owner}/{replicate.model}"
         token = environ.get(SECRETS["replicateApiToken"])
         if not token:
@@ -176,7 +182,8 @@ def download_weights(url: str, destination: Path) -> list[Path]:
                     continue
                 target = destination / Path(member.name).name  # flattened: no path from the archive is used
                 partial = destination / f".{target.name}.part"
-                with bundle.extractfile(member) as source, partial.open("wb") as out:
+                member_file = cast(IO[bytes], bundle.extractfile(member))  # a regular file (isfile above): never None
+                with member_file as source, partial.open("wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
                 partial.replace(target)
                 written.append(target)
@@ -188,7 +195,7 @@ def download_weights(url: str, destination: Path) -> list[Path]:
 
 
 def _pointer(config: StackConfig, command: str) -> str:
-    replicate = config.replicate
+    replicate = _section(config)
     return (f"`make {command}` follows RunPod pods; this stack trains on Replicate: see "
             f"https://replicate.com/{replicate.owner}/{replicate.model} (its trainings and versions), or "
             "`pulumi stack output --stack <stack>` for the training id")

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -66,7 +66,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         except ValueError:
             return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -87,7 +87,7 @@ class WriteRetryTransport(httpx.BaseTransport):
             response.read()
             wait = retry_after_seconds(response.headers.get("Retry-After"))
             if wait is None:
-                wait = self.backoff * 2**attempt * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+                wait = self.backoff * 2**attempt * random.uniform(0.9, 1.1)  # jitter, not crypto
             response.close()
             time.sleep(min(wait, self.max_wait))
             attempt += 1
@@ -206,7 +206,7 @@ class ReplicateClient:
 
     def find_file(self, sha256: str) -> dict | None:
         """An uploaded, unexpired file with this content, so the same dataset is uploaded once."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for file in self.retrying(lambda: self.json("GET", "/v1/files")).get("results", []):
             expires = file.get("expires_at")
             if file.get("checksums", {}).get("sha256") != sha256:

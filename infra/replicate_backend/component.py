@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pulumi
 
@@ -46,11 +47,19 @@ class ReplicateTraining(pulumi.ComponentResource):
             raise ValueError(f"stack {args.stack}: ReplicateTraining needs the lorastack:replicate section")
         # the providers read the token themselves (configure()); this only fails early and clearly
         if secrets.get("replicateApiToken") is None:
-            raise ValueError("no Replicate API token: `pulumi config set --secret replicateApiToken r8_...` or export REPLICATE_API_TOKEN")
+            raise ValueError(
+                "no Replicate API token: `pulumi config set --secret replicateApiToken r8_...` or export REPLICATE_API_TOKEN"
+            )
         if spec.hf_repo and secrets.get("hfToken") is None:
-            raise ValueError(f"train.hfRepo is {spec.hf_repo} but there is no hfToken to push with: `pulumi config set --secret hfToken hf_...`")
+            raise ValueError(
+                f"train.hfRepo is {spec.hf_repo} but there is no hfToken to push with: "
+                "`pulumi config set --secret hfToken hf_...`"
+            )
         if spec.wandb_project and secrets.get("wandbApiKey") is None:
-            raise ValueError(f"train.wandbProject is {spec.wandb_project} but there is no wandbApiKey: `pulumi config set --secret wandbApiKey ...`")
+            raise ValueError(
+                f"train.wandbProject is {spec.wandb_project} but there is no wandbApiKey: "
+                "`pulumi config set --secret wandbApiKey ...`"
+            )
         child = pulumi.ResourceOptions(parent=self)
 
         kept = replicate.keep_model_on_destroy
@@ -95,7 +104,8 @@ class ReplicateTraining(pulumi.ComponentResource):
                 DeploymentArgs(
                     name=replicate.model,
                     model=model_ref,
-                    version=self.training.version,
+                    # passed on as it is (a cast for the type only): the version a finished training made
+                    version=cast(pulumi.Output[str], self.training.version),
                     hardware=replicate.deployment.hardware,
                     min_instances=replicate.deployment.min_instances,
                     max_instances=replicate.deployment.max_instances,

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.replicate_backend import catalog
 from infra.dynamic import is_unknown, keyed_diff, whole_numbers
+from infra.replicate_backend import catalog
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
@@ -124,7 +124,7 @@ class DeploymentProvider(ReplicateProvider):
                 return
             if error.status not in (400, 409):
                 raise
-            retry_at = datetime.now(timezone.utc) + OFFLINE_BEFORE_DELETE
+            retry_at = datetime.now(UTC) + OFFLINE_BEFORE_DELETE
             raise RuntimeError(
                 f"Replicate refused to delete deployment {id_} ({error.detail}). It deletes a deployment only after it "
                 "has been offline and unused for 15 minutes. "

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.replicate_backend import catalog
 from infra.dynamic import is_unknown, keyed_diff
+from infra.replicate_backend import catalog
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
 
@@ -75,7 +75,8 @@ class ModelProvider(ReplicateProvider):
                 except ReplicateError as error:
                     if error.status != 409:  # 409: an earlier try of this create made it after all
                         raise
-                    return client.retrying(lambda: _get_model(client, owner, name))
+                    # the 409 says the model exists, so the look-up finds it
+                    return cast(dict, client.retrying(lambda: _get_model(client, owner, name)))
 
             model = client.create_once(post, lambda: _get_model(client, owner, name))
         elif model["visibility"] != props["visibility"]:
@@ -105,6 +106,7 @@ class ModelProvider(ReplicateProvider):
                 "and `pulumi up` again"
             )
         client = self.client()
+        model: dict | None
         if olds.get("description") != news.get("description"):
             model = client.update_model(owner, name, description=news.get("description") or "")
         else:

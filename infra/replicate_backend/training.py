@@ -36,11 +36,11 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult, UpdateResult
 from replicate.exceptions import ReplicateError
 
-from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from contract.dataset import folder_content_hash
+from contract.spec import TrainSpec
+from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.replicate_backend.client import ReplicateClient
 from infra.replicate_backend.provider import ReplicateProvider, plain_inputs
-from contract.spec import TrainSpec
 
 DEFAULT_TRAINER = "ostris/flux-dev-lora-trainer"
 RUNNING = ("starting", "processing")
@@ -139,9 +139,13 @@ class TrainingProvider(ReplicateProvider):
         if not is_unknown(trainer_inputs):
             for key in SECRET_INPUTS.values():
                 if key in trainer_inputs:
-                    failures.append(CheckFailure("trainerInput", f"{key} is a secret: pass it as a secret input, not in trainerInput"))
+                    failures.append(
+                        CheckFailure("trainerInput", f"{key} is a secret: pass it as a secret input, not in trainerInput")
+                    )
         if not isinstance(source, str) or not source:
-            failures.append(CheckFailure("datasetSource", "a local folder of images with .txt captions, or an https URL of a .zip"))
+            failures.append(
+                CheckFailure("datasetSource", "a local folder of images with .txt captions, or an https URL of a .zip")
+            )
         elif is_url(source):
             if not source.split("?", 1)[0].lower().endswith(".zip"):
                 failures.append(CheckFailure(
@@ -154,7 +158,9 @@ class TrainingProvider(ReplicateProvider):
             try:
                 archive = dataset_zip(Path(source), news.get("captionExtension") or ".txt", news.get("defaultCaption") or "")
             except DatasetError as error:
-                failures.append(CheckFailure("datasetSource", f"{error} (Hugging Face dataset ids are not supported on Replicate)"))
+                failures.append(
+                    CheckFailure("datasetSource", f"{error} (Hugging Face dataset ids are not supported on Replicate)")
+                )
             else:
                 if len(archive) > MAX_UPLOAD_BYTES:
                     failures.append(CheckFailure(
@@ -269,7 +275,7 @@ class TrainingProvider(ReplicateProvider):
 def _cancel_quietly(client: ReplicateClient, training_id: str) -> None:
     try:
         client.cancel_training(training_id)
-    except Exception as error:  # noqa: BLE001 - the caller re-raises the first error; this one is reported
+    except Exception as error:  # the caller re-raises the first error; this one is reported
         print(f"[replicate] could not cancel training {training_id} ({error}): cancel it at "
               f"https://replicate.com/p/{training_id}", file=sys.stderr, flush=True)
 
@@ -303,7 +309,8 @@ def _failure_message(training: dict) -> str:
 
 
 def _outputs(props: dict[str, Any], training: dict) -> dict[str, Any]:
-    output = training.get("output") if isinstance(training.get("output"), dict) else {}
+    raw_output = training.get("output")
+    output: dict[str, Any] = raw_output if isinstance(raw_output, dict) else {}
     version_ref = output.get("version")
     return {
         **plain_inputs(props, tuple(SECRET_INPUTS)),

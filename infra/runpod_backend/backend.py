@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import requests
 
 from cloudapi.runpod_rest import RunpodClient, RunpodError
-from infra.local_dataset import local_folder
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.local_dataset import local_folder
 from infra.runpod_backend import reap as reap_rules
 from infra.runpod_backend import runs
 from infra.runpod_backend import s3 as runpod_s3
@@ -20,6 +20,12 @@ from infra.runpod_backend.config import RunpodConfig
 
 if TYPE_CHECKING:
     from infra.config import StackConfig
+
+
+def _section(config: StackConfig) -> RunpodConfig:
+    """The stack's `lorastack:runpod` section: StackConfig refuses a runpod stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(RunpodConfig, config.runpod)  # never None here (StackConfig's _backend check)
 
 
 class RunpodBackend:
@@ -32,7 +38,7 @@ class RunpodBackend:
         source = config.train.dataset.source
         if local_folder(source) is None:
             return
-        runpod = config.runpod
+        runpod = _section(config)
         if runpod.volume is None:
             raise ValueError(f"lorastack:train.dataset.source = {source!r} is a folder on this machine: it is uploaded "
                              "to the network volume, so lorastack:runpod.volume must be set")
@@ -43,21 +49,21 @@ class RunpodBackend:
                 f"dataCenter is {runpod.data_center}: pick one of those, or put the dataset at an https URL")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        return f"runpod.gpuType {config.runpod.gpu_type!r}", config.runpod.gpu.memory_gb
+        return f"runpod.gpuType {_section(config).gpu_type!r}", _section(config).gpu.memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
-        runpod = config.runpod
+        runpod = _section(config)
         return runpod_usd_per_hour(runpod.gpu_type, runpod.gpu_count, runpod.cloud, live)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        return config.runpod.gpu_type, config.runpod.gpu_count
+        return _section(config).gpu_type, _section(config).gpu_count
 
     def hardware(self, config: StackConfig) -> str:
-        runpod = config.runpod
+        runpod = _section(config)
         return f"{runpod.gpu.name} x{runpod.gpu_count} ({runpod.cloud.lower()})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        volume = config.runpod.volume
+        volume = _section(config).volume
         if volume is None:
             return []
         monthly = volume.size_gb * VOLUME_USD_PER_GB_MONTH
@@ -73,7 +79,7 @@ class RunpodBackend:
             gpus = {gpu["id"]: gpu for gpu in RunpodClient(key, retries=0, timeout=timeout).gpu_types()}
         except (RunpodError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"RunPod: the dated table; the catalog API did not answer usefully ({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(gpus, f"RunPod: live GPU catalog (GET /v2/catalog/gpus), fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
@@ -101,7 +107,7 @@ class RunpodBackend:
         if not key:
             raise OpsError("RUNPOD_API_KEY is not set: export it (RunPod console > Settings > API Keys)")
         try:
-            return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                    grace_minutes=grace_minutes)
         except RunpodError as error:
             raise OpsError(f"{error} {runs.API_HINT}") from None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import cast
 
 import pulumi
 
@@ -76,7 +77,9 @@ class RunpodTraining(pulumi.ComponentResource):
             self.volume = NetworkVolume(
                 f"{name}-volume",
                 NetworkVolumeArgs(
-                    name=pod_name(stack), size_gb=runpod.volume.size_gb, data_center=runpod.data_center, keep_on_destroy=kept,
+                    # a volume has its data center (RunpodConfig requires one with a volume)
+                    name=pod_name(stack), size_gb=runpod.volume.size_gb, data_center=cast(str, runpod.data_center),
+                    keep_on_destroy=kept,
                 ),
                 # kept: `pulumi destroy` forgets the volume and says so, and never calls the provider's delete
                 pulumi.ResourceOptions(parent=self, retain_on_delete=kept),
@@ -94,7 +97,8 @@ class RunpodTraining(pulumi.ComponentResource):
                 DatasetUploadArgs(source=config.train.dataset.source, dataset=local,
                                   caption_extension=config.train.dataset.caption_extension,
                                   default_caption=config.train.dataset.default_caption,
-                                  volume_id=volume_id, data_center=data_center),
+                                  # a local folder is uploaded to the volume, so both are set (RunpodBackend.check)
+                                  volume_id=cast(pulumi.Output[str], volume_id), data_center=cast(str, data_center)),
                 pulumi.ResourceOptions(parent=self),
             )
         spec = uploads.pod_spec(config.train, local)
@@ -185,7 +189,8 @@ def pod_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output
         ENV_RUN_ID: run_id(stack, spec),
         ENV_STACK: stack,
         ENV_WORKSPACE: WORKSPACE_MOUNT,
-        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, spec)).hf_home),
+        # the pod's POSIX path, whatever this machine's paths are: RunPaths only joins names onto it
+        "HF_HOME": str(RunPaths(cast(Path, PurePosixPath(WORKSPACE_MOUNT)), run_id(stack, spec)).hf_home),
         **MANAGED_LABEL,
     }
     tokens = {variable: secrets[key] for key, variable in POD_SECRET_ENV.items() if secrets.get(key) is not None}

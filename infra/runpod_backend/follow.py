@@ -119,7 +119,10 @@ def follow_run(
             return RunOutcome("timeout", progress.step, progress.total, progress.loss, message, None)
         time.sleep(poll_s)
 
-    state = progress.state if progress.state and progress.state != "running" else ("lost" if pod_status == "TERMINATED" else "unknown")
+    if progress.state and progress.state != "running":
+        state = progress.state
+    else:
+        state = "lost" if pod_status == "TERMINATED" else "unknown"
     message = (status_file or {}).get("message") or f"pod {pod_id} is {pod_status}"
     if state != "succeeded":
         report(f"the run ended {state}: {message}")
@@ -142,7 +145,7 @@ def fetch_run(
     elif volume_id and data_center and runs.has_s3_keys(environ):
         try:
             written = runs.fetch_run_from_s3(volume_id, data_center, run_id, destination, environ)
-        except Exception as error:  # noqa: BLE001 - botocore's errors share no base class; the run itself is done
+        except Exception as error:  # botocore's errors share no base class; the run itself is done
             report(f"the S3 download failed ({type(error).__name__}: {error}); `make fetch STACK={stack}` tries again")
             return False
         if not any(path.suffix == ".safetensors" for path in written):

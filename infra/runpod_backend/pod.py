@@ -19,11 +19,11 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra.runpod_backend import catalog
 from cloudapi.runpod_rest import NotFound, RunpodClient
-from infra.dynamic import is_unknown, whole_numbers
-from infra.runpod_backend.provider import RunpodProvider
 from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
+from infra.dynamic import is_unknown, whole_numbers
+from infra.runpod_backend import catalog
+from infra.runpod_backend.provider import RunpodProvider
 
 POD_REPLACE_KEYS = ("gpuTypeId", "gpuCount", "cloud", "dataCenterIds", "networkVolumeId")
 POD_UPDATE_KEYS = ("name", "image", "env", "containerDiskGb", "volumeMountPath")
@@ -75,7 +75,8 @@ class PodProvider(RunpodProvider):
                 fail("cloud", f"{gpu.id} is not offered on COMMUNITY cloud")
         centers = known.get("dataCenterIds", [])
         if not isinstance(centers, list) or any(not is_unknown(dc) and dc not in catalog.RUNPOD_DATA_CENTERS for dc in centers):
-            fail("dataCenterIds", f"must be a list of RunPod data centers ({', '.join(catalog.RUNPOD_DATA_CENTERS)}); got {centers!r}")
+            data_centers = ", ".join(catalog.RUNPOD_DATA_CENTERS)
+            fail("dataCenterIds", f"must be a list of RunPod data centers ({data_centers}); got {centers!r}")
         disk = known.get("containerDiskGb", 20)
         if not isinstance(disk, int) or isinstance(disk, bool) or not 1 <= disk <= 1000:
             fail("containerDiskGb", f"must be 1 to 1000 GB (got {disk!r})")

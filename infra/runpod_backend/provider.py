@@ -8,8 +8,8 @@ from typing import Any
 
 from pulumi.dynamic import DiffResult
 
-from infra.dynamic import CredentialedProvider, keyed_diff, whole_numbers
 from cloudapi.runpod_rest import RETRY_STATUSES, RunpodClient, RunpodError
+from infra.dynamic import CredentialedProvider, keyed_diff, whole_numbers
 
 
 class RunpodProvider(CredentialedProvider):

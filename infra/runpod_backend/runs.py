@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -113,7 +113,7 @@ def cost_so_far(pod: dict) -> float | None:
     if not started or not usd_per_hour or pod.get("status") not in LIVE_POD_STATUSES:
         return None
     begun = datetime.fromisoformat(started.replace("Z", "+00:00"))
-    return (datetime.now(timezone.utc) - begun).total_seconds() / 3600 * usd_per_hour
+    return (datetime.now(UTC) - begun).total_seconds() / 3600 * usd_per_hour
 
 
 def api_errors_named(hook: Callable[..., Report]) -> Callable[..., Report]:
@@ -134,7 +134,7 @@ STATUS_COLUMNS = ("pod", "state", "step", "loss", "s/step", "ETA", "cost so far"
 
 
 def status_rows(pods: list[dict], progress: dict[str, Progress | None]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for pod in pods:
         found = progress.get(pod["id"])
         state = pod.get("status", "?")

@@ -240,14 +240,17 @@ def upload(dataset: LocalDataset, s3, bucket: str, *, part_bytes: int = runpod_s
     present = runpod_s3.list_files(s3, bucket, dataset.prefix)
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:  # hashing reads files; it releases the GIL
         digests = dict(zip((relative for relative, _ in dataset.files),
-                           pool.map(lambda item: file_sha256(dataset.folder / item[0]), dataset.files)))
+                           pool.map(lambda item: file_sha256(dataset.folder / item[0]), dataset.files), strict=True))
     missing = [(relative, size) for relative, size in dataset.files if present.get(dataset.prefix + relative) != size]
     known = uploaded_files(s3, bucket) if missing else {}
-    copies, sends = [], []
+    copies: list[tuple[str, int, str]] = []  # (relative, size, the key of an identical file already uploaded)
+    sends: list[tuple[str, int, None]] = []
     for relative, size in missing:
         earlier = known.get(digests[relative])
-        fits = earlier is not None and earlier[1] == size and size < COPY_LIMIT_BYTES
-        (copies if fits else sends).append((relative, size, earlier[0] if fits else None))
+        if earlier is not None and earlier[1] == size and size < COPY_LIMIT_BYTES:
+            copies.append((relative, size, earlier[0]))
+        else:
+            sends.append((relative, size, None))
     progress = UploadProgress(f"dataset {dataset.content_hash[:12]}", len(sends), sum(size for _, size, _ in sends),
                               stream=stream)
     transfer = TransferConfig(multipart_threshold=part_bytes, multipart_chunksize=part_bytes, max_concurrency=4)

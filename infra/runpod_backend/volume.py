@@ -18,13 +18,17 @@ from typing import Any
 
 import pulumi
 from pulumi.dynamic import (
-    CheckFailure, CheckResult, CreateResult, ReadResult, UpdateResult,
+    CheckFailure,
+    CheckResult,
+    CreateResult,
+    ReadResult,
+    UpdateResult,
 )
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from infra.runpod_backend import catalog
-from infra.dynamic import is_unknown, whole_numbers
 from cloudapi.runpod_rest import NotFound, RunpodClient, RunpodError
+from infra.dynamic import is_unknown, whole_numbers
+from infra.runpod_backend import catalog
 from infra.runpod_backend.provider import RunpodProvider
 
 MIN_VOLUME_GB, MAX_VOLUME_GB = 10, 4096
@@ -51,7 +55,9 @@ class NetworkVolumeProvider(RunpodProvider):
             failures.append(CheckFailure("name", "a network volume needs a non-empty name"))
         if not is_unknown(size):
             if not isinstance(size, int) or isinstance(size, bool) or not MIN_VOLUME_GB <= size <= MAX_VOLUME_GB:
-                failures.append(CheckFailure("sizeGb", f"must be a whole number of GB from {MIN_VOLUME_GB} to {MAX_VOLUME_GB} (got {size!r})"))
+                failures.append(CheckFailure(
+                    "sizeGb", f"must be a whole number of GB from {MIN_VOLUME_GB} to {MAX_VOLUME_GB} (got {size!r})"
+                ))
             elif isinstance(olds.get("sizeGb"), int) and size < olds["sizeGb"] and olds.get("dataCenter") == data_center:
                 failures.append(CheckFailure(
                     "sizeGb",
@@ -60,7 +66,8 @@ class NetworkVolumeProvider(RunpodProvider):
                 ))
         if not is_unknown(data_center) and data_center not in catalog.RUNPOD_DATA_CENTERS:
             failures.append(CheckFailure(
-                "dataCenter", f"{data_center!r} is not a data center with network volumes; allowed: {', '.join(catalog.RUNPOD_DATA_CENTERS)}"
+                "dataCenter",
+                f"{data_center!r} is not a data center with network volumes; allowed: {', '.join(catalog.RUNPOD_DATA_CENTERS)}",
             ))
         if not is_unknown(news.get("keepOnDestroy")) and not isinstance(news.get("keepOnDestroy"), bool):
             failures.append(CheckFailure("keepOnDestroy", "must be true or false"))

@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloudapi.runpod_rest import RunpodClient
+from contract.workspace import RunPaths, read_json
 from emulator.pods import PROBE_PREFIX, PodFaults, ProcessRuntime
 from emulator.runpod import PodRuntime, RunpodApi
 from emulator.server import serve
 from emulator.stack_driver import StackDriver
 from infra import paths
-from infra.stack_files import stack_file
-from cloudapi.runpod_rest import RunpodClient
 from infra.runpod_backend.follow import ENV_VOLUME_MOUNTS
+from infra.stack_files import stack_file
 from training import checkpoints, tiny
-from contract.workspace import RunPaths, read_json
 
 STACK = "demo"
 
@@ -167,3 +167,8 @@ def api_only(tmp_path, monkeypatch):
 
 def json_env(value: dict) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+# The Lambda Cloud fixtures live in lambda_fixtures.py (it builds on demo_config and seed above); imported here, at the
+# end, pytest offers them to every module of this folder the way it offers this file's own
+from .lambda_fixtures import lambda_api_only, lambda_cloud  # noqa: E402, F401

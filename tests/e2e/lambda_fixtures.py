@@ -2,7 +2,7 @@
 local process (TrainerBoot), and the shipped stack sdxl-lambda-h100 made tiny (the demo's model, dataset, steps
 and limits) and brought up and down by the offline driver over the real program and providers.
 
-Import the fixtures into a test module (`from .lambda_fixtures import lambda_cloud, ...`); `seed` and `faults`
+conftest.py imports the fixtures, so every test module of this folder can name them; `seed` and `faults`
 come from conftest.py.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from cloudapi.lambda_rest import LambdaClient
+from contract.workspace import RunPaths, read_json
 from emulator.lambda_cloud import BootRuntime, LambdaCloudApi, TrainerBoot
 from emulator.server import serve
 from emulator.stack_driver import StackDriver
 from infra import paths
 from training import checkpoints
-from contract.workspace import RunPaths, read_json
 
 from .conftest import demo_config
 

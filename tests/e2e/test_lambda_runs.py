@@ -12,7 +12,6 @@ from emulator.server import Fault
 from training import checkpoints
 
 from .conftest import probe_steps
-from .lambda_fixtures import lambda_api_only, lambda_cloud  # noqa: F401 - fixtures
 
 ENDED_WITHIN_S = 300  # from `up` to a terminated instance: generous, the two cores are shared and loaded
 
@@ -53,13 +52,15 @@ def test_a_trainer_that_crashes_terminates_its_instance_without_restarts(lambda_
 def test_the_money_limit_checkpoints_and_terminates(lambda_cloud):
     limit_seconds = 15
     max_cost = round(0.75 * limit_seconds / 3600, 6)  # gpu_1x_a10 at $0.75/h
-    driver = lambda_cloud.driver(train={"steps": 2000, "checkpointEvery": 25}, limits={"maxHours": 1, "maxCostUsd": max_cost, "allowBelowEstimate": True})
+    driver = lambda_cloud.driver(train={"steps": 2000, "checkpointEvery": 25},
+                                 limits={"maxHours": 1, "maxCostUsd": max_cost, "allowBelowEstimate": True})
     outputs, _ = driver.up()
     instance_id = outputs["instanceId"]
     assert lambda_cloud.runtime.wait_until_terminated(instance_id, ENDED_WITHIN_S + limit_seconds)
     status = lambda_cloud.status(outputs)
     run = lambda_cloud.filesystem_paths(outputs)
-    print(f"lambda money limit: stopped at step {status['step']}, billed {lambda_cloud.api.record(instance_id).billed_minutes} min")
+    billed = lambda_cloud.api.record(instance_id).billed_minutes
+    print(f"lambda money limit: stopped at step {status['step']}, billed {billed} min")
     assert status["state"] == "limit" and "money limit" in status["message"]
     assert (run.checkpoints / f"step-{status['step']}" / checkpoints.TRAINER_FILE).is_file()
     assert lambda_cloud.api.billing() == []

@@ -15,9 +15,8 @@ from contract.workspace import read_json
 from emulator.demo import SAMPLING
 from emulator.pods import ProcessRuntime
 from emulator.volume_buckets import EMULATOR_KEYS, S3Server, VolumeBuckets
-from infra.runpod_backend import runs
+from infra.runpod_backend import runs, uploads
 from infra.runpod_backend import s3 as runpod_s3
-from infra.runpod_backend import uploads
 from infra.stack_files import parse_stack
 from tests.e2e.conftest import STACK, start_emulator
 from training import tiny
