@@ -50,7 +50,7 @@ class HubCheckpointMirror:
                 self._repo_ready = True
             api.upload_folder(repo_id=self.repo_id, repo_type="model", folder_path=str(folder),
                               path_in_repo=path_in_repo, commit_message=f"lorastack: {path_in_repo}")
-        except Exception as error:  # noqa: BLE001 - logged; the files are still on this machine's disk
+        except Exception as error:  # logged; the files are still on this machine's disk
             self._log(f"could not copy {path_in_repo} to the Hub repo {self.repo_id}: {self._redacted(error)}")
             return False
         self._log(f"copied {path_in_repo} to the Hub repo {self.repo_id}")
@@ -94,7 +94,7 @@ class HubCheckpointMirror:
             shutil.rmtree(target, ignore_errors=True)  # an incomplete one (no trainer.json) is never kept
             (staging / newest).rename(target)
             shutil.rmtree(staging, ignore_errors=True)
-        except Exception as error:  # noqa: BLE001 - training starts from the newest checkpoint on this disk instead
+        except Exception as error:  # training starts from the newest checkpoint on this disk instead
             self._log(f"could not restore a checkpoint from the Hub repo {self.repo_id}: {self._redacted(error)}")
             return 0
         self._log(f"restored {newest} from the Hub repo {self.repo_id}")

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from cloudapi import lambda_rest
 from cloudapi.checkpoint_mirror import HubCheckpointMirror
-from cloudapi.run_mirror import RunMirror, mirror_from_environment  # noqa: F401 - the trainer's durable storage
+from cloudapi.run_mirror import RunMirror, mirror_from_environment  # noqa: F401 - re-exported: the trainer's storage
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
 from cloudapi.vast_rest import VastClient, VastError
 from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
@@ -203,6 +203,9 @@ class LambdaHost:
         instance = self._find_self(self._client(retries=2, backoff_s=0.5))
         cents = (instance or {}).get("instance_type", {}).get("price_cents_per_hour") or 0
         return cents / 100 if cents > 0 else None
+
+    def storage_root(self) -> Path:
+        return workspace_root(dict(self._environ))
 
 
 class HfJobHost:

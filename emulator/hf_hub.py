@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from emulator.pods import (
@@ -58,7 +58,7 @@ from emulator.pods import (
 )
 from emulator.server import ApiError, JsonApi, Request, Response
 from infra.config import DEFAULT_REPOSITORY
-from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS
+from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS, Flavor
 from infra.paths import REPO_ROOT
 
 TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
@@ -71,15 +71,15 @@ JOB_SPEC_FIELDS = {  # JobSpec keys the client may send (hf-jobs-api.md) and the
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def hub_error(status: int, message: str, code: str | None = None) -> Response:
-    """The Hub's error: a JSON `error` and the X-Error-Code / X-Error-Message headers the client reads."""
+def hub_error(status: int, message: str, code: str | None = None, **fields: str) -> Response:
+    """The Hub's error: a JSON `error` (plus `fields`) and the X-Error-Code / X-Error-Message headers the client reads."""
     headers = {"X-Error-Message": message}
     if code:
         headers["X-Error-Code"] = code
-    return Response(status, {"error": message}, headers)
+    return Response(status, {"error": message, **fields}, headers)
 
 
 @dataclass
@@ -233,7 +233,7 @@ class HfHubApi(JsonApi):
                 "orgs": [{"name": org, "type": "org"} for org in self.orgs]}
 
     def hardware(self, request: Request) -> list[dict]:
-        items = [(name, price, None) for name, price in CPU_FLAVORS.items()]
+        items: list[tuple[str, float, Flavor | None]] = [(name, price, None) for name, price in CPU_FLAVORS.items()]
         items += [(flavor.name, flavor.usd_per_hour, flavor) for flavor in HFJOBS_FLAVORS.values()]
         return [{
             "name": name, "prettyName": name, "cpu": "8 vCPU", "ram": "32 GB", "ephemeralStorage": "100 GB",
@@ -372,6 +372,7 @@ class HfHubApi(JsonApi):
         threading.Thread(target=self._follow, args=(job, process), name=f"log-{job.id}", daemon=True).start()
 
     def _follow(self, job: Job, process: subprocess.Popen) -> None:
+        assert process.stdout is not None  # started with stdout=PIPE
         for line in process.stdout:
             self.append_log(job, line.rstrip("\n"))
         code = process.wait()
@@ -427,7 +428,7 @@ class HfHubApi(JsonApi):
             if running:
                 job.ending = ("ERROR", "the machine was lost")
                 self.bills[job_id].ended = time.monotonic()
-        if running:
+        if running and job.process is not None:
             _signal(job.process, signal.SIGKILL)
             job.done.wait(30)  # its log is read to the end
         with self.lock:
@@ -465,7 +466,7 @@ class HfHubApi(JsonApi):
         return repo
 
     def create_repo(self, request: Request) -> Response | dict:
-        body = request.body or {}
+        body = request.body if isinstance(request.body, dict) else {}
         namespace = body.get("organization") or self.user
         if namespace not in (self.user, *self.orgs):
             return hub_error(403, f"You don't have the rights to create a model under the namespace {namespace}")
@@ -474,15 +475,13 @@ class HfHubApi(JsonApi):
         repo_id = f"{namespace}/{body['name']}"
         with self.lock:
             if repo_id in self.repos:  # the Hub's 409 names the repo's url too: create_repo(exist_ok) returns it
-                conflict = hub_error(409, "You already created this model repo")
-                conflict.body["url"] = f"{self.base_url}/{repo_id}"
-                return conflict
+                return hub_error(409, "You already created this model repo", url=f"{self.base_url}/{repo_id}")
             # the Hub's default for a user is public; our code always says which
             self.repos[repo_id] = Repo(repo_id, body.get("visibility", "public") == "private")
         return {"url": f"{self.base_url}/{repo_id}", "name": repo_id, "id": repo_id}
 
     def delete_repo(self, request: Request) -> Response | dict:
-        body = request.body or {}
+        body = request.body if isinstance(request.body, dict) else {}
         repo_id = f"{body.get('organization') or self.user}/{body.get('name')}"
         with self.lock:
             if self.repos.pop(repo_id, None) is None:
@@ -502,7 +501,8 @@ class HfHubApi(JsonApi):
         if isinstance(repo, Response):
             return repo
         with self.lock:
-            repo.private = (request.body or {}).get("visibility", "private" if repo.private else "public") == "private"
+            body = request.body if isinstance(request.body, dict) else {}
+            repo.private = body.get("visibility", "private" if repo.private else "public") == "private"
         return {}
 
     def repo_tree(self, request: Request) -> Response | list:
@@ -529,7 +529,7 @@ class HfHubApi(JsonApi):
         repo = self._visible_repo(request)
         if isinstance(repo, Response):
             return repo
-        files = (request.body or {}).get("files", [])
+        files = (request.body if isinstance(request.body, dict) else {}).get("files", [])
         return {"files": [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False,
                            "oid": _git_oid(repo.files[item["path"]]) if item["path"] in repo.files else None}
                           for item in files]}

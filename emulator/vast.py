@@ -71,7 +71,7 @@ def parse_env(value: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in value.items() if not str(k).startswith("-")}
     if isinstance(value, str):
         words, env = shlex.split(value), {}
-        for flag, item in zip(words, words[1:]):
+        for flag, item in zip(words, words[1:], strict=False):  # each word with the one after it
             if flag == "-e" and "=" in item:
                 name, _, val = item.partition("=")
                 env[name] = val
@@ -320,7 +320,7 @@ class VastRuntime(InstanceRuntime):
         real instance sees /workspace. The directory itself dies with each instance."""
         with self.api.lock:
             record = self.api.instances.get(instance_id) or self.api.destroyed.get(instance_id)
-        return self.root / "disks" / re.sub(r"[^A-Za-z0-9_.-]", "_", record.label or str(instance_id))
+        return self.root / "disks" / re.sub(r"[^A-Za-z0-9_.-]", "_", (record.label if record else None) or str(instance_id))
 
     def on_start(self, instance: InstanceRecord) -> None:
         if instance.image.rsplit("@", 1)[0].rsplit(":", 1)[0] not in self.trainer_repositories:
@@ -355,6 +355,7 @@ class VastRuntime(InstanceRuntime):
         with self.api.lock:
             if instance.id in self.api.instances and instance.actual_status == "loading":
                 instance.actual_status = "running"
+        assert process.stdout is not None  # started with stdout=PIPE
         for line in process.stdout:
             self.api.append_log(instance.id, line.rstrip("\n"))
         code = process.wait()

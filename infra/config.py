@@ -18,10 +18,10 @@ from contract import memory
 from contract.spec import RunLimits, TrainSpec, _Schema
 from infra import backends, pricing
 from infra.backends import Backend, ProviderName
+from infra.hfjobs_backend.config import HfJobsConfig
 from infra.lambda_backend.config import LambdaConfig
 from infra.local_backend.config import LocalConfig
 from infra.local_dataset import dataset_folder_problem
-from infra.hfjobs_backend.config import HfJobsConfig
 from infra.replicate_backend.config import ReplicateConfig
 from infra.runpod_backend.config import RunpodConfig
 from infra.vast_backend.config import VastConfig

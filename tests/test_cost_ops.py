@@ -3,7 +3,6 @@ the RunPod emulator (plus a few routes of our own where a test needs prices the 
 
 from __future__ import annotations
 
-import re
 import io
 import json
 import re

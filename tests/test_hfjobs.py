@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -244,7 +244,7 @@ def test_the_reaper_cancels_orphans_and_jobs_past_their_limits_only(hub):
     within = provider().create(job_props("live")).id
     over = provider().create(job_props("late", environment={ENV_MANAGED: "1", ENV_LIMITS: limits_json(0.5, 100)})).id
     foreign = jobs.api.run_job(image="python:3.12", command=["sleep", "1"], timeout=60).id  # not ours
-    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    later = datetime.now(UTC) + timedelta(hours=1)
     decisions = {d.resource_id: d for d in runs.reap(jobs, {"live", "late"}, dry_run=False, now=later,
                                                       grace_minutes=10)}
     assert set(decisions) == {orphan, within, over} and foreign not in decisions

@@ -14,7 +14,7 @@ from pulumi.runtime import rpc
 from contract.redaction import redacted_source
 from contract.spec import ENV_DATASET_SOURCE, TrainSpec
 from infra.stack_files import parse_stack
-from tests.test_program import API_KEY, POD_TYPE, RUNPOD_STACKS, Mocks, no_keys_from_the_environment, run  # noqa: F401
+from tests.test_program import API_KEY, POD_TYPE, RUNPOD_STACKS, Mocks, no_keys_from_the_environment, run  # noqa: F401 - fixtures
 from training.__main__ import with_dataset_credentials
 
 ROOT = Path(__file__).resolve().parent.parent

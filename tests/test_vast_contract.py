@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
@@ -205,7 +205,7 @@ def test_the_reaper_destroys_orphans_exited_instances_and_runs_past_their_limits
     vast.instances[int(exited.id)].actual_status = "exited"
     vast.instances[int(over.id)].start_date -= 2 * 3600
     decisions = {d.resource_id: d for d in runs.reap(client, {"unit", "live2", "live3"}, dry_run=False,
-                                                      now=datetime.now(timezone.utc), grace_minutes=10)}
+                                                      now=datetime.now(UTC), grace_minutes=10)}
     assert decisions[orphan.id].terminate and "no live stack" in decisions[orphan.id].reason
     assert decisions[exited.id].terminate and "disk bills" in decisions[exited.id].reason
     assert decisions[over.id].terminate and "maxHours" in decisions[over.id].reason

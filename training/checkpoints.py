@@ -172,7 +172,7 @@ def _mirror(paths: RunPaths, directory: Path) -> None:
         mirror = mirror_from_environment(os.environ)
         if mirror is not None:
             mirror.push_checkpoint(paths, directory)
-    except Exception as error:  # noqa: BLE001 - boto3 has retried already; say so and train on
+    except Exception as error:  # boto3 has retried already; say so and train on
         print(f"checkpoints: could not mirror {directory.name} to the bucket: {error}", file=sys.stderr, flush=True)
 
 

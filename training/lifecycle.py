@@ -150,7 +150,7 @@ def push_to_mirror(paths: RunPaths, environ: Mapping[str, str]) -> bool:
         if mirror is not None:
             count = mirror.push_files(paths)
             _log(f"mirrored {count} run files to s3://{mirror.bucket}/{mirror.run_key(paths.run_id)}", environ)
-    except Exception as error:  # noqa: BLE001 - logged; the caller keeps the machine
+    except Exception as error:  # logged; the caller keeps the machine
         _log(f"could not mirror the run's files, so the machine is kept for them: {error}", environ)
         return False
     return True

@@ -4,7 +4,7 @@ image (infra.backends.Backend)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ from infra.credentials import SECRETS
 from infra.hfjobs_backend import runs
 from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS, hfjobs_usd_per_hour
 from infra.hfjobs_backend.client import HfJobs
-from infra.hfjobs_backend.config import HfJobsConfig
+from infra.hfjobs_backend.config import HfJobsConfig, section_of
 
 if TYPE_CHECKING:
     from infra.config import StackConfig
@@ -29,21 +29,21 @@ class HfJobsBackend:
                              "follow it with `make logs` and download the LoRA with `make fetch`")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        return f"hfjobs.flavor {config.hfjobs.flavor!r}", config.hfjobs.hardware.memory_gb
+        return f"hfjobs.flavor {section_of(config).flavor!r}", section_of(config).hardware.memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: dict[str, dict] | None = None) -> tuple[float, str]:
-        return hfjobs_usd_per_hour(config.hfjobs.flavor, live)
+        return hfjobs_usd_per_hour(section_of(config).flavor, live)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        flavor = config.hfjobs.hardware
+        flavor = section_of(config).hardware
         return flavor.gpu, flavor.gpu_count
 
     def hardware(self, config: StackConfig) -> str:
-        flavor = config.hfjobs.hardware
-        return f"{config.hfjobs.flavor} ({flavor.gpu.removeprefix('NVIDIA ')} x{flavor.gpu_count})"
+        flavor = section_of(config).hardware
+        return f"{section_of(config).flavor} ({flavor.gpu.removeprefix('NVIDIA ')} x{flavor.gpu_count})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        repo = config.hfjobs.checkpoint_repo
+        repo = section_of(config).checkpoint_repo
         kept = "kept on destroy" if repo.keep_on_destroy else "deleted on destroy"
         return [f"{stack}: checkpoints and LoRA in the Hub repo {repo.repo_id} (Hub storage quota of the account, "
                 f"{kept}); billed per minute while the job starts or runs"]
@@ -57,18 +57,18 @@ class HfJobsBackend:
         try:
             items = HfJobs(token, environ=environ, retries=0).hardware()
             flavors = {item.name: {"unitCostUSD": item.unit_cost_usd, "unitLabel": item.unit_label} for item in items}
-        except Exception as error:  # noqa: BLE001 - any failure falls back to the dated table, with the reason
+        except Exception as error:  # any failure falls back to the dated table, with the reason
             return LivePrices(None, f"Hugging Face Jobs: the dated table; the hardware API did not answer usefully "
                                     f"({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(flavors, f"Hugging Face Jobs: live hardware prices (GET /api/jobs/hardware), "
                                    f"fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: dict[str, dict] | None) -> list[str]:
-        if live is None or config.hfjobs.flavor in live:
+        if live is None or section_of(config).flavor in live:
             return []
         offered = ", ".join(name for name in live if name in HFJOBS_FLAVORS)
-        return [f"Hugging Face Jobs no longer lists flavor {config.hfjobs.flavor!r} (GET /api/jobs/hardware); "
+        return [f"Hugging Face Jobs no longer lists flavor {section_of(config).flavor!r} (GET /api/jobs/hardware); "
                 f"GPU flavors offered: {offered}"]
 
     def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
@@ -95,11 +95,11 @@ class HfJobsBackend:
             return []
         jobs = runs.client(environ, environ.get("HF_JOBS_NAMESPACE") or None)
         try:
-            return runs.reap(jobs, live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return runs.reap(jobs, live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                              grace_minutes=grace_minutes)
         except OpsError:
             raise
-        except Exception as error:  # noqa: BLE001 - the API's answer, for a person to act on
+        except Exception as error:  # the API's answer, for a person to act on
             raise OpsError(f"Hugging Face Jobs: {short_error(error)} "
                            "(check HF_TOKEN, and HF_ENDPOINT if set)") from None
 

@@ -7,6 +7,7 @@ HF_ENDPOINT (the client's own variable, also the emulator's address under test) 
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +47,6 @@ def status_code(error: BaseException) -> int:
 
 def is_transient(error: BaseException) -> bool:
     import httpx
-
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, HfHubHTTPError):
@@ -105,5 +105,5 @@ class HfJobs:
     def logs(self, job_id: str, follow: bool) -> Iterable[str]:
         return self.api.fetch_job_logs(job_id=job_id, namespace=self.namespace, follow=follow)
 
-    def hardware(self, retries: int = 0) -> list:
+    def hardware(self, retries: int = 0) -> builtins.list:  # builtins: this class has its own `list`
         return self.retrying(lambda: self.api.list_jobs_hardware(), retries)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import cast
 
 import pulumi
 
@@ -29,6 +30,7 @@ from contract.workspace import RunPaths
 from infra.config import StackConfig
 from infra.hfjobs_backend.catalog import timeout_seconds
 from infra.hfjobs_backend.client import endpoint, managed_labels
+from infra.hfjobs_backend.config import section_of
 from infra.hfjobs_backend.job import Job, JobArgs
 from infra.hfjobs_backend.repo import HubRepo, HubRepoArgs
 
@@ -52,7 +54,7 @@ class HfJobsTraining(pulumi.ComponentResource):
     def __init__(self, name: str, args: HfJobsTrainingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("lorastack:hfjobs:Training", name, None, opts)
         config, stack = args.config, args.stack
-        hfjobs = config.hfjobs
+        hfjobs = section_of(config)
         if args.secrets.get("hfToken") is None:
             raise pulumi.RunError("no Hugging Face token: `pulumi config set --secret hfToken ...` or export HF_TOKEN "
                                   "(a token that may start Jobs and write the checkpoint repo)")
@@ -93,14 +95,14 @@ class HfJobsTraining(pulumi.ComponentResource):
 
 
 def job_environment(stack: str, config: StackConfig) -> dict[str, str]:
-    repo = config.hfjobs.checkpoint_repo
+    repo = section_of(config).checkpoint_repo
     return {
         ENV_SPEC: config.train.to_env_json(),
         ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
         ENV_RUN_ID: run_id(stack, config.train),
         ENV_STACK: stack,
         ENV_WORKSPACE: WORKSPACE_MOUNT,
-        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, config.train)).hf_home),
+        "HF_HOME": str(RunPaths(cast(Path, PurePosixPath(WORKSPACE_MOUNT)), run_id(stack, config.train)).hf_home),
         ENV_CHECKPOINT_REPO: repo.repo_id,
         ENV_CHECKPOINT_REPO_PRIVATE: "1" if repo.private else "0",
         **MANAGED_LABEL,

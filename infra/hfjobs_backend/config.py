@@ -4,8 +4,9 @@ checkpoints and the LoRA."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, cast
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from contract.spec import _Schema
 from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS, Flavor
@@ -51,3 +52,13 @@ class HfJobsConfig(_Schema):
     @property
     def hardware(self) -> Flavor:
         return HFJOBS_FLAVORS[self.flavor]
+
+
+if TYPE_CHECKING:
+    from infra.config import StackConfig
+
+
+def section_of(config: StackConfig) -> HfJobsConfig:
+    """The stack's `lorastack:hfjobs` section: StackConfig refuses a hfjobs stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(HfJobsConfig, config.hfjobs)  # never None here (StackConfig's _backend check)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from contract.naming import run_id
@@ -21,6 +21,7 @@ from infra.backends import OpsError, ReapDecision, Report
 from infra.credentials import SECRETS
 from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS
 from infra.hfjobs_backend.client import BILLED_STAGES, LABEL_STACK, TERMINAL_STAGES, HfJobs, endpoint
+from infra.hfjobs_backend.config import section_of
 
 TOKEN_HINT = "export HF_TOKEN (a token that may start Jobs: huggingface.co/settings/tokens)"
 
@@ -35,11 +36,11 @@ def client(environ: Mapping[str, str], namespace: str | None = None) -> HfJobs:
 def stack_jobs(jobs: HfJobs, stack: str) -> list:
     """The stack's jobs, newest first."""
     found = jobs.list({ENV_MANAGED: "1", LABEL_STACK: stack})
-    return sorted(found, key=lambda job: job.created_at or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    return sorted(found, key=lambda job: job.created_at or datetime.min.replace(tzinfo=UTC), reverse=True)
 
 
 def status(stack: str, config, environ: Mapping[str, str]) -> Report:
-    jobs = client(environ, config.hfjobs.namespace)
+    jobs = client(environ, section_of(config).namespace)
     found = stack_jobs(jobs, stack)
     if not found:
         return Report([f"{stack}: no job on Hugging Face Jobs (namespace {jobs.namespace})"], code=1)
@@ -52,7 +53,7 @@ def status(stack: str, config, environ: Mapping[str, str]) -> Report:
 
 
 def logs(stack: str, config, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
-    jobs = client(environ, config.hfjobs.namespace)
+    jobs = client(environ, section_of(config).namespace)
     found = stack_jobs(jobs, stack)
     if not found:
         raise OpsError(f"{stack}: no job on Hugging Face Jobs (namespace {jobs.namespace}): nothing to follow")
@@ -69,7 +70,7 @@ def fetch(stack: str, config, destination: Path, environ: Mapping[str, str]) -> 
     token = environ.get(SECRETS["hfToken"])
     if not token:
         raise OpsError(f"HF_TOKEN is not set: {TOKEN_HINT} (the checkpoint repo is private)")
-    repo = config.hfjobs.checkpoint_repo.repo_id
+    repo = section_of(config).checkpoint_repo.repo_id
     paths = RunPaths(Path("/"), run_id(stack, config.train))
     lora = paths.lora.relative_to(paths.root).as_posix()
     print(f"downloading {lora}/ of the Hub repo {repo} into {destination} ...", file=sys.stderr, flush=True)

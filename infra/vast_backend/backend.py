@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ from cloudapi.vast_rest import VastClient, VastError
 from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
 from infra.vast_backend import runs
 from infra.vast_backend.catalog import LIVE_PRICES_SOURCE, VAST_GPUS, VAST_PRICES_SOURCE, ceiling_source
-from infra.vast_backend.config import VastConfig
+from infra.vast_backend.config import VastConfig, section_of
 
 if TYPE_CHECKING:
     from infra.config import StackConfig
@@ -25,7 +25,7 @@ LIVE_OFFERS_LIMIT = 1000
 
 def matching_offers(config: StackConfig, offers: list[dict]) -> list[dict]:
     """The live offers the instance provider's search would accept for this stack."""
-    vast = config.vast
+    vast = section_of(config)
     return [offer for offer in offers
             if offer.get("gpu_name") == vast.gpu_name and offer.get("num_gpus") == vast.gpu_count
             and float(offer.get("reliability") or offer.get("reliability2") or 0) >= vast.min_reliability
@@ -43,27 +43,27 @@ class VastBackend:
                              "is in the bucket): set lorastack:wait: false and use `make status` / `make fetch`")
 
     def gpu_memory(self, config: StackConfig) -> tuple[str, float]:
-        return f"vast.gpuName {config.vast.gpu_name!r}", config.vast.gpu.memory_gb
+        return f"vast.gpuName {section_of(config).gpu_name!r}", section_of(config).gpu.memory_gb
 
     def usd_per_hour(self, config: StackConfig, live: list[dict] | None = None) -> tuple[float, str]:
         """The cheapest matching live offer when fetched, else the ceiling: no offer above it is rented, so the
         money limit counted at it is never short."""
         found = matching_offers(config, live or [])
-        cheapest = min((float(offer["dph_total"]) for offer in found if offer["dph_total"] <= config.vast.max_usd_per_hour),
-                       default=None)
+        ceiling = section_of(config).max_usd_per_hour
+        cheapest = min((float(offer["dph_total"]) for offer in found if offer["dph_total"] <= ceiling), default=None)
         if cheapest is not None:
             return cheapest, LIVE_PRICES_SOURCE
-        return config.vast.max_usd_per_hour, ceiling_source(config.vast.gpu, config.vast.gpu_count)
+        return section_of(config).max_usd_per_hour, ceiling_source(section_of(config).gpu, section_of(config).gpu_count)
 
     def performance_gpu(self, config: StackConfig) -> tuple[str, int]:
-        return config.vast.gpu.cuda_name, config.vast.gpu_count
+        return section_of(config).gpu.cuda_name, section_of(config).gpu_count
 
     def hardware(self, config: StackConfig) -> str:
-        vast = config.vast
+        vast = section_of(config)
         return f"{vast.gpu_name} x{vast.gpu_count} (vast, reliability >= {vast.min_reliability:g})"
 
     def cost_notes(self, stack: str, config: StackConfig) -> list[str]:
-        vast = config.vast
+        vast = section_of(config)
         typical = vast.gpu.typical_usd * vast.gpu_count
         return [
             f"{stack}: offers for {vast.gpu_count}x {vast.gpu_name} started around ${typical:.2f}/h "
@@ -83,13 +83,13 @@ class VastBackend:
         except (VastError, requests.RequestException, KeyError, TypeError, ValueError) as error:
             return LivePrices(None, f"Vast.ai: the stack's price ceiling; the offer search did not answer usefully "
                                     f"({short_error(error)})")
-        fetched_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        fetched_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return LivePrices(offers, f"Vast.ai: live offers (POST /api/v0/bundles/), fetched {fetched_at}")
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
         if not live:
             return []
-        vast = config.vast
+        vast = section_of(config)
         found = matching_offers(config, live)
         if not found:
             return [f"no live Vast.ai offer has {vast.gpu_count}x {vast.gpu_name}, reliability >= {vast.min_reliability:g}"
@@ -123,7 +123,7 @@ class VastBackend:
                   file=sys.stderr, flush=True)
             return []
         try:
-            return runs.reap(runs.vast_client(environ), live_stacks, dry_run=dry_run, now=datetime.now(timezone.utc),
+            return runs.reap(runs.vast_client(environ), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                              grace_minutes=grace_minutes)
         except VastError as error:
             raise OpsError(f"{error} {runs.API_HINT}") from None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import cast
 
 import pulumi
 
@@ -21,6 +22,7 @@ from contract.naming import MANAGED_LABEL, pod_name, run_id
 from contract.spec import ENV_LIMITS, ENV_RUN_ID, ENV_SPEC, ENV_STACK, ENV_WORKSPACE, WORKSPACE_MOUNT
 from contract.workspace import RunPaths
 from infra.config import StackConfig
+from infra.vast_backend.config import section_of
 from infra.vast_backend.instance import Instance, InstanceArgs
 
 # secret config key -> the instance's variable (the bucket's keys under boto3's own names)
@@ -48,7 +50,7 @@ class VastTraining(pulumi.ComponentResource):
     def __init__(self, name: str, args: VastTrainingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("lorastack:vast:Training", name, None, opts)
         config, stack = args.config, args.stack
-        vast = config.vast
+        vast = section_of(config)
         if vast is None:
             raise ValueError(f"stack {stack}: VastTraining needs the lorastack:vast section")
         if args.secrets.get("vastApiKey") is None:
@@ -82,14 +84,14 @@ class VastTraining(pulumi.ComponentResource):
 
 
 def instance_env(stack: str, config: StackConfig, secrets: Mapping[str, pulumi.Output | None]) -> pulumi.Input[dict[str, str]]:
-    vast = config.vast
+    vast = section_of(config)
     plain = {
         ENV_SPEC: config.train.to_env_json(),
         ENV_LIMITS: config.run_limits().model_dump_json(by_alias=True),
         ENV_RUN_ID: run_id(stack, config.train),
         ENV_STACK: stack,
         ENV_WORKSPACE: WORKSPACE_MOUNT,
-        "HF_HOME": str(RunPaths(PurePosixPath(WORKSPACE_MOUNT), run_id(stack, config.train)).hf_home),
+        "HF_HOME": str(RunPaths(cast(Path, PurePosixPath(WORKSPACE_MOUNT)), run_id(stack, config.train)).hf_home),
         ENV_MIRROR_URL: vast.bucket.url,
         **({ENV_MIRROR_ENDPOINT: vast.bucket.endpoint} if vast.bucket.endpoint else {}),
         **({"AWS_DEFAULT_REGION": vast.bucket.region} if vast.bucket.region else {}),

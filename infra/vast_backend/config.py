@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from pydantic import Field, field_validator, model_validator
 
 from cloudapi.run_mirror import parse_url
@@ -59,3 +61,13 @@ class VastConfig(_Schema):
     @property
     def gpu(self) -> VastGpu:
         return VAST_GPUS[self.gpu_name]
+
+
+if TYPE_CHECKING:
+    from infra.config import StackConfig
+
+
+def section_of(config: StackConfig) -> VastConfig:
+    """The stack's `lorastack:vast` section: StackConfig refuses a vast stack without one, and this backend is
+    only asked about its own stacks."""
+    return cast(VastConfig, config.vast)  # never None here (StackConfig's _backend check)

@@ -22,6 +22,7 @@ from contract.naming import NAME_PREFIX, pod_name, run_id
 from contract.spec import ENV_LIMITS, ENV_STACK, RunLimits
 from infra.backends import OpsError, ReapDecision, Report
 from infra.credentials import SECRETS
+from infra.vast_backend.config import section_of
 from infra.vast_backend.marks import extra_env, is_ours
 
 API_HINT = "(check VAST_API_KEY, and VAST_URL if set)"
@@ -44,8 +45,8 @@ def bucket_mirror(config, environ: Mapping[str, str]) -> RunMirror:
     access, secret = (environ.get(SECRETS[name]) for name in ("bucketAccessKeyId", "bucketSecretAccessKey"))
     if not (access and secret):
         raise OpsError(f"{SECRETS['bucketAccessKeyId']} and {SECRETS['bucketSecretAccessKey']} are not set: export the "
-                       f"keys of {config.vast.bucket.url} (lorastack:vast.bucket) to read the run")
-    bucket = config.vast.bucket
+                       f"keys of {section_of(config).bucket.url} (lorastack:vast.bucket) to read the run")
+    bucket = section_of(config).bucket
     return RunMirror.from_settings(bucket.url, bucket.endpoint, aws_access_key_id=access, aws_secret_access_key=secret,
                                    **({"region_name": bucket.region} if bucket.region else {}))
 
@@ -69,7 +70,7 @@ def run_status(stack: str, config, environ: Mapping[str, str]) -> dict | None:
         target = Path(folder) / "status.json"
         try:
             mirror.client.download_file(mirror.bucket, key, str(target))
-        except Exception:  # noqa: BLE001 - absent until the first checkpoint: said as "no status yet"
+        except Exception:  # absent until the first checkpoint: said as "no status yet"
             return None
         return json.loads(target.read_text())
 
@@ -87,7 +88,7 @@ def status(stack: str, config, environ: Mapping[str, str]) -> Report:
         lines.append(f"WARNING: {len(instances)} instances are labelled {pod_name(stack)}; make reap destroys strays")
     run = run_status(stack, config, environ)
     if run is None:
-        lines.append(f"{stack}: no status.json in {config.vast.bucket.url} yet (written with the first checkpoint)")
+        lines.append(f"{stack}: no status.json in {section_of(config).bucket.url} yet (written with the first checkpoint)")
     else:
         lines.append(f"{stack}: run {run_id(stack, config.train)} {run.get('state', '?')} at step "
                      f"{run.get('step', '?')}/{run.get('total', config.train.steps)}: {run.get('message', '')}".rstrip(": "))

@@ -169,6 +169,8 @@ def json_env(value: dict) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-# The Lambda Cloud fixtures live in lambda_fixtures.py (it builds on demo_config and seed above); imported here, at the
-# end, pytest offers them to every module of this folder the way it offers this file's own
+# The other backends' fixtures live in their own modules (they build on demo_config and seed above); imported here,
+# at the end, pytest offers them to every module of this folder the way it offers this file's own
+from .hfjobs_fixtures import hf_emulated, hf_faults  # noqa: E402, F401
 from .lambda_fixtures import lambda_api_only, lambda_cloud  # noqa: E402, F401
+from .vast_setup import vast  # noqa: E402, F401

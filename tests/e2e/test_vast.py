@@ -5,13 +5,12 @@ instance; destroy while training leaves nothing billing; `up` twice changes noth
 from __future__ import annotations
 
 import json
-
 import os
 
 from infra.stack_files import parse_stack
 from infra.vast_backend import runs
 
-from .vast_setup import STACK, vast  # noqa: F401 - the fixture
+from .vast_setup import STACK  # its fixture comes through conftest.py
 
 GONE_WITHIN_S = 180  # a whole tiny run on two shared cores, imports included
 
@@ -62,7 +61,8 @@ def test_a_crash_destroys_the_instance_and_the_reason_is_in_the_bucket(vast):
 
 
 def test_the_time_limit_checkpoints_mirrors_and_destroys(vast):
-    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 0.005, "allowBelowEstimate": True})  # 18 s, on purpose
+    limits = {"maxHours": 0.005, "allowBelowEstimate": True}  # 18 s: below the estimate on purpose
+    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits=limits)
     outputs, _ = driver.up()
     assert vast.runtime.wait_until_gone(int(outputs["instanceId"]), GONE_WITHIN_S)
     status = bucket_status(vast, outputs["runId"])
@@ -72,8 +72,10 @@ def test_the_time_limit_checkpoints_mirrors_and_destroys(vast):
 
 
 def test_the_money_limit_counts_at_the_ceiling_and_destroys(vast):
-    # the trainer cannot read its billed rate with the instance key: it counts at maxUsdPerHour ($0.5/h): about 43 s, room for a loaded machine
-    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits={"maxHours": 1, "maxCostUsd": 0.006, "allowBelowEstimate": True})
+    # the trainer cannot read its billed rate with the instance key: it counts at maxUsdPerHour ($0.5/h): about
+    # 43 s, room for a loaded machine
+    limits = {"maxHours": 1, "maxCostUsd": 0.006, "allowBelowEstimate": True}
+    driver = vast.driver(train={"steps": 2000, "checkpointEvery": 5}, limits=limits)
     outputs, _ = driver.up()
     assert vast.runtime.wait_until_gone(int(outputs["instanceId"]), GONE_WITHIN_S)
     status = bucket_status(vast, outputs["runId"])
