@@ -114,7 +114,7 @@ def test_a_local_folder_is_uploaded_trained_on_and_comes_back_with_its_report(wi
 def test_a_missing_folder_fails_the_up_before_anything_is_created(with_s3, tmp_path):
     emulated, _ = with_s3
     driver = emulated.driver(train=local_source(tmp_path / "not-there"))
-    with pytest.raises(Exception, match=r"lorastack:train\.dataset\.source") as refused:
+    with pytest.raises(Exception, match=r"lorastack: train\.dataset\.source") as refused:
         driver.up()
     assert "does not exist on this machine" in str(refused.value)
     assert emulated.api.volumes == {} and emulated.api.pods == {}
