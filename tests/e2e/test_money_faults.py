@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 
-import pulumi
 import pytest
 
+from emulator.language_host import ProgramError
 from emulator.replicate import ReplicateApi
 from emulator.server import Fault, serve
 from emulator.stack_driver import StackDriver
@@ -92,6 +92,6 @@ def test_inputs_that_would_bill_for_nothing_are_refused_before_any_request(api_o
     with pytest.raises(StackError) as refused:
         parse_stack(driver.config(), "stacks/Pulumi.demo.yaml")  # what `make check` runs over the stack file
     assert any(named in line for line in refused.value.problems), refused.value.problems
-    with pytest.raises(pulumi.RunError, match=re.escape(named)):
-        driver.up()  # and `pulumi up`, before anything is created
+    with pytest.raises(ProgramError, match=re.escape(named)):
+        driver.up()  # and `pulumi up` (the program fails under the engine), before anything is created
     assert api_only.api.requests == [] and api_only.api.pods == {}
