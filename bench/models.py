@@ -50,11 +50,12 @@ def tiny_size(family: str) -> Architecture:
     """The configs of training.tiny's model of this family: the models the trainer's tests train."""
     pipeline = family_for(family).tiny_pipeline()
     configs = {}
-    for name in family_for(family).components:
+    model_family = family_for(family)
+    for name in model_family.components:
         component = getattr(pipeline, name)
-        if name.startswith("tokenizer"):
+        if name in model_family.tokenizer_names:
             configs[name] = {"model_max_length": component.model_max_length}
-        elif name.startswith("text_encoder"):
+        elif isinstance(component, PreTrainedModel):
             configs[name] = component.config.to_dict()
         else:
             configs[name] = dict(component.config)
@@ -85,7 +86,7 @@ def build_components(
     components: dict[str, Any] = {}
     for name, component_class in family.components.items():
         config = configs[name]
-        if name.startswith("tokenizer"):
+        if name in family.tokenizer_names:
             components[name] = TINY_TOKENIZERS[component_class]()
             components[name].model_max_length = config["model_max_length"]
         elif not issubclass(component_class, (ModelMixin, PreTrainedModel)):
@@ -94,7 +95,7 @@ def build_components(
     # As read_components: each model in its family's dtype for it (SDXL's VAE stays fp32)
     with torch.device(device):
         for name, component_class in family.components.items():
-            dtype = family.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
+            dtype = family.vae_dtype(weight_dtype) if name == family.vae_name else weight_dtype
             with _default_dtype(dtype):
                 if issubclass(component_class, ModelMixin):
                     components[name] = component_class.from_config(configs[name])

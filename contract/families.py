@@ -8,7 +8,8 @@ the same name and reads the same facts. Adding a family is one entry here and on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath
 from typing import Literal
 
 
@@ -46,6 +47,18 @@ class KohyaLabels:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """Base models of a family whose size or native resolution differ from the family's first one (SD 2.1 at
+    768 beside 2-base at 512; SD 3.5 large beside medium): their facts replace the family's for a run on them."""
+
+    base_models: tuple[str, ...]  # hub ids, matched case-insensitively (a local copy by its folder name)
+    native_resolution: int
+    memory: MemoryFootprint
+    seconds_per_step: dict[str, float]
+    quoted_tflop_per_image: dict[str, float]
+
+
+@dataclass(frozen=True)
 class FamilyFacts:
     name: str  # the stack file's `train.family`
     denoiser: Literal["unet", "transformer"]  # the denoiser's pipeline component name
@@ -67,6 +80,32 @@ class FamilyFacts:
     # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX, whose
     # diffusers file ComfyUI and Forge load while reading no metadata
     lora_strength_in_weights: bool = False
+    variants: tuple[Variant, ...] = ()
+
+    def variant_for(self, base_model: str) -> Variant | None:
+        """The variant `base_model` (a hub id, or a local copy named like one) belongs to, if any."""
+        wanted = base_model.lower().rstrip("/")
+        folder = PurePosixPath(wanted).name
+        for variant in self.variants:
+            for known in variant.base_models:
+                known = known.lower()
+                if wanted == known or folder == PurePosixPath(known).name:
+                    return variant
+        return None
+
+    def for_base_model(self, base_model: str) -> FamilyFacts:
+        """These facts with the figures of the variant `base_model` belongs to (itself when none)."""
+        variant = self.variant_for(base_model)
+        if variant is None:
+            return self
+        return replace(
+            self,
+            native_resolution=variant.native_resolution,
+            memory=variant.memory,
+            seconds_per_step=variant.seconds_per_step,
+            quoted_tflop_per_image=variant.quoted_tflop_per_image,
+            variants=(),
+        )
 
 
 SDXL = FamilyFacts(
@@ -108,6 +147,16 @@ SD15 = FamilyFacts(
     memory=MemoryFootprint(0.86, 0.2, 512 * 512, 3.2, 0.8),
     seconds_per_step={"NVIDIA GeForce RTX 3090": 0.35, "NVIDIA GeForce RTX 4090": 0.22},
     quoted_tflop_per_image={"forward": 0.80, "total": 1.73},
+    # SD 2.x runs through this family; these were trained at 768 (v-prediction), the -base ones at 512
+    variants=(
+        Variant(
+            base_models=("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"),
+            native_resolution=768,
+            memory=MemoryFootprint(0.87, 0.35, 512 * 512, 3.2, 0.8),
+            seconds_per_step={"NVIDIA GeForce RTX 3090": 0.80, "NVIDIA GeForce RTX 4090": 0.50},
+            quoted_tflop_per_image={"forward": 1.8, "total": 3.9},
+        ),
+    ),
     kohya=KohyaLabels(
         text_encoder_prefixes={"text_encoder": "lora_te"},
         base_model_version="sd_v1",
@@ -137,9 +186,10 @@ FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 
-def facts_for(name: str) -> FamilyFacts:
-    """The facts of a family, or a ValueError naming the families there are."""
+def facts_for(name: str, base_model: str | None = None) -> FamilyFacts:
+    """The facts of a family (with its variant's figures for `base_model`), or a ValueError naming the families."""
     try:
-        return FAMILIES[name]
+        facts = FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILY_NAMES)})") from None
+    return facts if base_model is None else facts.for_base_model(base_model)

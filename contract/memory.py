@@ -31,7 +31,7 @@ class MemoryEstimate:
 
 
 def estimate(spec: TrainSpec, gradient_checkpointing: bool) -> MemoryEstimate:
-    footprint = facts_for(spec.family).memory
+    footprint = facts_for(spec.family, spec.base_model).memory
     width = BYTES[spec.precision]
     params = footprint.denoiser_params_b + (0 if spec.cache_latents else footprint.encoders_params_b)
     weights = params * 1e9 * width / 2**30

@@ -125,17 +125,10 @@ class DatasetSpec(_Schema):
         return value
 
 
-# SD 2.x shares the sd15 family, but these base models were trained at 768 (v-prediction); the -base ones at 512.
-# A model id not listed here gets the family's native resolution: set `resolution: 768` for other 768 models.
-BASE_MODELS_AT_768 = frozenset({"stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"})
-
-
 def default_resolution(family: str, base_model: str) -> int:
-    """A spec's resolution when it names none: the base model's native size (the family's, or 768 for the SD 2.x
-    models above), so an SD 1.5 stack does not train (and sample) at four times its pixel count."""
-    if base_model.lower() in BASE_MODELS_AT_768:
-        return 768
-    return facts_for(family).native_resolution
+    """A spec's resolution when it names none: the base model's native size (its family's, or its variant's: SD 2.1
+    at 768), so an SD 1.5 stack does not train (and sample) at four times its pixel count."""
+    return facts_for(family, base_model).native_resolution
 
 
 class TrainSpec(_Schema):

@@ -181,7 +181,7 @@ class StackConfig(_Schema):
         gpu_id, count = self.backend.performance_gpu(self)
         return pricing.estimate_run(
             usd_per_hour, source, self.train.family, gpu_id, self.train.resolution, self.train.batch_size,
-            self.train.gradient_accumulation, self.train.steps, count,
+            self.train.gradient_accumulation, self.train.steps, count, base_model=self.train.base_model,
         )
 
     def run_limits(self) -> RunLimits:

@@ -64,16 +64,25 @@ def measured_seconds_per_step(results_dir: Path = BENCH_RESULTS_DIR) -> dict[tup
 
 
 def seconds_per_step(
-    family: str, gpu_id: str, resolution: int, batch_size: int, results_dir: Path = BENCH_RESULTS_DIR
+    family: str, gpu_id: str, resolution: int, batch_size: int, results_dir: Path = BENCH_RESULTS_DIR,
+    base_model: str | None = None,
 ) -> float:
-    """Measured or estimated time of one step; scaled by pixels and batch from the nearest known row."""
-    measured = measured_seconds_per_step(results_dir)
-    exact = measured.get((family, gpu_id, resolution, batch_size))
-    if exact is not None:
-        return exact
-    reference = facts_for(family).native_resolution
-    # measured batch-1 rows take the place of the estimates
-    table = {**SECONDS_PER_STEP, **{(f, g, r): s for (f, g, r, b), s in measured.items() if b == 1}}
+    """Measured or estimated time of one step; scaled by pixels and batch from the nearest known row.
+
+    A base model of one of the family's variants (SD 2.1, SD 3.5 large) is timed from its variant's figures: the
+    benchmark measures each family's first base model."""
+    facts = facts_for(family)
+    if base_model is not None and facts.variant_for(base_model) is not None:
+        facts = facts.for_base_model(base_model)
+        table = {(family, gpu, facts.native_resolution): seconds for gpu, seconds in facts.seconds_per_step.items()}
+    else:
+        measured = measured_seconds_per_step(results_dir)
+        exact = measured.get((family, gpu_id, resolution, batch_size))
+        if exact is not None:
+            return exact
+        # measured batch-1 rows take the place of the estimates
+        table = {**SECONDS_PER_STEP, **{(f, g, r): s for (f, g, r, b), s in measured.items() if b == 1}}
+    reference = facts.native_resolution
     known = table.get((family, gpu_id, reference))
     if known is None:
         anchor_gpu, anchor = next((g, s) for (f, g, r), s in table.items() if f == family and r == reference)
@@ -101,8 +110,9 @@ class CostEstimate:
 
 def estimate_run(
     usd_per_hour: float, source: str, family: str, gpu_id: str, resolution: int, batch_size: int,
-    accumulation: int, steps: int, gpu_count: int = 1,
+    accumulation: int, steps: int, gpu_count: int = 1, base_model: str | None = None,
 ) -> CostEstimate:
-    per_step = seconds_per_step(family, gpu_id, resolution, batch_size) * accumulation / max(gpu_count, 1) ** 0.9
+    per_step = seconds_per_step(family, gpu_id, resolution, batch_size, base_model=base_model)
+    per_step = per_step * accumulation / max(gpu_count, 1) ** 0.9
     hours = (steps * per_step + STARTUP_SECONDS) / 3600
     return CostEstimate(usd_per_hour, per_step, hours, usd_per_hour * hours, source)

@@ -56,8 +56,8 @@ class ModelBundle:
     family: ModelFamily
     denoiser: torch.nn.Module  # the UNet or transformer
     vae: AutoencoderKL
-    text_encoders: dict[str, torch.nn.Module]  # "text_encoder", "text_encoder_2", as in the pipeline folders
-    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2"
+    text_encoders: dict[str, torch.nn.Module]  # by component name: "text_encoder", "text_encoder_2", ...
+    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2", ...
     noise_scheduler: Any  # the family's training scheduler (DDPM, flow matching)
     weight_dtype: torch.dtype
     device: torch.device
@@ -118,7 +118,7 @@ class ModelBundle:
         replaces the bundle's own, e.g. by their data-parallel wrappers.
         """
         encoders = encoders or self.text_encoders
-        device = next(self.text_encoders["text_encoder"].parameters()).device  # where its weights are
+        device = next(next(iter(self.text_encoders.values())).parameters()).device  # where their weights are
         encoded = self.family.encode_text(encoders, token_ids, device)
         return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
@@ -170,11 +170,9 @@ def load_models(
     weight_dtype = weight_dtype_for(spec, device)
     components = source(spec, cache_dir, weight_dtype)
     denoiser = components[family.denoiser_name]
-    text_encoders: dict[str, PreTrainedModel] = {
-        name: components[name] for name in ("text_encoder", "text_encoder_2") if name in components
-    }
-    tokenizers: dict[str, Any] = {name: components[name] for name in ("tokenizer", "tokenizer_2") if name in components}
-    vae = components["vae"]
+    text_encoders: dict[str, PreTrainedModel] = {name: components[name] for name in family.text_encoder_names}
+    tokenizers: dict[str, Any] = {name: components[name] for name in family.tokenizer_names}
+    vae = components[family.vae_name]
 
     for module in (denoiser, vae, *text_encoders.values()):
         module.requires_grad_(False)

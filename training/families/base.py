@@ -54,6 +54,16 @@ class ModelFamily(ABC):
     lora_targets: ClassVar[list[str]]  # module names in the denoiser that get LoRA adapters
     text_encoder_lora_targets: ClassVar[list[str]] = CLIP_LORA_TARGETS  # when trainTextEncoder is on
     lora_loader: ClassVar[type[Any]]  # the diffusers LoraLoaderMixin whose save_lora_weights writes our file
+    vae_name: ClassVar[str] = "vae"  # the autoencoder's component name (LDM's pipelines call it vqvae)
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """The components that encode the prompt, in the pipeline's order (text_encoder, text_encoder_2, ...)."""
+        return [name for name in self.components if name.startswith("text_encoder")]
+
+    @property
+    def tokenizer_names(self) -> list[str]:
+        return [name for name in self.components if name.startswith("tokenizer")]
 
     @property
     def name(self) -> str:
@@ -76,7 +86,7 @@ class ModelFamily(ABC):
         for name, component_class in self.components.items():
             options = dict(common)
             if issubclass(component_class, ModelMixin):
-                options["torch_dtype"] = self.vae_dtype(weight_dtype) if name == "vae" else weight_dtype
+                options["torch_dtype"] = self.vae_dtype(weight_dtype) if name == self.vae_name else weight_dtype
             elif issubclass(component_class, PreTrainedModel):
                 options["dtype"] = weight_dtype
             components[name] = component_class.from_pretrained(spec.base_model, subfolder=name, **options)
@@ -130,7 +140,7 @@ class ModelFamily(ABC):
     def sample_pipeline(self, models: ModelBundle) -> DiffusionPipeline:
         """An inference pipeline over the live modules (LoRA applied), for sample images during training."""
         return self.pipeline_class(
-            vae=models.vae,
+            **{self.vae_name: models.vae},
             **models.text_encoders,
             **models.tokenizers,
             **{self.denoiser_name: models.denoiser},
