@@ -136,6 +136,25 @@ def test_the_replicate_stack_goes_up_previews_no_change_and_is_destroyed(replica
     assert replicate.deployments == {} and model in replicate.models
 
 
+def test_a_replicate_dataset_url_keeps_its_credentials_encrypted_and_a_new_signature_retrains_nothing(
+    replicate, tmp_path
+):
+    def driver(signature: str) -> StackDriver:
+        train = {**STACKS["flux-replicate"]["lorastack:train"]}
+        train["dataset"] = {"source": f"https://alice:s3cr3t-pass@data.example.com/style.zip?X-Amz-Signature={signature}"}
+        return StackDriver("flux-replicate", tmp_path, secrets={"replicateApiToken": REPLICATE_TOKEN},
+                           overrides={"lorastack:train": train})
+
+    _, operations = driver("0f1e2d3c4b5a6978").up()
+    assert operations.counts == {"create": 3}
+    (training,) = replicate.trainings.values()
+    assert training.input["input_images"].startswith("https://alice:s3cr3t-pass@")  # Replicate gets the whole URL
+    assert_no_plain_secrets(state_file(tmp_path, "flux-replicate"), "s3cr3t-pass", "0f1e2d3c4b5a6978")
+    # the URL signed again an hour later is the same dataset: nothing is replaced, nothing trains again
+    _, preview = driver("99aa88bb77cc66dd").preview()
+    assert "replace" not in preview.counts and "create" not in preview.counts, preview.counts
+
+
 @pytest.mark.parametrize("stack", sorted(name for name, config in STACKS.items() if config["lorastack:provider"] == "lambda"))
 def test_a_lambda_stack_goes_up_previews_no_change_and_is_destroyed(stack, lambda_cloud, tmp_path):
     driver = StackDriver(stack, tmp_path, secrets={"lambdaApiKey": LAMBDA_KEY, "hfToken": HF_TOKEN})

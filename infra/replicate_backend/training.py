@@ -37,6 +37,7 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from replicate.exceptions import ReplicateError
 
 from contract.dataset import folder_content_hash
+from contract.redaction import redacted_source
 from contract.spec import TrainSpec
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.replicate_backend.client import ReplicateClient
@@ -149,11 +150,12 @@ class TrainingProvider(ReplicateProvider):
         elif is_url(source):
             if not source.split("?", 1)[0].lower().endswith(".zip"):
                 failures.append(CheckFailure(
-                    "datasetSource", f"{source}: the Replicate trainer takes a .zip of images and .txt captions; "
-                    "point dataset.source at a .zip or at a local folder (it is zipped and uploaded)"
+                    "datasetSource", f"{redacted_source(source)}: the Replicate trainer takes a .zip of images and .txt "
+                    "captions; point dataset.source at a .zip or at a local folder (it is zipped and uploaded)"
                 ))
             else:
-                news = {**news, "datasetFingerprint": source}
+                # without its credentials: a re-signed URL of the same file is the same training, not a new one
+                news = {**news, "datasetFingerprint": redacted_source(source)}
         else:
             try:
                 archive = dataset_zip(Path(source), news.get("captionExtension") or ".txt", news.get("defaultCaption") or "")
@@ -188,7 +190,8 @@ class TrainingProvider(ReplicateProvider):
             if props.get(key):
                 training_input[name] = props[key]
         training = client.create_training(trainer, trainer_version, props["destination"], training_input)
-        resolved = {**props, "trainer": trainer, "trainerVersion": trainer_version, "imagesUrl": images_url}
+        # imagesUrl is kept in the state: a dataset URL's credentials are not
+        resolved = {**props, "trainer": trainer, "trainerVersion": trainer_version, "imagesUrl": redacted_source(images_url)}
         if props.get("wait"):
             try:
                 training = self._follow(client, training, props)
@@ -328,7 +331,7 @@ def _outputs(props: dict[str, Any], training: dict) -> dict[str, Any]:
 class TrainingArgs:
     destination: pulumi.Input[str]  # owner/name of the model that receives the new version
     trainer_input: dict[str, Any]
-    dataset_source: str  # a local folder (absolute) or an https URL of a .zip
+    dataset_source: str  # a local folder (absolute) or an https URL of a .zip (its credentials are kept secret)
     trainer: str = DEFAULT_TRAINER
     trainer_version: str | None = None
     caption_extension: str = ".txt"
@@ -351,12 +354,14 @@ class Training(pulumi.dynamic.Resource, module="replicate", name="Training"):
     trainingUrl: pulumi.Output[str]
 
     def __init__(self, resource_name: str, args: TrainingArgs, opts: pulumi.ResourceOptions | None = None):
+        # a signed or user:password URL is stored encrypted in the state, as the stack's other secrets
+        carries_credentials = redacted_source(args.dataset_source) != args.dataset_source
         props = {
             "destination": args.destination,
             "trainer": args.trainer,
             "trainerVersion": args.trainer_version,
             "trainerInput": args.trainer_input,
-            "datasetSource": args.dataset_source,
+            "datasetSource": pulumi.Output.secret(args.dataset_source) if carries_credentials else args.dataset_source,
             "captionExtension": args.caption_extension,
             "defaultCaption": args.default_caption,
             "hfToken": args.hf_token,
@@ -370,5 +375,6 @@ class Training(pulumi.dynamic.Resource, module="replicate", name="Training"):
             **dict.fromkeys(TRAINING_OUTPUT_KEYS),
         }
         # the provider host gets secrets as plain values: what it returns under these keys is marked secret again
-        fixed = pulumi.ResourceOptions(additional_secret_outputs=list(SECRET_INPUTS))
+        secret_outputs = [*SECRET_INPUTS, *(["datasetSource"] if carries_credentials else [])]
+        fixed = pulumi.ResourceOptions(additional_secret_outputs=secret_outputs)
         super().__init__(TrainingProvider(), resource_name, props, pulumi.ResourceOptions.merge(opts, fixed))
