@@ -76,6 +76,10 @@ class LivePrices:
 class Backend(Protocol):
     name: str  # the provider name; its stack-file section is `lorastack:<name>`
     section: type[BaseModel]  # the model of that section
+    # The secret config keys (infra.credentials.SECRETS) its status/logs/fetch/reap hooks read: `ops_secrets` are
+    # needed (the CLI says where each came from, or that it is not set), `ops_optional_secrets` used when set.
+    ops_secrets: tuple[str, ...]
+    ops_optional_secrets: tuple[str, ...]
 
     # --- the schema ---
     def check(self, config: StackConfig) -> None:

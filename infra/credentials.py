@@ -38,13 +38,9 @@ SECRETS = {
     "bucketAccessKeyId": "AWS_ACCESS_KEY_ID",
     "bucketSecretAccessKey": "AWS_SECRET_ACCESS_KEY",
 }
-# The secrets each command outside Pulumi needs, and those it uses when present (fetch: a private hfRepo).
-COMMAND_SECRETS = {"status": ("runpodApiKey",), "logs": ("runpodApiKey",), "fetch": ("runpodApiKey",),
-                   "reap": ("runpodApiKey",)}
-# hfToken: also the Hugging Face Jobs backend's API credential (its stacks' status, logs and reap)
-_VAST_SECRETS = ("vastApiKey", "bucketAccessKeyId", "bucketSecretAccessKey")  # a Vast.ai stack's API and bucket
-COMMAND_OPTIONAL_SECRETS = {"fetch": ("hfToken", *_VAST_SECRETS), "status": ("hfToken", *_VAST_SECRETS),
-                            "logs": ("hfToken", *_VAST_SECRETS), "reap": ("hfToken", "lambdaApiKey", *_VAST_SECRETS)}
+# What each backend's status/logs/fetch/reap hooks read is the backend's own (Backend.ops_secrets); `make fetch`
+# also reads a private Hub repo of any backend's stack with this one when it is set.
+FETCH_OPTIONAL_SECRETS = ("hfToken",)
 PULUMI_ENV = "PULUMI"  # the Pulumi CLI to run (the Makefile's PULUMI=...), default `pulumi` on PATH
 PULUMI_TIMEOUT_S = 60.0  # a Pulumi Cloud round trip; a hung login must not hang `make status`
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # Pulumi.yaml: the project whose stacks these are
@@ -108,16 +104,18 @@ def find_credential(name: str, stacks: Iterable[str], environ: MutableMapping[st
     return Credential(name, None, f"not set ({where})" + _because(tried))
 
 
-def use_stack_credentials(command: str, stacks: Iterable[str], environ: MutableMapping[str, str] | None = None,
-                          report: TextIO | None = None, run: Runner = subprocess.run) -> None:
-    """Put the secrets `command` needs into `environ` (this process's own, by default), from the stack's config or
-    the environment, and say on `report` (stderr) where each came from."""
+def use_stack_credentials(required: Iterable[str], optional: Iterable[str], stacks: Iterable[str],
+                          environ: MutableMapping[str, str] | None = None, report: TextIO | None = None,
+                          run: Runner = subprocess.run) -> None:
+    """Put the secrets a command reads into `environ` (this process's own, by default), from the stack's config or
+    the environment, and say on `report` (stderr) where each came from: a `required` one always (also when it is
+    not set, with how to set it), an `optional` one only when found."""
     environ = os.environ if environ is None else environ
     report = report or sys.stderr
-    stacks = list(stacks)
-    for name in COMMAND_SECRETS[command] + COMMAND_OPTIONAL_SECRETS.get(command, ()):
+    stacks, required = list(stacks), tuple(required)
+    for name in dict.fromkeys((*required, *optional)):
         found = find_credential(name, stacks, environ, run)
-        if found.value or name in COMMAND_SECRETS[command]:  # an optional one is named only when used
+        if found.value or name in required:
             print(f"{name}: {found.source}", file=report, flush=True)
         if found.value:
             environ[SECRETS[name]] = found.value

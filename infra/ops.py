@@ -18,7 +18,7 @@ from typing import TextIO
 from infra import paths
 from infra.backends import OpsError, Report
 from infra.config import StackConfig
-from infra.credentials import use_stack_credentials
+from infra.credentials import FETCH_OPTIONAL_SECRETS, use_stack_credentials
 from infra.hub import fetch_from_hub
 from infra.stack_files import StackError, load_stack
 
@@ -67,12 +67,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     if not args.stack:
         print(f"name a stack: make {args.command} STACK=sdxl-4090 (files in stacks/)", file=sys.stderr)
         return 2
-    use_stack_credentials(args.command, [args.stack])  # the stack's secret config, else the environment
     try:
         config = load_stack(args.stack)
     except StackError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
+    backend = config.backend
+    optional = backend.ops_optional_secrets + (FETCH_OPTIONAL_SECRETS if args.command == "fetch" else ())
+    use_stack_credentials(backend.ops_secrets, optional, [args.stack])  # the stack's secret config, else the environment
     return run_command(args.command, args.stack, config, out)
 
 

@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     out = out or sys.stdout
     live = {name.strip() for name in args.stacks.split(",") if name.strip()} if args.stacks is not None else stacks_with_files()
-    use_stack_credentials("reap", sorted(stacks_with_files()))  # a stack's secret config, else the environment
+    # every backend's credentials, from a stack's secret config, else the environment; a backend whose credential
+    # is nowhere says so and is skipped (a RunPod-only user has no Vast.ai key)
+    wanted = [name for backend in map(backends.get, backends.names())
+              for name in (*backend.ops_secrets, *backend.ops_optional_secrets)]
+    use_stack_credentials((), wanted, sorted(stacks_with_files()))
     try:
         decisions = reap(live, os.environ, dry_run=args.dry_run, grace_minutes=args.grace_minutes)
     except OpsError as error:

@@ -60,7 +60,7 @@ def test_the_stacks_secret_config_comes_first_and_its_source_is_named(stacks_dir
     environ[credentials.PULUMI_ENV] = str(fake_pulumi(tmp_path, KEY, calls))
     environ["RUNPOD_API_KEY"] = "rp-from-the-environment"
     report = io.StringIO()
-    credentials.use_stack_credentials("status", ["sdxl-4090"], environ, report)
+    credentials.use_stack_credentials(("runpodApiKey",), (), ["sdxl-4090"], environ, report)
     assert environ["RUNPOD_API_KEY"] == KEY
     assert json.loads(calls.read_text()) == ["config", "get", "lorastack:runpodApiKey", "--stack", "sdxl-4090"]
     assert report.getvalue() == "runpodApiKey: the sdxl-4090 stack's secret config (pulumi config get runpodApiKey)\n"
@@ -123,10 +123,39 @@ def test_fetch_names_the_hub_token_only_when_it_has_one(stacks_dir, environ, tmp
     environ[credentials.PULUMI_ENV] = str(tmp_path / "no-such-pulumi")
     environ["RUNPOD_API_KEY"] = "rp-env"
     report = io.StringIO()
-    credentials.use_stack_credentials("fetch", ["plain"], environ, report)
+    credentials.use_stack_credentials(("runpodApiKey",), ("hfToken",), ["plain"], environ, report)
     assert report.getvalue() == "runpodApiKey: the environment ($RUNPOD_API_KEY)\n"
     environ["HF_TOKEN"] = "hf_env_token"
     report = io.StringIO()
-    credentials.use_stack_credentials("fetch", ["plain"], environ, report)
+    credentials.use_stack_credentials(("runpodApiKey",), ("hfToken",), ["plain"], environ, report)
     assert report.getvalue().splitlines()[1] == "hfToken: the environment ($HF_TOKEN)"
     assert "hf_env_token" not in report.getvalue()
+
+
+@pytest.mark.parametrize(("stack", "named", "not_named"), [
+    ("sdxl-lambda-h100", "lambdaApiKey", "runpodApiKey"),
+    ("sdxl-vast-4090", "vastApiKey", "runpodApiKey"),
+    ("sdxl-4090", "runpodApiKey", "lambdaApiKey"),
+])
+def test_make_status_names_only_the_credential_its_backend_reads(stack, named, not_named, tmp_path, monkeypatch,
+                                                                   capsys):
+    for env_name in credentials.SECRETS.values():
+        monkeypatch.delenv(env_name, raising=False)
+    monkeypatch.setenv(credentials.PULUMI_ENV, str(tmp_path / "no-such-pulumi"))
+    assert ops.main(["status", stack], out=io.StringIO()) == 2  # nothing to ask the API with
+    err = capsys.readouterr().err
+    assert f"{named}: not set (`pulumi config set --secret {named}" in err
+    assert not_named not in err
+
+
+def test_make_reap_skips_a_backend_without_its_credential_and_reaps_the_others(stacks_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    for env_name in credentials.SECRETS.values():
+        monkeypatch.delenv(env_name, raising=False)
+    monkeypatch.setenv(credentials.PULUMI_ENV, str(tmp_path / "no-such-pulumi"))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")  # no local engine either
+    out = io.StringIO()
+    assert reaper.main(["--dry-run"], out=out) == 0
+    err = capsys.readouterr().err
+    assert "RunPod: RUNPOD_API_KEY is not set, so its pods were not checked" in err
+    assert out.getvalue().strip() == "no lorastack pods"

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 class HfJobsBackend:
     name = "hfjobs"
     section = HfJobsConfig
+    ops_secrets = ("hfToken",)
+    ops_optional_secrets = ()
 
     def check(self, config: StackConfig) -> None:
         if config.wait:

@@ -51,6 +51,8 @@ def _section(config: StackConfig) -> LambdaConfig:
 class LambdaBackend:
     name = "lambda"
     section = LambdaConfig
+    ops_secrets = ("lambdaApiKey",)
+    ops_optional_secrets = ()
 
     def check(self, config: StackConfig) -> None:
         if config.wait:

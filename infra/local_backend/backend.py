@@ -44,6 +44,8 @@ def _section(config: StackConfig) -> LocalConfig:
 class LocalBackend:
     name = "local"
     section = LocalConfig
+    ops_secrets = ()
+    ops_optional_secrets = ()
 
     def check(self, config: StackConfig) -> None:
         if config.wait:

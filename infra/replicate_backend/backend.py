@@ -35,6 +35,8 @@ def _section(config: StackConfig) -> ReplicateConfig:
 class ReplicateBackend:
     name = "replicate"
     section = ReplicateConfig
+    ops_secrets = ("replicateApiToken",)
+    ops_optional_secrets = ()
 
     def check(self, config: StackConfig) -> None:
         trainer = _section(config).trainer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,8 @@ def _section(config: StackConfig) -> RunpodConfig:
 class RunpodBackend:
     name = "runpod"
     section = RunpodConfig
+    ops_secrets = ("runpodApiKey",)
+    ops_optional_secrets = ("runpodS3AccessKey", "runpodS3Secret")  # make fetch reads the volume over S3
 
     def check(self, config: StackConfig) -> None:
         """The RunPod section's own rules live in RunpodConfig, the memory fit comes through gpu_memory(); here: a
@@ -104,8 +107,10 @@ class RunpodBackend:
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
         key = runs.api_key(environ)
-        if not key:
-            raise OpsError("RUNPOD_API_KEY is not set: export it (RunPod console > Settings > API Keys)")
+        if not key:  # no RunPod account here: the other backends are still reaped
+            print("RunPod: RUNPOD_API_KEY is not set, so its pods were not checked (export it, RunPod console > "
+                  "Settings > API Keys, or set runpodApiKey in a stack's secret config)", file=sys.stderr, flush=True)
+            return []
         try:
             return reap_rules.reap(RunpodClient(key), live_stacks, dry_run=dry_run, now=datetime.now(UTC),
                                    grace_minutes=grace_minutes)

@@ -36,6 +36,8 @@ def matching_offers(config: StackConfig, offers: list[dict]) -> list[dict]:
 class VastBackend:
     name = "vast"
     section = VastConfig
+    ops_secrets = ("vastApiKey",)
+    ops_optional_secrets = ("bucketAccessKeyId", "bucketSecretAccessKey")  # the run mirror: make fetch
 
     def check(self, config: StackConfig) -> None:
         if config.wait:
