@@ -40,6 +40,15 @@ _TAG = re.compile(r"^\w[\w.-]{0,127}$")
 _MAX_REPOSITORY_LENGTH = 255
 
 
+def is_pinned(image: str) -> bool:
+    """A digest, or a tag other than `latest`: a restarted machine must run the same code (every backend's
+    provider checks the image reference it is given)."""
+    if "@sha256:" in image:
+        return True
+    name = image.rsplit("/", 1)[-1]
+    return ":" in name and name.rsplit(":", 1)[1] not in ("", "latest")
+
+
 class ImageConfig(_Schema):
     """The trainer image, pinned: a semver tag, optionally with its digest. Never `latest`."""
 

@@ -27,10 +27,10 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, ReadResult, 
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from contract.spec import ENV_MANAGED
+from infra.config import is_pinned
 from infra.dynamic import CredentialedProvider, is_unknown, keyed_diff, whole_numbers
 from infra.hfjobs_backend import catalog
 from infra.hfjobs_backend.client import LABEL_RUN, LABEL_STACK, TERMINAL_STAGES, HfJobs, is_not_found, is_transient
-from infra.runpod_backend.pod import is_pinned
 
 JOB_REPLACE_KEYS = ("namespace", "image", "command", "environment", "secrets", "flavor", "timeoutSeconds", "labels")
 JOB_INTEGER_KEYS = ("timeoutSeconds",)

@@ -33,10 +33,10 @@ from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, 
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
+from infra.config import is_pinned
 from infra.dynamic import changed_keys, is_unknown, whole_numbers
 from infra.local_backend import engine
 from infra.local_backend.engine import INPUTS_LABEL, MANAGED_LABEL, STACK_LABEL
-from infra.runpod_backend.pod import is_pinned
 
 CONTAINER_KEYS = ("name", "stack", "image", "env", "folder", "gpus", "shmSizeGb", "user")
 INTEGER_KEYS = ("shmSizeGb",)

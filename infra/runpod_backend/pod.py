@@ -21,6 +21,7 @@ from pulumi.dynamic.dynamic import PROVIDER_KEY
 
 from cloudapi.runpod_rest import NotFound, RunpodClient
 from contract.spec import ENV_MANAGED, WORKSPACE_MOUNT
+from infra.config import is_pinned
 from infra.dynamic import is_unknown, whole_numbers
 from infra.runpod_backend import catalog
 from infra.runpod_backend.provider import RunpodProvider
@@ -30,14 +31,6 @@ POD_UPDATE_KEYS = ("name", "image", "env", "containerDiskGb", "volumeMountPath")
 POD_INTEGER_KEYS = ("gpuCount", "containerDiskGb")
 STOPPED_STATUSES = ("EXITED", "ERROR")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def is_pinned(image: str) -> bool:
-    """A digest, or a tag other than `latest`: a restarted pod must run the same code."""
-    if "@sha256:" in image:
-        return True
-    name = image.rsplit("/", 1)[-1]
-    return ":" in name and name.rsplit(":", 1)[1] not in ("", "latest")
 
 
 class PodProvider(RunpodProvider):
