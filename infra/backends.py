@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -126,6 +128,35 @@ class Backend(Protocol):
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
         """Our billed resources outside a live stack or past their limits; terminated unless `dry_run`."""
+
+
+class RunsOurTrainer:
+    """`build` for a backend whose component runs our trainer image: `component` names the ComponentResource and its
+    args dataclass (`module:Class:ArgsClass`), imported only when the program builds (pulumi loads there alone)."""
+
+    component: ClassVar[str]
+
+    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
+              image_ref: Callable[[], pulumi.Input[str]]) -> dict[str, Any]:
+        module_name, component_name, args_name = self.component.split(":")
+        module = importlib.import_module(module_name)
+        args = getattr(module, args_name)(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
+        return dict(getattr(module, component_name)(stack, args).exports)
+
+
+class OpsFromRunsLibrary:
+    """status, logs and fetch answered by the backend's runs library (`runs`: a module with those functions)."""
+
+    runs: ClassVar[ModuleType]
+
+    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
+        return self.runs.status(stack, config, environ)
+
+    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
+        return self.runs.logs(stack, config, environ, emit)
+
+    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
+        return self.runs.fetch(stack, config, destination, environ)
 
 
 def short_error(error: Exception) -> str:

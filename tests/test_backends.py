@@ -4,17 +4,20 @@ reaches its machine only through the host interface (cloudapi/hosts.py)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import typing
 from pathlib import Path
 
+import pulumi
 import pytest
 
 from cloudapi import hosts
 from contract.workspace import workspace_root
 from infra import backends
 from infra.config import StackConfig, section_field
+from infra.credentials import SECRETS
 from infra.paths import REPO_ROOT
 from infra.stack_files import STACKS_DIR, load_stack
 
@@ -44,6 +47,12 @@ def test_every_backend_package_is_registered_and_implements_the_interface():
         assert (field.alias or section_field(name)) == name
         assert backend.section in typing.get_args(field.annotation)
         assert importlib.import_module(backends.policies_module(name)).POLICIES
+        assert set(backend.ops_secrets + backend.ops_optional_secrets) <= set(SECRETS)
+        if isinstance(backend, backends.RunsOurTrainer):  # its component and args classes are where it says
+            module_name, component, args = backend.component.split(":")
+            module = importlib.import_module(module_name)
+            assert issubclass(getattr(module, component), pulumi.ComponentResource)
+            assert dataclasses.is_dataclass(getattr(module, args))
 
 
 def test_the_provider_values_are_the_registrys_names():

@@ -3,12 +3,12 @@ image (infra.backends.Backend)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar
 
-from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.backends import LivePrices, OpsError, OpsFromRunsLibrary, ReapDecision, RunsOurTrainer, short_error
 from infra.credentials import SECRETS
 from infra.hfjobs_backend import runs
 from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS, hfjobs_usd_per_hour
@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from infra.config import StackConfig
 
 
-class HfJobsBackend:
+class HfJobsBackend(RunsOurTrainer, OpsFromRunsLibrary):
     name = "hfjobs"
     section = HfJobsConfig
     ops_secrets = ("hfToken",)
     ops_optional_secrets = ()
+    component = "infra.hfjobs_backend.component:HfJobsTraining:HfJobsTrainingArgs"
+    runs: ClassVar[ModuleType] = runs
 
     def check(self, config: StackConfig) -> None:
         if config.wait:
@@ -72,22 +74,6 @@ class HfJobsBackend:
         offered = ", ".join(name for name in live if name in HFJOBS_FLAVORS)
         return [f"Hugging Face Jobs no longer lists flavor {section_of(config).flavor!r} (GET /api/jobs/hardware); "
                 f"GPU flavors offered: {offered}"]
-
-    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
-              image_ref: Callable[[], Any]) -> dict[str, Any]:
-        from infra.hfjobs_backend.component import HfJobsTraining, HfJobsTrainingArgs  # pulumi: only in the program
-
-        args = HfJobsTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
-        return dict(HfJobsTraining(stack, args).exports)
-
-    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
-        return runs.status(stack, config, environ)
-
-    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
-        return runs.logs(stack, config, environ, emit)
-
-    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
-        return runs.fetch(stack, config, destination, environ)
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:

@@ -12,7 +12,7 @@ import requests
 
 from cloudapi.lambda_rest import GONE_STATUSES, LambdaClient, LambdaError
 from contract.naming import pod_name
-from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.backends import LivePrices, OpsError, ReapDecision, Report, RunsOurTrainer, short_error
 from infra.credentials import SECRETS
 from infra.lambda_backend import reap as reap_rules
 from infra.lambda_backend.catalog import FILESYSTEM_USD_PER_GIB_MONTH, lambda_usd_per_hour
@@ -48,11 +48,12 @@ def _section(config: StackConfig) -> LambdaConfig:
     return cast(LambdaConfig, config.lambda_cloud)  # never None here (StackConfig's _backend check)
 
 
-class LambdaBackend:
+class LambdaBackend(RunsOurTrainer):
     name = "lambda"
     section = LambdaConfig
     ops_secrets = ("lambdaApiKey",)
     ops_optional_secrets = ()
+    component = "infra.lambda_backend.component:LambdaTraining:LambdaTrainingArgs"
 
     def check(self, config: StackConfig) -> None:
         if config.wait:
@@ -109,13 +110,6 @@ class LambdaBackend:
             return [f"{section.instance_type} has no capacity in {section.region} right now (regions with capacity: "
                     f"{where}); a launch there fails until some frees up"]
         return []
-
-    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
-              image_ref: Callable[[], Any]) -> dict[str, Any]:
-        from infra.lambda_backend.component import LambdaTraining, LambdaTrainingArgs  # pulumi: only in the program
-
-        args = LambdaTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
-        return dict(LambdaTraining(stack, args).exports)
 
     def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
         try:

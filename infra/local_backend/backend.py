@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from contract.naming import pod_name, run_id
 from contract.workspace import RunPaths, read_json
-from infra.backends import LivePrices, OpsError, ReapDecision, Report
+from infra.backends import LivePrices, OpsError, ReapDecision, Report, RunsOurTrainer
 from infra.local_backend.catalog import PRICE_SOURCE
 from infra.local_backend.config import LocalConfig
 
@@ -41,11 +41,12 @@ def _section(config: StackConfig) -> LocalConfig:
     return cast(LocalConfig, config.local)  # never None here (StackConfig's _backend check)
 
 
-class LocalBackend:
+class LocalBackend(RunsOurTrainer):
     name = "local"
     section = LocalConfig
     ops_secrets = ()
     ops_optional_secrets = ()
+    component = "infra.local_backend.component:LocalTraining:LocalTrainingArgs"
 
     def check(self, config: StackConfig) -> None:
         if config.wait:
@@ -74,13 +75,6 @@ class LocalBackend:
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
         return []
-
-    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
-              image_ref: Callable[[], Any]) -> dict[str, Any]:
-        from infra.local_backend.component import LocalTraining, LocalTrainingArgs  # pulumi: only in the program
-
-        args = LocalTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
-        return dict(LocalTraining(stack, args).exports)
 
     def _paths(self, stack: str, config: StackConfig) -> RunPaths:
         return RunPaths(_section(config).folder_path(stack), run_id(stack, config.train))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import requests
 
 from cloudapi.runpod_rest import RunpodClient, RunpodError
-from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.backends import LivePrices, OpsError, OpsFromRunsLibrary, ReapDecision, RunsOurTrainer, short_error
 from infra.local_dataset import local_folder
 from infra.runpod_backend import reap as reap_rules
 from infra.runpod_backend import runs
@@ -29,11 +29,13 @@ def _section(config: StackConfig) -> RunpodConfig:
     return cast(RunpodConfig, config.runpod)  # never None here (StackConfig's _backend check)
 
 
-class RunpodBackend:
+class RunpodBackend(RunsOurTrainer, OpsFromRunsLibrary):
     name = "runpod"
     section = RunpodConfig
     ops_secrets = ("runpodApiKey",)
     ops_optional_secrets = ("runpodS3AccessKey", "runpodS3Secret")  # make fetch reads the volume over S3
+    component = "infra.runpod_backend.component:RunpodTraining:RunpodTrainingArgs"
+    runs: ClassVar[ModuleType] = runs
 
     def check(self, config: StackConfig) -> None:
         """The RunPod section's own rules live in RunpodConfig, the memory fit comes through gpu_memory(); here: a
@@ -87,22 +89,6 @@ class RunpodBackend:
 
     def live_warnings(self, config: StackConfig, live: Any) -> list[str]:
         return []  # every catalog id is validated offline (RUNPOD_GPUS); a live price only replaces the table's
-
-    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
-              image_ref: Callable[[], Any]) -> dict[str, Any]:
-        from infra.runpod_backend.component import RunpodTraining, RunpodTrainingArgs  # pulumi: only in the program
-
-        args = RunpodTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
-        return dict(RunpodTraining(stack, args).exports)
-
-    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
-        return runs.status(stack, config, environ)
-
-    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
-        return runs.logs(stack, config, environ, emit)
-
-    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
-        return runs.fetch(stack, config, destination, environ)
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:

@@ -4,15 +4,15 @@ mirrored to the stack's S3-compatible bucket, the instance destroys itself when 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import requests
 
 from cloudapi.vast_rest import VastClient, VastError
-from infra.backends import LivePrices, OpsError, ReapDecision, Report, short_error
+from infra.backends import LivePrices, OpsError, OpsFromRunsLibrary, ReapDecision, RunsOurTrainer, short_error
 from infra.vast_backend import runs
 from infra.vast_backend.catalog import LIVE_PRICES_SOURCE, VAST_GPUS, VAST_PRICES_SOURCE, ceiling_source
 from infra.vast_backend.config import VastConfig, section_of
@@ -33,11 +33,13 @@ def matching_offers(config: StackConfig, offers: list[dict]) -> list[dict]:
             and (offer.get("verification") == "verified" or not vast.verified)]
 
 
-class VastBackend:
+class VastBackend(RunsOurTrainer, OpsFromRunsLibrary):
     name = "vast"
     section = VastConfig
     ops_secrets = ("vastApiKey",)
     ops_optional_secrets = ("bucketAccessKeyId", "bucketSecretAccessKey")  # the run mirror: make fetch
+    component = "infra.vast_backend.component:VastTraining:VastTrainingArgs"
+    runs: ClassVar[ModuleType] = runs
 
     def check(self, config: StackConfig) -> None:
         if config.wait:
@@ -101,22 +103,6 @@ class VastBackend:
             return [f"every matching Vast.ai offer costs more than maxUsdPerHour {vast.max_usd_per_hour:g} now "
                     f"(cheapest ${cheapest:.3f}/h): `up` would find none"]
         return []
-
-    def build(self, stack: str, config: StackConfig, secrets: Mapping[str, Any],
-              image_ref: Callable[[], Any]) -> dict[str, Any]:
-        from infra.vast_backend.component import VastTraining, VastTrainingArgs  # pulumi: only in the program
-
-        args = VastTrainingArgs(stack=stack, config=config, image_ref=image_ref(), secrets=secrets)
-        return dict(VastTraining(stack, args).exports)
-
-    def status(self, stack: str, config: StackConfig, environ: Mapping[str, str]) -> Report:
-        return runs.status(stack, config, environ)
-
-    def logs(self, stack: str, config: StackConfig, environ: Mapping[str, str], emit: Callable[[str], None]) -> Report:
-        return runs.logs(stack, config, environ, emit)
-
-    def fetch(self, stack: str, config: StackConfig, destination: Path, environ: Mapping[str, str]) -> Report:
-        return runs.fetch(stack, config, destination, environ)
 
     def reap(self, live_stacks: set[str], environ: Mapping[str, str], *, dry_run: bool,
              grace_minutes: float) -> list[ReapDecision]:
