@@ -18,11 +18,11 @@ from typing import Protocol
 
 from cloudapi import lambda_rest
 from cloudapi.checkpoint_mirror import HubCheckpointMirror
-from cloudapi.run_mirror import RunMirror, mirror_from_environment  # noqa: F401 - re-exported: the trainer's storage
+from cloudapi.run_mirror import bucket_mirror_from_environment
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, NotFound, RunpodClient, RunpodError
 from cloudapi.vast_rest import VastClient, VastError
 from contract.spec import ENV_CHECKPOINT_REPO, ENV_CHECKPOINT_REPO_PRIVATE
-from contract.workspace import workspace_root
+from contract.workspace import RunPaths, workspace_root
 
 ENV_POD_ID = "RUNPOD_POD_ID"  # set by RunPod inside every pod
 ENV_POD_API_KEY = "RUNPOD_API_KEY"  # pod-scoped key RunPod sets inside the pod
@@ -270,12 +270,30 @@ def host_from_environment(environ: Mapping[str, str], log: Log) -> Host:
     return LocalHost(environ, log)
 
 
-def checkpoint_mirror(environ: Mapping[str, str], log: Log) -> HubCheckpointMirror | None:
-    """Where the run's checkpoints and LoRA are also copied, for a machine whose disk dies with it (a Hugging Face
-    Job): the Hub repo LORASTACK_CHECKPOINT_REPO, written with HF_TOKEN; None when the stack sets none."""
+class Mirror(Protocol):
+    """Storage that outlives a machine whose disk dies with it: a Hub repo (a Hugging Face Job,
+    cloudapi/checkpoint_mirror.py) or an S3-compatible bucket (Vast.ai, cloudapi/run_mirror.py), laid out as the
+    run's directory under the storage root. Each method raises when the mirror cannot be reached."""
+
+    def where(self, paths: RunPaths) -> str:
+        """Where the run is mirrored, in words for the log."""
+
+    def push_checkpoint(self, paths: RunPaths, directory: Path) -> None:
+        """One complete checkpoint, as soon as it is written."""
+
+    def push_results(self, paths: RunPaths) -> int:
+        """The run's directory but its checkpoints (LoRA, samples, status, history, DONE), before the machine stops;
+        how many files."""
+
+    def restore(self, paths: RunPaths, log: Log) -> None:
+        """A fresh machine: bring the newest complete checkpoint (and the run's files) unless its disk has them."""
+
+
+def mirror_from_environment(environ: Mapping[str, str]) -> Mirror | None:
+    """The machine's mirror: the Hub repo LORASTACK_CHECKPOINT_REPO (written with HF_TOKEN), or the bucket
+    LORASTACK_MIRROR_URL; None when the stack sets neither (its storage outlives the machine already)."""
     repo_id = environ.get(ENV_CHECKPOINT_REPO)
-    if not repo_id:
-        return None
-    private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
-    endpoint = environ.get("HF_ENDPOINT") or None
-    return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, log, endpoint)
+    if repo_id:
+        private = environ.get(ENV_CHECKPOINT_REPO_PRIVATE, "1") != "0"
+        return HubCheckpointMirror(repo_id, environ.get("HF_TOKEN"), private, environ.get("HF_ENDPOINT") or None)
+    return bucket_mirror_from_environment(environ)

@@ -56,6 +56,9 @@ class RunMirror:
         bucket, prefix = parse_url(url)
         return cls(bucket, prefix, boto3.client("s3", endpoint_url=endpoint or None, **credentials))
 
+    def where(self, paths: RunPaths) -> str:
+        return f"s3://{self.bucket}/{self.run_key(paths.run_id)}"
+
     def run_key(self, run_id: str, relative: str = "") -> str:
         parts = [part for part in (self.prefix, "runs", run_id, relative) if part]
         return "/".join(parts)
@@ -104,6 +107,10 @@ class RunMirror:
         self.push_files(paths, ("status.json", "history.jsonl"))
 
     # -- the run's other files ------------------------------------------------------------------------------
+    def push_results(self, paths: RunPaths) -> int:
+        """Everything but the checkpoints, before the machine stops (cloudapi.hosts.Mirror)."""
+        return self.push_files(paths)
+
     def push_files(self, paths: RunPaths, names: tuple[str, ...] | None = None) -> int:
         """Upload the run's files outside checkpoints/ (only `names` when given); DONE last. Returns how many."""
         if not paths.run.is_dir():
@@ -154,7 +161,7 @@ class RunMirror:
             log(f"restored {pulled} run files from s3://{self.bucket}/{self.run_key(paths.run_id)}")
 
 
-def mirror_from_environment(environ: Mapping[str, str]) -> RunMirror | None:
+def bucket_mirror_from_environment(environ: Mapping[str, str]) -> RunMirror | None:
     """The machine's mirror when LORASTACK_MIRROR_URL is set; credentials come from boto3's own variables."""
     url = environ.get(ENV_MIRROR_URL)
     if not url:

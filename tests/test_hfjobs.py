@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cloudapi.checkpoint_mirror import HubCheckpointMirror
-from cloudapi.hosts import HfJobHost, checkpoint_mirror, host_from_environment
+from cloudapi.hosts import HfJobHost, host_from_environment, mirror_from_environment
 from contract.spec import ENV_CHECKPOINT_REPO, ENV_LIMITS, ENV_MANAGED, RunLimits
 from contract.workspace import RunPaths
 from emulator.hf_hub import HfHubApi
@@ -202,33 +202,52 @@ def write_checkpoint(paths: RunPaths, step: int, complete: bool = True) -> Path:
     return directory
 
 
-def test_the_mirror_pushes_checkpoints_and_a_fresh_disk_resumes_from_the_newest(hub, tmp_path):
+def test_the_mirror_pushes_checkpoints_and_results_and_a_fresh_disk_resumes_from_the_newest(hub, tmp_path):
     logged: list[str] = []
     environ = {ENV_CHECKPOINT_REPO: f"{USER}/ckpt", "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.base_url}
-    mirror = checkpoint_mirror(environ, logged.append)
+    mirror = mirror_from_environment(environ)
+    assert isinstance(mirror, HubCheckpointMirror)
     lost = RunPaths(tmp_path / "lost-disk", "run-1")
-    assert mirror.restore(lost) == 0  # no repo yet: a first run
+    mirror.restore(lost, logged.append)  # no repo yet: a first run
+    assert logged == []
     for step in (2, 4):
-        assert mirror.publish(write_checkpoint(lost, step), lost.root)
-    assert hub.repos[f"{USER}/ckpt"].private
-    assert "runs/run-1/checkpoints/step-4/trainer.json" in hub.repos[f"{USER}/ckpt"].files
+        mirror.push_checkpoint(lost, write_checkpoint(lost, step))
+    repo = hub.repos[f"{USER}/ckpt"]
+    assert repo.private and "runs/run-1/checkpoints/step-4/trainer.json" in repo.files
+    # the job's results: everything but the checkpoints, which are there already
+    lost.lora.mkdir(parents=True)
+    (lost.lora / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    (lost.run / "status.json").write_text('{"state": "succeeded"}')
+    (lost.run / "DONE").write_text("{}")
+    assert mirror.push_results(lost) == 3
+    assert {"runs/run-1/lora/pytorch_lora_weights.safetensors", "runs/run-1/status.json", "runs/run-1/DONE"} <= set(repo.files)
 
     fresh = RunPaths(tmp_path / "fresh-disk", "run-1")
-    assert checkpoint_mirror(environ, logged.append).restore(fresh) == 4
+    mirror_from_environment(environ).restore(fresh, logged.append)
     assert (fresh.checkpoints / "step-4" / "lora.safetensors").read_bytes() == bytes([4]) * 64
     assert not (fresh.checkpoints / "step-2").exists() and not (fresh.root / ".mirror-download").exists()
-    assert RunPaths(tmp_path / "other", "run-2").run_id and mirror.restore(RunPaths(tmp_path / "o", "run-2")) == 0
-    assert not any(TOKEN in line for line in logged)
+    assert logged == [f"restored runs/run-1/checkpoints/step-4 from the Hub repo {USER}/ckpt"]
+    other = RunPaths(tmp_path / "o", "run-2")
+    mirror.restore(other, logged.append)
+    assert not other.checkpoints.exists()
 
 
-def test_a_mirror_the_hub_refuses_costs_the_resume_not_the_run(hub, tmp_path):
-    logged: list[str] = []
+def test_a_mirror_the_hub_refuses_costs_the_resume_not_the_run(hub, tmp_path, monkeypatch, capsys):
+    from training import checkpoints, lifecycle
+
     wrong = "hf_not_the_token_of_anyone_at_all_00"
-    mirror = HubCheckpointMirror(f"{USER}/ckpt", wrong, True, logged.append, endpoint=hub.base_url)
+    environ = {ENV_CHECKPOINT_REPO: f"{USER}/ckpt", "HF_TOKEN": wrong, "HF_ENDPOINT": hub.base_url}
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
     paths = RunPaths(tmp_path, "run-1")
-    assert mirror.publish(write_checkpoint(paths, 2), paths.root) is False
-    assert mirror.restore(RunPaths(tmp_path / "fresh", "run-1")) == 0
-    assert len(logged) == 2 and not any(wrong in line for line in logged)
+    checkpoints._mirror(paths, write_checkpoint(paths, 2))  # logged, training goes on
+    lifecycle.restore_from_mirror(RunPaths(tmp_path / "fresh", "run-1"), environ)  # starts from this disk
+    paths.lora.mkdir(parents=True)
+    (paths.lora / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    assert lifecycle.push_to_mirror(paths, environ) is False  # the result has no copy: the caller says so
+    err = capsys.readouterr().err
+    assert "could not mirror step-2" in err and "could not restore from the mirror" in err
+    assert "could not mirror the run's files" in err and wrong not in err
 
 
 # --- ops: status, fetch, reap -------------------------------------------------------------------------------------

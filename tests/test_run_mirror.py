@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cloudapi.run_mirror import RunMirror, mirror_from_environment, parse_url
+from cloudapi.hosts import mirror_from_environment
+from cloudapi.run_mirror import RunMirror, parse_url
 from contract.workspace import RunPaths
 
 from .s3_server import ACCESS_KEY, REGION, SECRET_KEY, s3_server

@@ -164,7 +164,6 @@ def run(spec: TrainSpec, limits: RunLimits, paths: RunPaths, run_id: str, enviro
             life.finish(state)
             return EXIT_STOPPED
         outputs = export_trained(dataclasses.replace(result.state, spec=recorded), environ=dict(environ))
-        checkpoints.publish_to_mirror(paths.lora, paths)
         reporter.finish("succeeded", f"trained {result.step} steps", outputs)
         life.finish("succeeded")
     return 0

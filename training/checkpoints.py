@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cloudapi.hosts import checkpoint_mirror, mirror_from_environment
+from cloudapi.hosts import mirror_from_environment
 from contract import history
 from contract.workspace import RunPaths
 from training.state import TrainState
@@ -139,41 +139,24 @@ def save_checkpoint(state: TrainState) -> Path:
         _fsync(paths.checkpoints)
         history.record_checkpoint(paths.run, state.step)
         prune(paths, state.spec.keep_checkpoints)
-        publish_to_mirror(final, paths)
         _mirror(paths, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def _mirror_log(line: str) -> None:
-    print(f"checkpoint mirror: {line}", file=sys.stderr, flush=True)
-
-
-def publish_to_mirror(folder: Path, paths: RunPaths) -> None:
-    """Copy a finished folder of the run (a checkpoint, the LoRA) to the checkpoint mirror, when there is one."""
-    mirror = checkpoint_mirror(os.environ, _mirror_log)
-    if mirror is not None:
-        mirror.publish(folder, paths.root)
-
-
-def restore_from_mirror(state: TrainState) -> None:
-    """Before resuming: bring the mirror's newest checkpoint onto this disk (a fresh machine has none)."""
-    mirror = checkpoint_mirror(os.environ, _mirror_log)
-    if mirror is not None and state.accelerator.is_main_process:
-        mirror.restore(state.paths)
-    state.accelerator.wait_for_everyone()
-
-
 def _mirror(paths: RunPaths, directory: Path) -> None:
-    """Where the disk dies with its machine, the checkpoint goes to the run's bucket too. A failed upload is
-    logged, not fatal: training goes on, and the next checkpoint tries again (a lost host meanwhile resumes from
-    the bucket's older one)."""
+    """Where the disk dies with its machine, the checkpoint goes to the mirror too (cloudapi.hosts.Mirror). A failed
+    upload is logged, not fatal: training goes on, and the next checkpoint tries again (a lost host meanwhile
+    resumes from the mirror's older one)."""
     try:
         mirror = mirror_from_environment(os.environ)
-        if mirror is not None:
-            mirror.push_checkpoint(paths, directory)
-    except Exception as error:  # boto3 has retried already; say so and train on
-        print(f"checkpoints: could not mirror {directory.name} to the bucket: {error}", file=sys.stderr, flush=True)
+        if mirror is None:
+            return
+        mirror.push_checkpoint(paths, directory)
+    except Exception as error:  # the client has retried already; say so and train on
+        print(f"checkpoints: could not mirror {directory.name}: {error}", file=sys.stderr, flush=True)
+        return
+    print(f"checkpoints: {directory.name} copied to {mirror.where(paths)}", file=sys.stderr, flush=True)
 
 
 def prune(paths: RunPaths, keep: int) -> None:

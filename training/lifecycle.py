@@ -136,23 +136,28 @@ def stop_own_pod(environ: Mapping[str, str], retries: int = 6, backoff_s: float 
 
 
 def restore_from_mirror(paths: RunPaths, environ: Mapping[str, str]) -> None:
-    """Where the run is mirrored to a bucket (cloudapi/run_mirror.py): bring its newest checkpoint and files."""
-    mirror = mirror_from_environment(environ)
-    if mirror is not None:
-        mirror.restore(paths, lambda line: _log(line, environ))
-
-
-def push_to_mirror(paths: RunPaths, environ: Mapping[str, str]) -> bool:
-    """Upload the run's files to its bucket, if it has one; False when that failed (then the machine is kept:
-    its disk holds the only copy of the result)."""
+    """Where the machine's disk dies with it (cloudapi.hosts.Mirror): bring the run's newest checkpoint and files.
+    A mirror that cannot be reached costs the resume, not the run: training starts from what this disk has."""
     try:
         mirror = mirror_from_environment(environ)
         if mirror is not None:
-            count = mirror.push_files(paths)
-            _log(f"mirrored {count} run files to s3://{mirror.bucket}/{mirror.run_key(paths.run_id)}", environ)
+            mirror.restore(paths, lambda line: _log(line, environ))
+    except Exception as error:
+        _log(f"could not restore from the mirror, so this run starts from what this disk has: {error}", environ)
+
+
+def push_to_mirror(paths: RunPaths, environ: Mapping[str, str]) -> bool:
+    """Upload the run's results to its mirror, if it has one; False when that failed (then the machine is kept
+    where it can be: its disk holds the only copy of the result)."""
+    try:
+        mirror = mirror_from_environment(environ)
+        if mirror is None:
+            return True
+        count = mirror.push_results(paths)
     except Exception as error:  # logged; the caller keeps the machine
         _log(f"could not mirror the run's files, so the machine is kept for them: {error}", environ)
         return False
+    _log(f"mirrored {count} run files to {mirror.where(paths)}", environ)
     return True
 
 

@@ -231,7 +231,6 @@ def train(
     and returns with outcome "stopped". `on_step` and `on_samples` run in the main process only.
     """
     state = build_state(spec, paths, accelerator)
-    checkpoints.restore_from_mirror(state)
     resume_from = checkpoints.latest(paths)
     if resume_from is not None:
         checkpoints.load_checkpoint(state, resume_from)

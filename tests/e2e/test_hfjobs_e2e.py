@@ -95,7 +95,7 @@ def test_destroy_while_training_cancels_the_job_and_keeps_or_deletes_the_repo(hf
     driver = hf_emulated.driver(train={"steps": 5000, "checkpointEvery": 2}, keep_repo=False)
     outputs, _ = driver.up()
     job_id = outputs["jobId"]
-    hf_emulated.wait_for_log(job_id, r"copied runs/.*/checkpoints/step-2 to the Hub repo", timeout=180)
+    hf_emulated.wait_for_log(job_id, r"checkpoints: step-2 copied to the Hub repo", timeout=180)
     destroyed = driver.destroy()
     assert destroyed.counts == {"delete": 2}  # keepOnDestroy: false: the repo goes too
     assert hf_emulated.wait_ended(job_id, timeout=60) == "CANCELED"
