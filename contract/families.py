@@ -192,9 +192,11 @@ FLUX = FamilyFacts(
 
 # SD 2.x: SD 1.x's UNet layout with OpenCLIP ViT-H's 1024-wide text states (SD 1.x: CLIP ViT-L's 768), linear
 # attention projections, 64-channel attention heads. The -base models are epsilon at 512; 2 and 2.1 v-prediction
-# at 768 (their variant). Figures: bench/configs/sd2.json's parameter counts; activations as SD 1.5's (the same
-# channels and blocks; SDPA keeps attention memory linear in pixels); speeds scaled from SD 1.5's public reports
-# by the FLOP count (bench/flops.py: 0.90 TFLOP forward at 512, 2.0 at 768) until `make bench` measures them.
+# at 768 (their variant). Figures: bench/configs/sd2.json's parameter counts (UNet 866M; text encoder 340M + VAE
+# 84M); activations as SD 1.5's (the same channels and blocks; SDPA keeps attention memory linear in pixels). No
+# FLOP figure is published: quoted_tflop_per_image is bench/flops.py's meta-device count (at 512 within 0.2% of
+# SD 1.5's; at 768, 2.85x SD 1.5's total at 512), and the speeds are SD 1.5's public-report estimates scaled by
+# that count, until `make bench` measures them.
 SD2 = FamilyFacts(
     name="sd2",
     denoiser="unet",
@@ -204,16 +206,16 @@ SD2 = FamilyFacts(
     trains_in_fp16=True,
     sample=SampleDefaults(steps=50, guidance=7.5),  # StableDiffusionPipeline's num_inference_steps, guidance_scale
     memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),
-    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.38, "NVIDIA GeForce RTX 4090": 0.24},
-    quoted_tflop_per_image={"forward": 0.0, "total": 0.0},
+    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.35, "NVIDIA GeForce RTX 4090": 0.22},
+    quoted_tflop_per_image={"forward": 0.80, "total": 1.72},
     base_models=("stabilityai/stable-diffusion-2-base", "stabilityai/stable-diffusion-2-1-base"),
     variants=(
         Variant(
             base_models=("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"),
             native_resolution=768,
             memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),
-            seconds_per_step={"NVIDIA GeForce RTX 3090": 0.80, "NVIDIA GeForce RTX 4090": 0.50},
-            quoted_tflop_per_image={"forward": 0.0, "total": 0.0},
+            seconds_per_step={"NVIDIA GeForce RTX 3090": 1.00, "NVIDIA GeForce RTX 4090": 0.63},
+            quoted_tflop_per_image={"forward": 2.15, "total": 4.90},
         ),
     ),
     # sd-scripts (`--v2`, `--v_parameterization`): sd_v2 / sd_v2_v, and modelspec's SD 2 architectures

@@ -24,8 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
 from training import export, lora_formats
-from training.families.base import CLIP_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
 from training.families import family_for
+from training.families.base import CLIP_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
 from training.families.flux import FLUX_LORA_TARGETS
 from training.families.sd15 import UNET_LORA_TARGETS
 

@@ -95,6 +95,7 @@ class ModelFamily(ABC):
     def validate_components(self, components: dict[str, Any], spec: TrainSpec) -> None:
         """Refuse, with a ValueError saying what to change, components that are not this family's model (e.g. an
         SD 2.x UNet loaded as SD 1.x from a path no family lists), before anything trains."""
+        return  # by default a family takes what its component classes loaded
 
     def text_encoder_lora_options(self, name: str, encoder: PreTrainedModel) -> dict[str, Any]:
         """Extra LoraConfig arguments for a trained text encoder (e.g. the layers that reach the loss)."""
