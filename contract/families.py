@@ -196,7 +196,7 @@ FLUX = FamilyFacts(
 # 84M); activations as SD 1.5's (the same channels and blocks; SDPA keeps attention memory linear in pixels). No
 # FLOP figure is published: quoted_tflop_per_image is bench/flops.py's meta-device count (at 512 within 0.2% of
 # SD 1.5's; at 768, 2.85x SD 1.5's total at 512), and the speeds are SD 1.5's public-report estimates scaled by
-# that count, until `make bench` measures them.
+# that count (no bench stack measures SD 2.x yet).
 SD2 = FamilyFacts(
     name="sd2",
     denoiser="unet",
@@ -213,7 +213,7 @@ SD2 = FamilyFacts(
         Variant(
             base_models=("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"),
             native_resolution=768,
-            memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),
+            memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),  # -base's architecture: its figures, at 768 px
             seconds_per_step={"NVIDIA GeForce RTX 3090": 1.00, "NVIDIA GeForce RTX 4090": 0.63},
             quoted_tflop_per_image={"forward": 2.15, "total": 4.90},
         ),
