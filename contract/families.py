@@ -44,6 +44,11 @@ class KohyaLabels:
     # `original_unet.py` keeps them) or the original checkpoint's LDM names (SDXL's `sdxl_original_unet.py`)
     unet_block_names: Literal["diffusers", "ldm"]
     marks_v_prediction: bool  # sd-scripts appends `_v` to ss_base_model_version for a v-prediction base
+    # sd-scripts' `ss_v2` (an SD 2.x base, OpenCLIP text encoder): A1111 files a LoRA under SD1/SD2/SDXL by it
+    # and ss_base_model_version, and by default hides those that do not match the loaded checkpoint
+    v2: bool = False
+    # modelspec.architecture sd-scripts writes for a v-prediction base where it names that apart (SD 2.x 768-v)
+    modelspec_architecture_v_prediction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,20 @@ class FamilyFacts:
     # diffusers file ComfyUI and Forge load while reading no metadata
     lora_strength_in_weights: bool = False
     variants: tuple[Variant, ...] = ()
+    # hub ids of the base models the family's own figures are for (its variants list theirs): a stack naming one
+    # of these, or of a variant, under another family is refused (`family_of_base_model`)
+    base_models: tuple[str, ...] = ()
 
     def variant_for(self, base_model: str) -> Variant | None:
         """The variant `base_model` (a hub id, or a local copy named like one) belongs to, if any."""
-        wanted = base_model.lower().rstrip("/")
-        folder = PurePosixPath(wanted).name
         for variant in self.variants:
-            for known in variant.base_models:
-                known = known.lower()
-                if wanted == known or folder == PurePosixPath(known).name:
-                    return variant
+            if any(_names(base_model, known) for known in variant.base_models):
+                return variant
         return None
+
+    def knows(self, base_model: str) -> bool:
+        """Whether `base_model` is one of this family's own base models or its variants'."""
+        return any(_names(base_model, known) for known in self.base_models) or self.variant_for(base_model) is not None
 
     def for_base_model(self, base_model: str) -> FamilyFacts:
         """These facts with the figures of the variant `base_model` belongs to (itself when none)."""
@@ -106,6 +114,12 @@ class FamilyFacts:
             quoted_tflop_per_image=variant.quoted_tflop_per_image,
             variants=(),
         )
+
+
+def _names(base_model: str, known: str) -> bool:
+    """Whether `base_model` is the hub id `known` (any case) or a local copy in a folder named like it."""
+    wanted, known = base_model.lower().rstrip("/"), known.lower()
+    return wanted == known or PurePosixPath(wanted).name == PurePosixPath(known).name
 
 
 SDXL = FamilyFacts(
@@ -147,15 +161,10 @@ SD15 = FamilyFacts(
     memory=MemoryFootprint(0.86, 0.2, 512 * 512, 3.2, 0.8),
     seconds_per_step={"NVIDIA GeForce RTX 3090": 0.35, "NVIDIA GeForce RTX 4090": 0.22},
     quoted_tflop_per_image={"forward": 0.80, "total": 1.73},
-    # SD 2.x runs through this family; these were trained at 768 (v-prediction), the -base ones at 512
-    variants=(
-        Variant(
-            base_models=("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"),
-            native_resolution=768,
-            memory=MemoryFootprint(0.87, 0.35, 512 * 512, 3.2, 0.8),
-            seconds_per_step={"NVIDIA GeForce RTX 3090": 0.80, "NVIDIA GeForce RTX 4090": 0.50},
-            quoted_tflop_per_image={"forward": 1.8, "total": 3.9},
-        ),
+    base_models=(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "runwayml/stable-diffusion-v1-5",
+        "CompVis/stable-diffusion-v1-4",
     ),
     kohya=KohyaLabels(
         text_encoder_prefixes={"text_encoder": "lora_te"},
@@ -181,9 +190,55 @@ FLUX = FamilyFacts(
     lora_strength_in_weights=True,
 )
 
+# SD 2.x: SD 1.x's UNet layout with OpenCLIP ViT-H's 1024-wide text states (SD 1.x: CLIP ViT-L's 768), linear
+# attention projections, 64-channel attention heads. The -base models are epsilon at 512; 2 and 2.1 v-prediction
+# at 768 (their variant). Figures: bench/configs/sd2.json's parameter counts (UNet 866M; text encoder 340M + VAE
+# 84M); activations as SD 1.5's (the same channels and blocks; SDPA keeps attention memory linear in pixels). No
+# FLOP figure is published: quoted_tflop_per_image is bench/flops.py's meta-device count (at 512 within 0.2% of
+# SD 1.5's; at 768, 2.85x SD 1.5's total at 512), and the speeds are SD 1.5's public-report estimates scaled by
+# that count (no bench stack measures SD 2.x yet).
+SD2 = FamilyFacts(
+    name="sd2",
+    denoiser="unet",
+    native_resolution=512,
+    objective="ddpm",
+    trains_text_encoder=True,
+    trains_in_fp16=True,
+    sample=SampleDefaults(steps=50, guidance=7.5),  # StableDiffusionPipeline's num_inference_steps, guidance_scale
+    memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),
+    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.35, "NVIDIA GeForce RTX 4090": 0.22},
+    quoted_tflop_per_image={"forward": 0.80, "total": 1.72},
+    base_models=("stabilityai/stable-diffusion-2-base", "stabilityai/stable-diffusion-2-1-base"),
+    variants=(
+        Variant(
+            base_models=("stabilityai/stable-diffusion-2", "stabilityai/stable-diffusion-2-1"),
+            native_resolution=768,
+            memory=MemoryFootprint(0.87, 0.42, 512 * 512, 3.2, 0.8),  # -base's architecture: its figures, at 768 px
+            seconds_per_step={"NVIDIA GeForce RTX 3090": 1.00, "NVIDIA GeForce RTX 4090": 0.63},
+            quoted_tflop_per_image={"forward": 2.15, "total": 4.90},
+        ),
+    ),
+    # sd-scripts (`--v2`, `--v_parameterization`): sd_v2 / sd_v2_v, and modelspec's SD 2 architectures
+    kohya=KohyaLabels(
+        text_encoder_prefixes={"text_encoder": "lora_te"},
+        base_model_version="sd_v2",
+        modelspec_architecture="stable-diffusion-v2-512/lora",
+        modelspec_implementation="diffusers",
+        unet_block_names="diffusers",
+        marks_v_prediction=True,
+        v2=True,
+        modelspec_architecture_v_prediction="stable-diffusion-v2-768-v/lora",
+    ),
+)
+
 # The order is the schema's: error messages list the families in it.
-FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX)}
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2)}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def family_of_base_model(base_model: str) -> FamilyFacts | None:
+    """The family whose own base models (or a variant's) include `base_model`; None for one no family lists."""
+    return next((facts for facts in FAMILIES.values() if facts.knows(base_model)), None)
 
 
 def facts_for(name: str, base_model: str | None = None) -> FamilyFacts:

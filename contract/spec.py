@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from contract.families import FAMILY_NAMES, facts_for
+from contract.families import FAMILY_NAMES, facts_for, family_of_base_model
 from contract.redaction import redacted_source
 
 if TYPE_CHECKING:
@@ -209,6 +209,16 @@ class TrainSpec(_Schema):
                 f"the spec takes {size} bytes as the pod's ${ENV_SPEC}; at most {MAX_SPEC_ENV_BYTES} fit the container's "
                 "environment: shorten samplePrompts, defaultCaption or dataset.source"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _base_model_of_the_family(self) -> TrainSpec:
+        # SD 1.x and 2.x share every pipeline class: trained under the wrong family, a run would go through with
+        # the other family's resolution, memory figures and kohya labels
+        owner = family_of_base_model(self.base_model)
+        if owner is not None and owner.name != self.family:
+            raise ValueError(f"{self.base_model} is a base model of family {owner.name}, not {self.family}: "
+                             f"set family: {owner.name}")
         return self
 
     @model_validator(mode="after")

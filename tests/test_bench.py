@@ -64,6 +64,7 @@ def test_published_configs_build_the_published_parameter_counts():
     expected = {
         "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
         "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+        "sd2": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
         "flux": {
             "transformer": 11_901_408_320, "vae": 83_819_683,
             "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,

@@ -285,9 +285,9 @@ def sd15(**changes) -> dict:
 
 @pytest.mark.parametrize(("config", "resolution"), [
     (sd15(resolution=None), 512),
-    (sd15(resolution=None, baseModel="stabilityai/stable-diffusion-2-1-base"), 512),
-    (sd15(resolution=None, baseModel="stabilityai/stable-diffusion-2-1"), 768),  # a 768 v-prediction model
-    (sd15(resolution=None, baseModel="stabilityai/stable-diffusion-2"), 768),
+    (sd15(resolution=None, family="sd2", baseModel="stabilityai/stable-diffusion-2-1-base"), 512),
+    (sd15(resolution=None, family="sd2", baseModel="stabilityai/stable-diffusion-2-1"), 768),  # a 768 v-prediction model
+    (sd15(resolution=None, family="sd2", baseModel="stabilityai/stable-diffusion-2"), 768),
     (sd15(resolution=1024), 1024),  # said explicitly: kept
     (edited(**{"train.resolution": None}), 1024),  # SDXL
 ])

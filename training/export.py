@@ -132,26 +132,18 @@ def lorastack_metadata(spec: TrainSpec, data_hash: str, family: str) -> dict[str
     }
 
 
-def is_sd2_unet(family: str, config) -> bool:
-    """Whether the family labels a LoRA on this UNet as SD 2.x (its base runs through the SD 1.x family)."""
-    return family_for(family).kohya_sd2_base(config)
-
-
 def kohya_metadata(
-    spec: TrainSpec, data_hash: str, family: str, name: str, sd2: bool = False, v_prediction: bool = False
+    spec: TrainSpec, data_hash: str, family: str, name: str, v_prediction: bool = False
 ) -> dict[str, str]:
-    """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read.
-
-    `sd2`: an SD 2.x base. A1111 files a LoRA under SD1/SD2/SDXL by ss_v2 / ss_base_model_version and by
-    default hides the ones that do not match the loaded checkpoint. `v_prediction`: the base model's scheduler
-    predicts v (SD 2.x 768-v); sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
+    """The `ss_` keys kohya's sd-scripts write and webui tools (A1111, ComfyUI-Manager, Civitai) read, labelled
+    by the family's `KohyaLabels`. `v_prediction`: the base model's scheduler predicts v (SD 2.x 768-v);
+    sd-scripts then writes `sd_v2_v` and the 768-v architecture."""
     now = datetime.now(UTC)
     labels = kohya_labels(family)
     architecture = labels.modelspec_architecture
+    if v_prediction and labels.modelspec_architecture_v_prediction:
+        architecture = labels.modelspec_architecture_v_prediction
     base_model_version = labels.base_model_version
-    if sd2:
-        architecture = f"stable-diffusion-v2-{'768-v' if v_prediction else '512'}/lora"
-        base_model_version = "sd_v2"
     if v_prediction and labels.marks_v_prediction:  # sd-scripts: the version string ends in _v for v-prediction
         base_model_version += "_v"
     return {
@@ -160,7 +152,7 @@ def kohya_metadata(
         "ss_network_alpha": _number(spec.lora_alpha),
         "ss_base_model_version": base_model_version,
         "ss_sd_model_name": spec.base_model,
-        "ss_v2": str(sd2),
+        "ss_v2": str(labels.v2),
         "ss_resolution": f"({spec.resolution}, {spec.resolution})",
         "ss_steps": str(spec.steps),
         "ss_max_train_steps": str(spec.steps),
@@ -319,9 +311,8 @@ def write_kohya_file(
     """`prediction_type`: the base model's noise scheduler's (`epsilon`, `v_prediction`), which sd-scripts'
     metadata reports (`sd_v2_v`)."""
     tensors = kohya_state_dict(denoiser, text_encoders, family)
-    sd2 = is_sd2_unet(family, _unwrap(denoiser).config)
     v_prediction = prediction_type == "v_prediction"
-    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem, sd2=sd2, v_prediction=v_prediction), **metadata}
+    file_metadata = {**kohya_metadata(spec, data_hash, family, target.stem, v_prediction=v_prediction), **metadata}
     file_metadata.update(_tensor_data_hashes(tensors, file_metadata))
     atomic_write_bytes(target, _serialize(tensors, file_metadata))
     return target
@@ -407,7 +398,7 @@ def export_lora(
     prediction_type: str | None,
     environ: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write the LoRA into `paths.lora` (diffusers file always, kohya file for SDXL/SD 1.5) and push it to
+    """Write the LoRA into `paths.lora` (diffusers file always, kohya file for SD 1.x/2.x and SDXL) and push it to
     the Hub when `spec.hf_repo` is set. Returns {"diffusers": path[, "kohya": path][, "model_card": path]}.
 
     `prediction_type`: the base model's noise scheduler's (`epsilon`, `v_prediction`; None for flow matching),

@@ -1,4 +1,4 @@
-"""Base models: load SD 1.5 (and SD 2.x), SDXL or FLUX.1 with diffusers, add LoRA adapters with peft.
+"""Base models: load SD 1.x, SD 2.x, SDXL or FLUX.1 with diffusers, add LoRA adapters with peft.
 
 One `ModelBundle` per run holds the denoiser (UNet or FLUX transformer), the VAE, the text encoders and
 tokenizers and the training noise scheduler, and knows how its family turns images into latents and
@@ -169,6 +169,7 @@ def load_models(
     family = family_for(spec.family)
     weight_dtype = weight_dtype_for(spec, device)
     components = source(spec, cache_dir, weight_dtype)
+    family.validate_components(components, spec)
     denoiser = components[family.denoiser_name]
     text_encoders: dict[str, PreTrainedModel] = {name: components[name] for name in family.text_encoder_names}
     tokenizers: dict[str, Any] = {name: components[name] for name in family.tokenizer_names}

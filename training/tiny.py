@@ -1,7 +1,7 @@
 """Tiny random-weight models in the diffusers folder layout, built in code (no hub download), and toy datasets.
 
 Tests, `make demo` and the benchmark's CPU mode train these: same classes and folder layout as the real
-SD 1.5 / SDXL / FLUX.1 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
+SD 1.x / 2.x / SDXL / FLUX.1 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
 small enough that a training step on CPU takes a fraction of a second. Each family builds its own
 (`ModelFamily.tiny_pipeline`, training/families/) from the parts here.
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTokenizer, T5Tokenizer
 
-TEXT_WIDTH = 32  # hidden size of every tiny text encoder
+TEXT_WIDTH = 32  # hidden size of the tiny text encoders (a family whose real width tells it apart picks its own)
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers: pipelines and training pad to it
 T5_MAX_LENGTH = 32  # the real FLUX pads T5 to 512; a tiny model does not need to
 
@@ -63,12 +63,12 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def clip_text_config(vocab_size: int, **extra) -> CLIPTextConfig:
+def clip_text_config(vocab_size: int, hidden_size: int = TEXT_WIDTH, **extra) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
 from training import export, lora_formats
+from training.families import family_for
 from training.families.base import CLIP_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
 from training.families.flux import FLUX_LORA_TARGETS
 from training.families.sd15 import UNET_LORA_TARGETS
@@ -32,7 +33,7 @@ RANK, ALPHA = 4, 8
 # beyond the trainer's attention targets: a resnet's convolution and time projection, the transformer's proj_in,
 # so the resnet naming rules are exercised too
 UNET_TARGETS = [*UNET_LORA_TARGETS, "proj_in", "conv1", "time_emb_proj"]
-DENOISER_TARGETS = {"sd15": UNET_TARGETS, "sdxl": UNET_TARGETS, "flux": FLUX_LORA_TARGETS}
+DENOISER_TARGETS = {"sd15": UNET_TARGETS, "sd2": UNET_TARGETS, "sdxl": UNET_TARGETS, "flux": FLUX_LORA_TARGETS}
 OUTPUT_TOLERANCE = 1e-5  # max abs difference between the loaded LoRA's outputs and the trained adapter's
 
 
@@ -62,9 +63,8 @@ def sdxl_unet() -> UNet2DConditionModel:
     )
 
 
-def sd15_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+def sd15_unet() -> UNet2DConditionModel:
     # SD 1.5's shape in miniature: attention in every block but the last, one layer per block here.
-    # cross_attention_dim=1024 (OpenCLIP ViT-H's width) makes it an SD 2.x UNet.
     return UNet2DConditionModel(
         block_out_channels=(32, 32, 64),
         layers_per_block=1,
@@ -74,17 +74,23 @@ def sd15_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=4,
-        cross_attention_dim=cross_attention_dim,
+        cross_attention_dim=32,
         norm_num_groups=8,
     )
 
 
-def clip(with_projection: bool = False) -> CLIPTextModel:
+def clip(with_projection: bool = False, hidden_size: int = 32, hidden_act: str = "quick_gelu") -> CLIPTextModel:
     config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, hidden_act=hidden_act,
         vocab_size=1000, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     )  # fmt: skip
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def sd2_components() -> dict[str, torch.nn.Module]:
+    # the sd2 family's tiny UNet (SD 2.x's shape: linear projections, heads per block) and OpenCLIP's gelu
+    family = family_for("sd2")
+    return {"unet": family.tiny_unet(), "text_encoder": clip(hidden_size=family.unet_text_widths[-1], hidden_act="gelu")}
 
 
 FLUX_HIDDEN = 32  # attention heads x head dim
@@ -101,6 +107,8 @@ def base_components(family: str) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     if family == "sd15":
         components = {"unet": sd15_unet(), "text_encoder": clip()}
+    elif family == "sd2":
+        components = sd2_components()
     elif family == "sdxl":
         components = {"unet": sdxl_unet(), "text_encoder": clip(), "text_encoder_2": clip(True)}
     else:
@@ -153,7 +161,7 @@ class TinyFlux(_Shell, FluxLoraLoaderMixin):
     text_encoder = None
 
 
-SHELLS = {"sd15": TinySD, "sdxl": TinySDXL, "flux": TinyFlux}
+SHELLS = {"sd15": TinySD, "sd2": TinySD, "sdxl": TinySDXL, "flux": TinyFlux}
 
 
 def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -189,8 +197,8 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 CASES = {
-    "sd15": ("sd15", False), "sd15-te": ("sd15", True), "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True),
-    "flux": ("flux", False),
+    "sd15": ("sd15", False), "sd15-te": ("sd15", True), "sd2": ("sd2", False), "sd2-te": ("sd2", True),
+    "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True), "flux": ("flux", False),
 }
 
 
@@ -253,6 +261,7 @@ SD_SCRIPTS_UNET_TARGETS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D"
 SD_SCRIPTS_TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 SD_SCRIPTS_TEXT_PREFIXES = {
     "sd15": {"text_encoder": "lora_te"},
+    "sd2": {"text_encoder": "lora_te"},
     "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
 
@@ -289,7 +298,7 @@ REFERENCE_RESNET_PARTS = {
 def sd_scripts_unet_path(family: str, path: str, config) -> str:
     """The module path in the UNet sd-scripts trains: its SD 1.x/2.x UNet (library/original_unet.py) has
     diffusers' module names; its SDXL UNet (library/sdxl_original_unet.py) is the sgm checkpoint's."""
-    if family == "sd15":
+    if family in ("sd15", "sd2"):
         return path
     table = reference_sdxl_prefixes(config)
     block = max((prefix for prefix in table if f"{path}.".startswith(f"{prefix}.")), key=len)
@@ -343,7 +352,7 @@ def test_kohya_keys_follow_sd_scripts_naming(exported):
         out_size = target.out_features if isinstance(target, torch.nn.Linear) else target.out_channels
         assert (down.shape[:2], up.shape[:2]) == ((RANK, in_size), (out_size, RANK)), name
         assert tensors[f"{name}.alpha"].item() == ALPHA
-    if exported.family == "sd15":  # diffusers' block names, as sd-scripts writes SD 1.x
+    if exported.family in ("sd15", "sd2"):  # diffusers' block names, as sd-scripts writes SD 1.x and 2.x
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
         assert "lora_unet_down_blocks_1_resnets_0_time_emb_proj" in modules
         assert not [name for name in modules if "input_blocks" in name or "output_blocks" in name]
@@ -480,6 +489,10 @@ def test_metadata_in_every_file(exported):
     if exported.family == "sdxl":
         assert kohya["ss_base_model_version"] == "sdxl_base_v1-0"
         assert kohya["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    elif exported.family == "sd2":  # an epsilon (2-base) model: the 768-v labels need a v-prediction scheduler
+        assert (kohya["ss_base_model_version"], kohya["ss_v2"]) == ("sd_v2", "True")
+        assert kohya["modelspec.architecture"] == "stable-diffusion-v2-512/lora"
+        assert kohya["modelspec.implementation"] == "diffusers"
     else:
         assert (kohya["ss_base_model_version"], kohya["ss_v2"]) == ("sd_v1", "False")
         assert kohya["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -499,30 +512,32 @@ def test_model_card_says_which_file_is_for_which_tool(exported):
 
 
 @pytest.mark.parametrize(
-    ("prediction_type", "version", "architecture", "modelspec_prediction"),
+    ("family", "prediction_type", "version", "v2", "architecture", "modelspec_prediction"),
     [
-        ("v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
-        ("epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "epsilon"),
+        ("sd2", "v_prediction", "sd_v2_v", "True", "stable-diffusion-v2-768-v/lora", "v"),
+        ("sd2", "epsilon", "sd_v2", "True", "stable-diffusion-v2-512/lora", "epsilon"),
+        ("sd15", "epsilon", "sd_v1", "False", "stable-diffusion-v1/lora", "epsilon"),
     ],
 )
-def test_sd2_label_follows_the_schedulers_prediction_type(tmp_path, prediction_type, version, architecture, modelspec_prediction):
-    """SD 2.x trains through the sd15 path; A1111 files LoRAs under SD1/SD2 by ss_v2 and ss_base_model_version and
-    hides those that do not match the loaded checkpoint. v-prediction comes from the scheduler, not from the
-    resolution: an SD 2.x base (epsilon, 512) trained at 768 is still `sd_v2`, 512."""
-    torch.manual_seed(0)
-    base = sd15_unet(cross_attention_dim=1024).eval()  # OpenCLIP ViT-H's width: what tells SD 2.x apart
-    unet = add_trained_lora(copy.deepcopy(base), UNET_LORA_TARGETS, seed=7)
-    spec = make_spec("sd15").model_copy(update={"resolution": 768})
-    files = export.export_lora(unet, None, spec, RunPaths(tmp_path, "r"), "h", "sd15", prediction_type=prediction_type,
+def test_sd_labels_follow_the_family_and_the_schedulers_prediction_type(
+    tmp_path, family, prediction_type, version, v2, architecture, modelspec_prediction
+):
+    """A1111 files LoRAs under SD1/SD2 by ss_v2 and ss_base_model_version and hides those that do not match the
+    loaded checkpoint. v-prediction comes from the scheduler, not from the resolution: an SD 2.x base (epsilon, 512)
+    trained at 768 is still `sd_v2`, 512."""
+    base = base_components(family)
+    unet = add_trained_lora(copy.deepcopy(base["unet"]), UNET_LORA_TARGETS, seed=7)
+    spec = make_spec(family).model_copy(update={"resolution": 768})
+    files = export.export_lora(unet, None, spec, RunPaths(tmp_path, "r"), "h", family, prediction_type=prediction_type,
                                environ={})
     tensors, metadata = read_file(files["kohya"])
-    assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == ("True", version)
+    assert (metadata["ss_v2"], metadata["ss_base_model_version"]) == (v2, version)
     assert metadata["modelspec.architecture"] == architecture
     assert metadata["modelspec.prediction_type"] == modelspec_prediction
     assert metadata["modelspec.implementation"] == "diffusers"
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in tensors
 
-    pipeline = TinySD({"unet": copy.deepcopy(base), "text_encoder": clip()})
+    pipeline = TinySD(copy.deepcopy(base))
     pipeline.load_lora_weights(str(files["kohya"].parent), weight_name=files["kohya"].name)
     difference = (outputs({"unet": pipeline.unet})["unet"] - outputs({"unet": unet})["unet"]).abs().max().item()
     assert difference < OUTPUT_TOLERANCE
@@ -584,6 +599,7 @@ def test_kohya_naming_is_known_per_family():
         return lora_formats.kohya_unet_module_name(export.kohya_labels(family).unet_block_names, config)(module)
 
     assert unet_name("sd15", SD15_CONFIG, "down_blocks.0.attentions.1.proj_in") == "down_blocks.0.attentions.1.proj_in"
+    assert unet_name("sd2", SD15_CONFIG, "down_blocks.0.attentions.1.proj_in") == "down_blocks.0.attentions.1.proj_in"
     assert unet_name("sdxl", SDXL_CONFIG, "down_blocks.1.attentions.1.proj_in") == "input_blocks.5.1.proj_in"
     with pytest.raises(ValueError, match="no kohya layout for family 'flux'"):
         export.kohya_labels("flux")

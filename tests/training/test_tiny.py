@@ -10,7 +10,10 @@ from training.models import load_models
 
 from .helpers import make_spec
 
-PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}
+PIPELINES = {
+    "sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+    "flux": FluxPipeline,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", sorted(PIPELINES))
@@ -42,7 +45,7 @@ def test_loader_adds_fp32_lora_to_a_frozen_model(tiny_model, toy_images, family)
     elif family == "flux":
         assert text["prompt_embeds"].shape == (2, 32, 32) and text["pooled_prompt_embeds"].shape == (2, 32)
     else:
-        assert text["prompt_embeds"].shape == (2, 77, 32)
+        assert text["prompt_embeds"].shape == (2, 77, models.denoiser.config.cross_attention_dim)
     latents = models.encode_images(torch.zeros(1, 3, 256, 192), torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 32, 24)
 

@@ -92,6 +92,11 @@ class ModelFamily(ABC):
             components[name] = component_class.from_pretrained(spec.base_model, subfolder=name, **options)
         return components
 
+    def validate_components(self, components: dict[str, Any], spec: TrainSpec) -> None:
+        """Refuse, with a ValueError saying what to change, components that are not this family's model (e.g. an
+        SD 2.x UNet loaded as SD 1.x from a path no family lists), before anything trains."""
+        return  # by default a family takes what its component classes loaded
+
     def text_encoder_lora_options(self, name: str, encoder: PreTrainedModel) -> dict[str, Any]:
         """Extra LoraConfig arguments for a trained text encoder (e.g. the layers that reach the loss)."""
         return {}
@@ -151,12 +156,6 @@ class ModelFamily(ABC):
     @abstractmethod
     def tiny_pipeline(self) -> DiffusionPipeline:
         """A tiny random-weight pipeline of this family (same classes and layout as the real model)."""
-
-    # -------------------------------------------------------------------------------------------- export
-
-    def kohya_sd2_base(self, denoiser_config: Any) -> bool:
-        """Whether the kohya file is labelled as an SD 2.x LoRA (see training/export.py kohya_metadata)."""
-        return False
 
 
 def ddpm_loss(
