@@ -98,8 +98,8 @@ class FamilyFacts:
     # the frozen model's forward alone, and forward + backward with LoRA.
     quoted_tflop_per_image: dict[str, float]
     kohya: KohyaLabels | None = field(default=None)  # None: no kohya file is written (diffusers format only)
-    # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX, whose
-    # diffusers file ComfyUI and Forge load while reading no metadata
+    # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX and SD 3.5,
+    # whose diffusers file ComfyUI loads while reading no metadata
     lora_strength_in_weights: bool = False
     variants: tuple[Variant, ...] = ()
     flow_matching: FlowMatchingDefaults | None = None  # set exactly when objective is flow_matching

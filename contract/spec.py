@@ -13,7 +13,6 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Literal, cast, get_args
 from urllib.parse import urlsplit
 
@@ -276,11 +275,15 @@ class TrainSpec(_Schema):
         defaults = facts_for(self.family).flow_matching
         if defaults is None:
             raise ValueError(f"{self.family} is not a flow-matching family")
-        chosen = {
-            "weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean, "logit_std": self.logit_std,
-            "mode_scale": self.mode_scale, "precondition_outputs": self.precondition_outputs,
-        }  # fmt: skip
-        return replace(defaults, **{key: value for key, value in chosen.items() if value is not None})
+        return FlowMatchingDefaults(
+            weighting_scheme=defaults.weighting_scheme if self.weighting_scheme is None else self.weighting_scheme,
+            logit_mean=defaults.logit_mean if self.logit_mean is None else self.logit_mean,
+            logit_std=defaults.logit_std if self.logit_std is None else self.logit_std,
+            mode_scale=defaults.mode_scale if self.mode_scale is None else self.mode_scale,
+            precondition_outputs=(
+                defaults.precondition_outputs if self.precondition_outputs is None else self.precondition_outputs
+            ),
+        )
 
     @property
     def lora_alpha(self) -> float:
