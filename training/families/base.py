@@ -1,7 +1,7 @@
 """The interface every model family implements: what the trainer's pipeline steps ask of a family.
 
 The pipeline steps (training/models.py, loop.py, latents.py, export.py, tiny.py, bench/) never branch on a
-family name; they call these methods. A family is one module in this package (sd15.py, sdxl.py, flux.py)
+family name; they call these methods. A family is one module in this package (sd15.py, sdxl.py, flux.py, sd35.py)
 exposing `FAMILY`, an instance of a `ModelFamily` subclass, plus its torch-free facts in contract/families.py.
 """
 
