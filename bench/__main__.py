@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): time the trainer's real step at each stack's settings.
 
-On a GPU: the SDXL, SD 1.5 and FLUX.1-dev architectures at full size with random weights; results to
+On a GPU: the SDXL, SD 1.5, FLUX.1-dev and SD 3.5 medium architectures at full size with random weights; results to
 bench/results/<gpu>.json. On CPU: the same code on the tiny test models, in seconds (a smoke run; its
 results file, *-tiny.json, is not committed). Both count FLOPs per image at full size on the meta device
 (bench/results/flops.json) and rewrite the results part of bench/README.md.

@@ -31,7 +31,7 @@ from contract.workspace import RunPaths
 from infra.stack_files import load_stack
 from training.loop import build_state, next_micro_batches, train_step
 
-STACKS = ("sdxl-4090", "sd15-3090", "flux-h100")
+STACKS = ("sdxl-4090", "sd15-3090", "flux-h100", "sd35-4090")
 DATASET_IMAGES = 4
 MAX_BATCH_SIZE = 64  # TrainSpec's own limit
 NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")

@@ -1,4 +1,4 @@
-"""The benchmark's models: SD 1.5, SDXL and FLUX.1-dev architectures with random weights, built in memory.
+"""The benchmark's models: SD 1.5, SDXL, FLUX.1-dev and SD 3.5 architectures with random weights, built in memory.
 
 Speed and FLOPs depend on the architecture, not on the weights, so nothing is downloaded: the published
 configs (bench/configs/<family>.json) or the tiny test models' configs (training.tiny) are instantiated

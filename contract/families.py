@@ -51,6 +51,27 @@ class KohyaLabels:
     modelspec_architecture_v_prediction: str | None = None
 
 
+# diffusers' train_dreambooth_lora_{sd3,flux}.py `--weighting_scheme` choices (SD 3's script omits "none"):
+# the timestep density (logit_normal, mode; uniform otherwise) and the loss weighting (sigma_sqrt, cosmap;
+# uniform otherwise), as diffusers.training_utils implements them
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+
+
+@dataclass(frozen=True)
+class FlowMatchingDefaults:
+    """The timestep density and loss weighting a flow-matching family trains with when the stack names none:
+    the defaults of diffusers' LoRA example script for that model (the stack keys weightingScheme, logitMean,
+    logitStd, modeScale, preconditionOutputs)."""
+
+    weighting_scheme: str  # one of WEIGHTING_SCHEMES
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    # EDM-style preconditioning (Karras et al. 2022, section 5): the prediction becomes noisy - sigma * output
+    # and the target the clean latents
+    precondition_outputs: bool = False
+
+
 @dataclass(frozen=True)
 class Variant:
     """Base models of a family whose size or native resolution differ from the family's first one (SD 2.1 at
@@ -82,13 +103,14 @@ class FamilyFacts:
     # the frozen model's forward alone, and forward + backward with LoRA.
     quoted_tflop_per_image: dict[str, float]
     kohya: KohyaLabels | None = field(default=None)  # None: no kohya file is written (diffusers format only)
-    # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX, whose
-    # diffusers file ComfyUI and Forge load while reading no metadata
+    # alpha/rank multiplied into lora_B of the diffusers file (training/lora_formats.py says why): FLUX and SD 3.5,
+    # whose diffusers file ComfyUI loads while reading no metadata
     lora_strength_in_weights: bool = False
     variants: tuple[Variant, ...] = ()
     # hub ids of the base models the family's own figures are for (its variants list theirs): a stack naming one
     # of these, or of a variant, under another family is refused (`family_of_base_model`)
     base_models: tuple[str, ...] = ()
+    flow_matching: FlowMatchingDefaults | None = None  # set exactly when objective is flow_matching
 
     def variant_for(self, base_model: str) -> Variant | None:
         """The variant `base_model` (a hub id, or a local copy named like one) belongs to, if any."""
@@ -188,6 +210,63 @@ FLUX = FamilyFacts(
     seconds_per_step={"NVIDIA H100 80GB HBM3": 1.60, "NVIDIA A100-SXM4-80GB": 3.00, "NVIDIA L40S": 4.20},
     quoted_tflop_per_image={"forward": 74.4, "total": 164.0},
     lora_strength_in_weights=True,
+    # train_dreambooth_lora_flux.py: uniform timesteps, unweighted loss, no preconditioning option
+    flow_matching=FlowMatchingDefaults(weighting_scheme="none"),
+)
+
+# SD 3.5: no published per-image FLOP figure; these are bench/flops.py's count (meta device, the published
+# configs, 1024 px, rank 16, cached features). Seconds per step: no public LoRA-training timings found; derived
+# from these counts at the throughput FLUX's H100 estimate implies (about 100 TFLOP/s), carried to the other
+# GPUs by infra/pricing.py's relative speeds. Large on a 24 GB card needs gradient checkpointing (a quarter
+# slower).
+SD35_MEDIUM_TFLOP = {"forward": 10.8, "total": 25.3}
+SD35_MEDIUM_SECONDS = {
+    "NVIDIA H100 80GB HBM3": 0.27,
+    "NVIDIA A100-SXM4-80GB": 0.45,
+    "NVIDIA L40S": 0.60,
+    "NVIDIA GeForce RTX 4090": 0.65,
+    "NVIDIA GeForce RTX 3090": 1.10,
+}
+SD35_LARGE_TFLOP = {"forward": 29.6, "total": 66.0}
+SD35_LARGE_SECONDS = {
+    "NVIDIA H100 80GB HBM3": 0.65,
+    "NVIDIA A100-SXM4-80GB": 1.05,
+    "NVIDIA L40S": 1.40,
+    "NVIDIA GeForce RTX 4090": 2.00,
+}
+
+# Parameters from bench/configs/sd35.json built on the meta device, the transformer's persistent positional
+# table included (384^2 x 1536 for medium: 2.47B, Stability's "2.5B"; 192^2 x 2432 for large: 8.15B, "8.1B");
+# encoders: CLIP-L 0.124B + CLIP-G 0.695B + T5-XXL encoder 4.76B + VAE 0.084B. Activations: FLUX's figures scaled
+# by blocks x width x tokens (24 blocks, 13 with a second attention, at 1536 on 4096 + 154 tokens: about 0.3x
+# FLUX's), orders of magnitude until `make bench` measures them.
+SD35 = FamilyFacts(
+    name="sd35",
+    denoiser="transformer",
+    native_resolution=1024,  # medium was trained up to 1440, large at 1024; 1024 is where both are quoted
+    objective="flow_matching",
+    trains_text_encoder=False,  # the example trains the two CLIPs only; lorastack adapts the transformer
+    trains_in_fp16=False,
+    # StableDiffusion3Pipeline's defaults: one pair for medium and large, whose cards differ (medium 40 steps at
+    # 4.5, large 28 at 3.5); 28 steps keep sample images a third cheaper than 40
+    sample=SampleDefaults(steps=28, guidance=7.0),
+    memory=MemoryFootprint(2.47, 5.66, 1024 * 1024, 9.0, 1.8),
+    seconds_per_step=SD35_MEDIUM_SECONDS,
+    quoted_tflop_per_image=SD35_MEDIUM_TFLOP,
+    lora_strength_in_weights=True,
+    base_models=("stabilityai/stable-diffusion-3.5-medium",),
+    variants=(
+        Variant(
+            base_models=("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-large-turbo"),
+            native_resolution=1024,
+            # 38 blocks at 2432, no second attention: about 2.5x medium's activations
+            memory=MemoryFootprint(8.15, 5.66, 1024 * 1024, 22.0, 4.5),
+            seconds_per_step=SD35_LARGE_SECONDS,
+            quoted_tflop_per_image=SD35_LARGE_TFLOP,
+        ),
+    ),
+    # train_dreambooth_lora_sd3.py's defaults
+    flow_matching=FlowMatchingDefaults(weighting_scheme="logit_normal", precondition_outputs=True),
 )
 
 # SD 2.x: SD 1.x's UNet layout with OpenCLIP ViT-H's 1024-wide text states (SD 1.x: CLIP ViT-L's 768), linear
@@ -232,7 +311,7 @@ SD2 = FamilyFacts(
 )
 
 # The order is the schema's: error messages list the families in it.
-FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2)}
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35)}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from contract.families import FAMILY_NAMES, facts_for, family_of_base_model
+from contract.families import FAMILY_NAMES, WEIGHTING_SCHEMES, FlowMatchingDefaults, facts_for, family_of_base_model
 from contract.redaction import redacted_source
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ else:
 Precision = Literal["bf16", "fp16", "fp32"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Toggle = Literal["auto", "on", "off"]
+if TYPE_CHECKING:
+    WeightingScheme = str
+else:
+    WeightingScheme = Literal[WEIGHTING_SCHEMES]
 
 # The pod's environment: the names infra sets and the trainer reads. One place, both sides import it.
 ENV_SPEC = "LORASTACK_SPEC"  # TrainSpec as JSON (camelCase keys)
@@ -155,6 +159,15 @@ class TrainSpec(_Schema):
     max_grad_norm: float = Field(default=1.0, gt=0)
     min_snr_gamma: float | None = Field(default=None, gt=0, le=20)
     noise_offset: float = Field(default=0.0, ge=0, le=0.5)
+    # flow-matching families only (None: the family's default, FamilyFacts.flow_matching): the timestep density
+    # and loss weighting of diffusers' SD 3 / FLUX LoRA examples
+    weighting_scheme: WeightingScheme | None = None
+    logit_mean: float | None = Field(default=None, ge=-10, le=10)  # logit_normal: the normal's mean
+    logit_std: float | None = Field(default=None, gt=0, le=10)  # logit_normal: the normal's standard deviation
+    # mode: the SD 3 paper's heavy-tails scale s, a density on [0, 1] for -1 <= s <= 2 / (pi - 2) (Esser et al.
+    # 2024, eq. 20)
+    mode_scale: float | None = Field(default=None, ge=-1, le=2 / (math.pi - 2))
+    precondition_outputs: bool | None = None
     checkpoint_every: int = Field(default=250, ge=1)  # left out: at most the run's length (_defaults_from_the_run)
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
     sample_prompts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(default_factory=list, max_length=16)
@@ -246,6 +259,41 @@ class TrainSpec(_Schema):
             raise ValueError(f"not supported for {facts.name}, a flow-matching model: {'; '.join(refused)}; "
                              "remove the key")
         return self
+
+    @model_validator(mode="after")
+    def _flow_matching_only_keys(self) -> TrainSpec:
+        # a DDPM trainer draws uniform timesteps and weights by Min-SNR: it would silently ignore these
+        facts = facts_for(self.family)
+        if facts.objective == "flow_matching":
+            return self
+        refused = [key for key, value in (
+            ("weightingScheme", self.weighting_scheme), ("logitMean", self.logit_mean), ("logitStd", self.logit_std),
+            ("modeScale", self.mode_scale), ("preconditionOutputs", self.precondition_outputs),
+        ) if value is not None]  # fmt: skip
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)}: only for flow-matching families "
+                f"({', '.join(name for name in FAMILY_NAMES if facts_for(name).objective == 'flow_matching')}); "
+                f"{facts.name} is a DDPM model, whose timestep weighting is minSnrGamma; remove the key"
+            )
+        return self
+
+    @property
+    def flow_matching(self) -> FlowMatchingDefaults:
+        """The timestep density and loss weighting a flow-matching run trains with: the keys the stack sets,
+        the family's defaults for the others."""
+        defaults = facts_for(self.family).flow_matching
+        if defaults is None:
+            raise ValueError(f"{self.family} is not a flow-matching family")
+        return FlowMatchingDefaults(
+            weighting_scheme=defaults.weighting_scheme if self.weighting_scheme is None else self.weighting_scheme,
+            logit_mean=defaults.logit_mean if self.logit_mean is None else self.logit_mean,
+            logit_std=defaults.logit_std if self.logit_std is None else self.logit_std,
+            mode_scale=defaults.mode_scale if self.mode_scale is None else self.mode_scale,
+            precondition_outputs=(
+                defaults.precondition_outputs if self.precondition_outputs is None else self.precondition_outputs
+            ),
+        )
 
     @property
     def lora_alpha(self) -> float:

@@ -34,7 +34,7 @@ class RunFacts:
     run_id         the run's directory name on the volume (runs/<run_id>/)
     state          status.json's state: succeeded, failed, limit, stalled, interrupted, running
     base_model     Hugging Face id or path of the base model
-    family         sd15, sdxl or flux
+    family         sd15, sdxl, flux or sd35
     steps_done     optimizer steps done; steps_total: steps planned (the spec's `steps`)
     wall_seconds   the run's wall time (callers: from the backend's start and end; else the trainer's time)
     cost_usd       the billed cost (callers: the backend's bill; else status.json's cost_usd)

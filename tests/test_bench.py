@@ -9,13 +9,15 @@ import shutil
 
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import __main__ as bench_main
 from bench import harness, report
 from bench.flops import META, count_step_flops
-from bench.models import architecture, build_components, in_memory_source
+from bench.models import CONFIG_DIR, architecture, build_components, in_memory_source
+from contract.families import SD35
 from contract.workspace import RunPaths
 from infra import pricing
 from training import tiny
@@ -69,6 +71,12 @@ def test_published_configs_build_the_published_parameter_counts():
             "transformer": 11_901_408_320, "vae": 83_819_683,
             "text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
         },
+        # SD 3.5 medium: 2.24B parameters plus its 384^2 x 1536 positional table (a buffer), 2.47B in the
+        # published checkpoint ("2.5B"); CLIP-L with its projection, CLIP-G, T5-XXL's encoder
+        "sd35": {
+            "transformer": 2_243_171_520, "vae": 83_819_683, "text_encoder": 123_650_304,
+            "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656,
+        },
     }
     for family, counts in expected.items():
         components = build_components(architecture(family, "full"), META, torch.bfloat16)
@@ -77,6 +85,18 @@ def test_published_configs_build_the_published_parameter_counts():
         assert components["vae"].dtype == (torch.float32 if family == "sdxl" else torch.bfloat16)
         if family == "flux":
             assert components["tokenizer_2"].model_max_length == 512  # FLUX.1-dev's T5 context
+    sd35 = build_components(architecture("sd35", "full"), META, torch.bfloat16)["transformer"]
+    assert sd35.pos_embed.pos_embed.numel() == 384 * 384 * 1536 and len(sd35.config.dual_attention_layers) == 13
+
+
+def test_sd35_large_config_builds_the_published_size():
+    """8.1B (Stability's figure): the large transformer of bench/configs/sd35.json, with its positional table."""
+    raw = json.loads((CONFIG_DIR / "sd35.json").read_text())["_large_transformer"]
+    with torch.device(META):
+        transformer = SD3Transformer2DModel.from_config(raw)
+    size = sum(p.numel() for p in transformer.parameters()) + transformer.pos_embed.pos_embed.numel()
+    assert size == 8_146_280_768
+    assert size / 1e9 == pytest.approx(SD35.variants[0].memory.denoiser_params_b, abs=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +105,7 @@ def setup(tmp_path_factory):
     tiny.make_dataset(work / "images", harness.DATASET_IMAGES)
     return harness.Setup(
         device=torch.device("cpu"),
-        architectures={family: architecture(family, "tiny") for family in ("sdxl", "sd15", "flux")},
+        architectures={family: architecture(family, "tiny") for family in ("sdxl", "sd15", "flux", "sd35")},
         work=work,
         images=work / "images",
         steps=1,

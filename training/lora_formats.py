@@ -11,10 +11,11 @@ sd-scripts writes them (`networks/lora.py`: the module path inside the UNet sd-s
   names (`input_blocks.4.1...`, a resnet's `in_layers.2`), which every tool maps (diffusers' SDXL loader passes
   the UNet config itself).
 
-FLUX: one diffusers-format file (`transformer.<module>.lora_A/lora_B.weight`) with alpha/rank multiplied into
-`lora_B`, so that every loader applies the trained strength at scale 1.0:
-- ComfyUI maps every key of a diffusers FLUX file (`comfy/lora.py` model_lora_keys_unet -> `flux_to_diffusers`)
-  but never reads safetensors metadata: its scale is `<key>.alpha / rank`, or 1.0 when the file has no `.alpha`.
+FLUX and SD 3.5: one diffusers-format file (`transformer.<module>.lora_A/lora_B.weight`) with alpha/rank
+multiplied into `lora_B`, so that every loader applies the trained strength at scale 1.0:
+- ComfyUI maps every key of a diffusers FLUX or SD 3 file (`comfy/lora.py` model_lora_keys_unet ->
+  `flux_to_diffusers`, `mmdit_to_diffusers`) but never reads safetensors metadata: its scale is
+  `<key>.alpha / rank`, or 1.0 when the file has no `.alpha`.
 - Forge loads LoRAs through ComfyUI's code (`packages_3rdparty/comfyui_lora_collection`), same key map, same rule.
 - diffusers reads the LoraConfig from `lora_adapter_metadata` (written with lora_alpha == r here, so scale 1.0);
   without it (older diffusers) it defaults lora_alpha to r: scale 1.0 again.

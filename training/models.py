@@ -1,4 +1,4 @@
-"""Base models: load SD 1.x, SD 2.x, SDXL or FLUX.1 with diffusers, add LoRA adapters with peft.
+"""Base models: load SD 1.x, SD 2.x, SDXL, FLUX.1 or SD 3.5 with diffusers, add LoRA adapters with peft.
 
 One `ModelBundle` per run holds the denoiser (UNet or FLUX transformer), the VAE, the text encoders and
 tokenizers and the training noise scheduler, and knows how its family turns images into latents and

@@ -1,7 +1,7 @@
 """Tiny random-weight models in the diffusers folder layout, built in code (no hub download), and toy datasets.
 
 Tests, `make demo` and the benchmark's CPU mode train these: same classes and folder layout as the real
-SD 1.x / 2.x / SDXL / FLUX.1 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
+SD 1.x / 2.x / SDXL / FLUX.1 / SD 3.5 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
 small enough that a training step on CPU takes a fraction of a second. Each family builds its own
 (`ModelFamily.tiny_pipeline`, training/families/) from the parts here.
 

@@ -1,7 +1,7 @@
 """LoRA export, checked the way users load the files: every file of every family goes through diffusers' plain
 `load_lora_weights` on a fresh copy of the base model and must reproduce the trained adapter's outputs; kohya key
-names follow kohya sd-scripts' naming rules (transcribed here from `networks/lora.py` and its UNets); the FLUX file
-is read with ComfyUI's key map and strength rule (transcribed from `comfy/lora.py` and `comfy/utils.py`).
+names follow kohya sd-scripts' naming rules (transcribed here from `networks/lora.py` and its UNets); the FLUX and
+SD 3.5 files are read with ComfyUI's key maps and strength rule (transcribed from `comfy/lora.py` and `comfy/utils.py`).
 
 Tiny random-weight models, rank 4 and alpha 8: a lost alpha (scale 1.0 instead of alpha/rank = 2) shows as a 2x
 error in the LoRA's delta."""
@@ -14,13 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.loaders import (
+    FluxLoraLoaderMixin,
+    SD3LoraLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from contract.families import FAMILIES
 from contract.spec import TrainSpec
 from contract.workspace import RunPaths
 from training import export, lora_formats
@@ -28,12 +34,17 @@ from training.families import family_for
 from training.families.base import CLIP_LORA_TARGETS as TEXT_ENCODER_LORA_TARGETS
 from training.families.flux import FLUX_LORA_TARGETS
 from training.families.sd15 import UNET_LORA_TARGETS
+from training.families.sd35 import SD3_LORA_TARGETS
 
 RANK, ALPHA = 4, 8
 # beyond the trainer's attention targets: a resnet's convolution and time projection, the transformer's proj_in,
 # so the resnet naming rules are exercised too
 UNET_TARGETS = [*UNET_LORA_TARGETS, "proj_in", "conv1", "time_emb_proj"]
-DENOISER_TARGETS = {"sd15": UNET_TARGETS, "sd2": UNET_TARGETS, "sdxl": UNET_TARGETS, "flux": FLUX_LORA_TARGETS}
+DENOISER_TARGETS = {
+    "sd15": UNET_TARGETS, "sd2": UNET_TARGETS, "sdxl": UNET_TARGETS, "flux": FLUX_LORA_TARGETS, "sd35": SD3_LORA_TARGETS,
+}
+# families whose one diffusers file carries alpha/rank in its weights (no kohya file): ComfyUI reads it as is
+BAKED = {name for name, facts in FAMILIES.items() if facts.lora_strength_in_weights}
 OUTPUT_TOLERANCE = 1e-5  # max abs difference between the loaded LoRA's outputs and the trained adapter's
 
 
@@ -103,6 +114,18 @@ def flux_transformer() -> FluxTransformer2DModel:
     )  # fmt: skip
 
 
+SD3_LAYERS, SD3_HIDDEN = 2, 32  # ComfyUI's SD 3 map assumes 64 x depth for the width; every SD 3 checkpoint has it
+
+
+def sd3_transformer() -> SD3Transformer2DModel:
+    # SD 3.5 medium's shape in miniature: a dual-attention first block, qk RMS norm, a context-pre-only last block
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=SD3_LAYERS, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=SD3_HIDDEN, pooled_projection_dim=64,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )  # fmt: skip
+
+
 def base_components(family: str) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     if family == "sd15":
@@ -111,6 +134,8 @@ def base_components(family: str) -> dict[str, torch.nn.Module]:
         components = sd2_components()
     elif family == "sdxl":
         components = {"unet": sdxl_unet(), "text_encoder": clip(), "text_encoder_2": clip(True)}
+    elif family == "sd35":
+        components = {"transformer": sd3_transformer()}
     else:
         components = {"transformer": flux_transformer()}
     return {name: model.eval() for name, model in components.items()}
@@ -161,7 +186,11 @@ class TinyFlux(_Shell, FluxLoraLoaderMixin):
     text_encoder = None
 
 
-SHELLS = {"sd15": TinySD, "sd2": TinySD, "sdxl": TinySDXL, "flux": TinyFlux}
+class TinySD3(_Shell, SD3LoraLoaderMixin):
+    text_encoder = text_encoder_2 = None
+
+
+SHELLS = {"sd15": TinySD, "sd2": TinySD, "sdxl": TinySDXL, "flux": TinyFlux, "sd35": TinySD3}
 
 
 def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -178,6 +207,13 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
                 sample = torch.randn(1, 4, 16, 16, generator=generator)
                 context = torch.randn(1, 5, model.config.cross_attention_dim, generator=generator)
                 result[name] = model(sample, 10, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            elif isinstance(model, SD3Transformer2DModel):
+                result[name] = model(
+                    hidden_states=torch.randn(1, 16, 16, 16, generator=generator),
+                    encoder_hidden_states=torch.randn(1, 5, 48, generator=generator),
+                    pooled_projections=torch.randn(1, 64, generator=generator),
+                    timestep=torch.tensor([500.0]),
+                ).sample
             elif name == "transformer":
                 result[name] = model(
                     hidden_states=torch.randn(1, 16, 4, generator=generator),
@@ -198,7 +234,7 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 CASES = {
     "sd15": ("sd15", False), "sd15-te": ("sd15", True), "sd2": ("sd2", False), "sd2-te": ("sd2", True),
-    "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True), "flux": ("flux", False),
+    "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True), "flux": ("flux", False), "sd35": ("sd35", False),
 }
 
 
@@ -207,7 +243,7 @@ def exported(request, tmp_path_factory):
     family, train_text_encoder = CASES[request.param]
     base = base_components(family)
     trained = {name: copy.deepcopy(model) for name, model in base.items()}
-    denoiser_name = "transformer" if family == "flux" else "unet"
+    denoiser_name = "unet" if family in ("sd15", "sdxl") else "transformer"
     add_trained_lora(trained[denoiser_name], DENOISER_TARGETS[family], seed=1)
     encoders = None
     if train_text_encoder:
@@ -216,7 +252,7 @@ def exported(request, tmp_path_factory):
             add_trained_lora(encoder, TEXT_ENCODER_LORA_TARGETS, seed=seed)
     paths = RunPaths(tmp_path_factory.mktemp("volume"), f"run-{request.param}")
     spec = make_spec(family, train_text_encoder=train_text_encoder)
-    prediction_type = None if family == "flux" else "epsilon"
+    prediction_type = None if family in BAKED else "epsilon"
     files = export.export_lora(
         trained[denoiser_name], encoders, spec, paths, "datahash123", family, prediction_type=prediction_type, environ={}
     )
@@ -241,7 +277,7 @@ def test_every_file_loads_in_plain_diffusers_and_reproduces_the_trained_outputs(
     for name in [exported.denoiser, *exported.encoders]:  # the LoRA of every trained component matters
         assert (expected[name] - untrained[name]).abs().max() > 100 * OUTPUT_TOLERANCE, name
 
-    assert set(lora_files(exported)) == ({"diffusers"} if exported.family == "flux" else {"diffusers", "kohya"})
+    assert set(lora_files(exported)) == ({"diffusers"} if exported.family in BAKED else {"diffusers", "kohya"})
     for kind, path in lora_files(exported).items():
         pipeline = SHELLS[exported.family]({name: copy.deepcopy(model) for name, model in exported.base.items()})
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -331,8 +367,8 @@ def sd_scripts_names(family: str, base: dict[str, torch.nn.Module]) -> dict[str,
 
 
 def test_kohya_keys_follow_sd_scripts_naming(exported):
-    if exported.family == "flux":
-        assert "kohya" not in exported.files  # FLUX: the diffusers file serves every tool (lora_formats docstring)
+    if exported.family in BAKED:
+        assert "kohya" not in exported.files  # the diffusers file serves every tool (lora_formats docstring)
         return
     tensors, _ = read_file(exported.files["kohya"])
     allowed = sd_scripts_names(exported.family, exported.base)
@@ -363,7 +399,7 @@ def test_kohya_keys_follow_sd_scripts_naming(exported):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ComfyUI (and Forge, which vendors its loader) reading the FLUX file
+# ComfyUI (and Forge, which vendors its loader) reading the FLUX and SD 3.5 files
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -432,14 +468,47 @@ def comfyui_patches(lora: dict[str, torch.Tensor], key_map) -> tuple[dict[tuple,
     return deltas, sorted(set(lora) - loaded)
 
 
-def test_comfyui_reads_the_flux_file_at_the_trained_strength(tmp_path):
-    base = base_components("flux")["transformer"]
-    transformer = add_trained_lora(copy.deepcopy(base), FLUX_LORA_TARGETS, seed=6)
+def comfyui_sd3_key_map(depth: int, hidden: int) -> dict[str, tuple[str, tuple | None]]:
+    """LoRA key -> (MMDiT weight, slice): comfy/utils.py `mmdit_to_diffusers` as comfy/lora.py `model_lora_keys_unet`
+    uses it for an SD3 model ("transformer." + diffusers weight name), its joint blocks (the top-level layers hold
+    none of the trainer's targets). ComfyUI takes the width as 64 x depth, which every SD 3 checkpoint has
+    (medium 24 x 64, large 38 x 64); the tiny model's is passed here. No `attn2` entry: ComfyUI maps medium's second
+    attention from no diffusers name, and the trainer's targets leave it alone (test_family_sd35.py)."""
+    key_map: dict[str, tuple[str, tuple | None]] = {}
+    for i in range(depth):
+        block, mmdit = f"transformer_blocks.{i}", f"diffusion_model.joint_blocks.{i}"
+        for index, projection in enumerate("qkv"):
+            key_map[f"{block}.attn.to_{projection}"] = (f"{mmdit}.x_block.attn.qkv.weight", (0, index * hidden, hidden))
+            key_map[f"{block}.attn.add_{projection}_proj"] = (
+                f"{mmdit}.context_block.attn.qkv.weight", (0, index * hidden, hidden)
+            )
+        for diffusers_name, mmdit_name in {
+            "norm1_context.linear": "context_block.adaLN_modulation.1", "attn.to_add_out": "context_block.attn.proj",
+            "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+            "norm1.linear": "x_block.adaLN_modulation.1", "attn.to_out.0": "x_block.attn.proj",
+            "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+        }.items():  # fmt: skip
+            key_map[f"{block}.{diffusers_name}"] = (f"{mmdit}.{mmdit_name}.weight", None)
+    return {f"transformer.{name}": target for name, target in key_map.items()}
+
+
+COMFYUI_KEY_MAPS = {
+    "flux": lambda: comfyui_flux_key_map(1, 1, FLUX_HIDDEN),
+    "sd35": lambda: comfyui_sd3_key_map(SD3_LAYERS, SD3_HIDDEN),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMFYUI_KEY_MAPS))
+def test_comfyui_reads_the_diffusers_file_at_the_trained_strength(tmp_path, family):
+    assert set(COMFYUI_KEY_MAPS) == BAKED  # every family without a kohya file is read by ComfyUI from this one
+    base = base_components(family)["transformer"]
+    transformer = add_trained_lora(copy.deepcopy(base), DENOISER_TARGETS[family], seed=6)
     files = export.export_lora(
-        transformer, None, make_spec("flux"), RunPaths(tmp_path, "run-flux"), "h", "flux", prediction_type=None, environ={}
-    )
+        transformer, None, make_spec(family), RunPaths(tmp_path, f"run-{family}"), "h", family, prediction_type=None,
+        environ={},
+    )  # fmt: skip
     lora, _ = read_file(files["diffusers"])
-    key_map = comfyui_flux_key_map(1, 1, FLUX_HIDDEN)
+    key_map = COMFYUI_KEY_MAPS[family]()
     deltas, not_loaded = comfyui_patches(lora, key_map)
     assert not not_loaded, f"ComfyUI leaves keys unloaded: {not_loaded[:5]}"
 
@@ -472,7 +541,7 @@ def test_metadata_in_every_file(exported):
     tensors, metadata = read_file(exported.files["diffusers"])
     adapter = json.loads(metadata[export.LORA_ADAPTER_METADATA_KEY])
     assert adapter[f"{exported.denoiser}.r"] == RANK
-    if exported.family == "flux":  # alpha/rank is inside the weights: every loader applies scale 1.0
+    if exported.family in BAKED:  # alpha/rank is inside the weights: every loader applies scale 1.0
         assert adapter["transformer.lora_alpha"] == RANK
         assert metadata["lorastack.strength"] == lora_formats.STRENGTH_NOTE
         assert not [key for key in tensors if key.endswith(".alpha")]
@@ -503,7 +572,7 @@ def test_metadata_in_every_file(exported):
 def test_model_card_says_which_file_is_for_which_tool(exported):
     card = exported.files["model_card"].read_text()
     assert f"`{export.DIFFUSERS_WEIGHT_NAME}`: " in card
-    if exported.family == "flux":
+    if exported.family in BAKED:
         assert "one file for diffusers" in card and "ComfyUI" in card and "Forge" in card
     else:
         kohya_line = next(line for line in card.splitlines() if exported.files["kohya"].name in line)

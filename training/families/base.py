@@ -1,13 +1,14 @@
 """The interface every model family implements: what the trainer's pipeline steps ask of a family.
 
 The pipeline steps (training/models.py, loop.py, latents.py, export.py, tiny.py, bench/) never branch on a
-family name; they call these methods. A family is one module in this package (sd15.py, sdxl.py, flux.py)
+family name; they call these methods. A family is one module in this package (sd15.py, sdxl.py, flux.py, sd35.py)
 exposing `FAMILY`, an instance of a `ModelFamily` subclass, plus its torch-free facts in contract/families.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ModelMixin
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 from transformers import PreTrainedModel
 
 from contract.families import FamilyFacts
@@ -190,3 +191,44 @@ def ddpm_loss(
     weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
+
+
+def flow_matching_loss(
+    models: ModelBundle,
+    inputs: StepInputs,
+    spec: TrainSpec,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Rectified flow as diffusers' train_dreambooth_lora_{sd3,flux}.py train it: timesteps drawn by the
+    weighting scheme's density, noisy = (1 - sigma) * latents + sigma * noise, the target noise - latents (or,
+    with preconditionOutputs, the prediction mapped to clean latents and the latents as target), the squared
+    error weighted per sigma and averaged per image, then over the batch.
+
+    `predict(noisy, timesteps)`: the denoiser's output for noisy latents shaped like `inputs.latents`, at the
+    scheduler's timesteps (0..num_train_timesteps); each family passes its own conditioning and packing."""
+    settings = spec.flow_matching
+    scheduler, latents, noise = models.noise_scheduler, inputs.latents, inputs.noise
+    size = latents.shape[0]
+    density = compute_density_for_timestep_sampling(
+        weighting_scheme=settings.weighting_scheme,
+        batch_size=size,
+        logit_mean=settings.logit_mean,
+        logit_std=settings.logit_std,
+        mode_scale=settings.mode_scale,
+        generator=inputs.generator,
+    )
+    steps = scheduler.config.num_train_timesteps
+    # u == 1.0 (a sigmoid that rounds to 1, the mode density at u = 0) would index past the schedule
+    indices = (density * steps).long().clamp(max=steps - 1)
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    sigmas = scheduler.sigmas[indices].to(latents.device, dtype=latents.dtype).view(size, *[1] * (latents.ndim - 1))
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+
+    prediction = predict(noisy, timesteps)
+    if settings.precondition_outputs:
+        prediction, target = prediction * (-sigmas) + noisy, latents
+    else:
+        target = noise - latents
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=settings.weighting_scheme, sigmas=sigmas)
+    squared = weighting.float() * (prediction.float() - target.float()) ** 2
+    return squared.reshape(size, -1).mean(dim=1).mean()

@@ -6,14 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from contract.families import FLUX
 from training import tiny
-from training.families.base import ModelFamily, StepInputs
+from training.families.base import ModelFamily, StepInputs, flow_matching_loss
 
 # train_dreambooth_lora_flux.py's list: joint-attention projections of both streams and their MLPs.
 FLUX_LORA_TARGETS = [
@@ -64,35 +63,32 @@ class Flux(ModelFamily):
         return vae_config.shift_factor or 0.0
 
     def loss(self, models, denoiser, inputs: StepInputs, spec) -> torch.Tensor:
-        """Rectified-flow loss on packed latents (uniform timestep density). Min-SNR weighting is a DDPM
-        notion and does not apply here."""
-        scheduler, latents, noise = models.noise_scheduler, inputs.latents, inputs.noise
-        size, channels, height, width = latents.shape
-        indices = (torch.rand((size,), generator=inputs.generator) * scheduler.config.num_train_timesteps).long()
-        sigmas = scheduler.sigmas[indices].to(latents.device, dtype=latents.dtype).view(size, 1, 1, 1)
-        timesteps = scheduler.timesteps[indices].to(latents.device)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-
-        packed = FluxPipeline._pack_latents(noisy, size, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, latents.device, latents.dtype)
+        """Rectified flow on packed latents, with train_dreambooth_lora_flux.py's timestep density and loss
+        weighting (uniform and unweighted unless the stack says otherwise)."""
+        size, channels, height, width = inputs.latents.shape
+        device, dtype = inputs.latents.device, inputs.latents.dtype
+        image_ids = FluxPipeline._prepare_latent_image_ids(size, height // 2, width // 2, device, dtype)
         prompt_embeds = inputs.text["prompt_embeds"]
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if models.denoiser.config.guidance_embeds:
-            guidance = torch.full((size,), TRAINING_GUIDANCE, device=latents.device, dtype=torch.float32)
-        prediction = denoiser(
-            hidden_states=packed,
-            timestep=timesteps / 1000,
-            guidance=guidance,
-            pooled_projections=inputs.text["pooled_prompt_embeds"],
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=text_ids,
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+            guidance = torch.full((size,), TRAINING_GUIDANCE, device=device, dtype=torch.float32)
         scale = models.vae_scale_factor
-        prediction = FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
-        return F.mse_loss(prediction.float(), (noise - latents).float())
+
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            prediction = denoiser(
+                hidden_states=FluxPipeline._pack_latents(noisy, size, channels, height, width),
+                timestep=timesteps / 1000,
+                guidance=guidance,
+                pooled_projections=inputs.text["pooled_prompt_embeds"],
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            return FluxPipeline._unpack_latents(prediction, height * scale, width * scale, scale)
+
+        return flow_matching_loss(models, inputs, spec, predict)
 
     def tiny_pipeline(self) -> FluxPipeline:
         tokenizer, tokenizer_2 = tiny.clip_tokenizer(), tiny.t5_tokenizer()
