@@ -243,7 +243,7 @@ def exported(request, tmp_path_factory):
     family, train_text_encoder = CASES[request.param]
     base = base_components(family)
     trained = {name: copy.deepcopy(model) for name, model in base.items()}
-    denoiser_name = "unet" if family in ("sd15", "sdxl") else "transformer"
+    denoiser_name = FAMILIES[family].denoiser
     add_trained_lora(trained[denoiser_name], DENOISER_TARGETS[family], seed=1)
     encoders = None
     if train_text_encoder:
