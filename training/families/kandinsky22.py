@@ -35,8 +35,8 @@ from diffusers import (
     KandinskyV22CombinedPipeline,
     KandinskyV22Pipeline,
     PriorTransformer,
-    UNet2DConditionModel,
     UnCLIPScheduler,
+    UNet2DConditionModel,
     VQModel,
 )
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
