@@ -310,8 +310,36 @@ SD2 = FamilyFacts(
     ),
 )
 
+KANDINSKY22 = FamilyFacts(
+    name="kandinsky22",
+    denoiser="unet",
+    native_resolution=768,  # the model card generates 768x768; diffusers' LoRA example trains at 768
+    objective="ddpm",
+    trains_text_encoder=False,  # the decoder sees no text: captions reach only the frozen prior, at sample time
+    trains_in_fp16=True,  # diffusers' example trains in fp16 mixed precision
+    # KandinskyV22Pipeline's defaults (num_inference_steps=100, guidance_scale=4.0); the prior runs at its own
+    # (25 steps, guidance 4.0) through KandinskyV22CombinedPipeline
+    sample=SampleDefaults(steps=100, guidance=4.0),
+    # Parameters from the published configs (bench/configs/kandinsky22.json): decoder UNet 1.25B; MoVQ 0.07B plus
+    # the prior's CLIP ViT-bigG image encoder 1.84B, resident only when latents (and image embeddings) are not
+    # cached. The prior itself (1.03B + its 0.69B text encoder) is on the GPU only while samples are drawn. The
+    # activation figures are orders of magnitude scaled from SD 1.5's (pixels 2.25x, a 20% wider UNet with 3 layers
+    # a block, but no attention at the 96x96 level), not measurements.
+    memory=MemoryFootprint(1.25, 1.91, 768 * 768, 6.0, 1.5),
+    # No public timing of Kandinsky 2.2 decoder LoRA steps was found: these are SDXL's estimates scaled by the FLOPs
+    # per step bench/flops.py counts at native resolution (3.9 TFLOP against SDXL's 14.2), rounded up (a smaller
+    # UNet keeps a GPU less busy), until `make bench` measures them.
+    seconds_per_step={
+        "NVIDIA GeForce RTX 4090": 0.35,
+        "NVIDIA GeForce RTX 3090": 0.55,
+        "NVIDIA L40S": 0.32,
+        "NVIDIA H100 80GB HBM3": 0.15,
+    },
+    quoted_tflop_per_image={},  # no published figure (counted: 1.99 forward, 3.92 with the LoRA backward)
+)
+
 # The order is the schema's: error messages list the families in it.
-FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35)}
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35, KANDINSKY22)}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -328,7 +328,10 @@ def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
     """The Hub README: what was trained and which file each tool loads (every file at strength 1.0 gives the
     trained strength)."""
     trigger = f"Trigger word: `{spec.trigger_word}`\n\n" if spec.trigger_word else ""
-    if "kohya" in files:
+    family_usage = family_for(family).lora_usage(DIFFUSERS_WEIGHT_NAME)
+    if family_usage is not None:
+        usage = family_usage
+    elif "kohya" in files:
         name = files["kohya"].name
         usage = (
             f"- `{DIFFUSERS_WEIGHT_NAME}`: diffusers: `pipeline.load_lora_weights(repo)`\n"

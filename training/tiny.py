@@ -104,9 +104,8 @@ def make_model(family: str, out: Path, seed: int = 0) -> Path:
     from training.families import family_for
 
     torch.manual_seed(seed)
-    pipeline = family_for(family).tiny_pipeline()
     out = Path(out)
-    pipeline.save_pretrained(out, safe_serialization=True)
+    family_for(family).save_tiny_model(out)
     return out
 
 
