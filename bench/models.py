@@ -1,4 +1,4 @@
-"""The benchmark's models: SD 1.5, SDXL and FLUX.1-dev architectures with random weights, built in memory.
+"""The benchmark's models: SD 1.5, SDXL, FLUX.1-dev and LDM text-to-image 256 architectures with random weights, built in memory.
 
 Speed and FLOPs depend on the architecture, not on the weights, so nothing is downloaded: the published
 configs (bench/configs/<family>.json) or the tiny test models' configs (training.tiny) are instantiated
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import ModelMixin
-from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedModel, T5Tokenizer
 
 from contract.spec import TrainSpec
 from training import tiny
@@ -28,8 +28,8 @@ from training.models import ComponentSource
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Size = Literal["full", "tiny"]
 # Character-level tokenizers with the published padded lengths: token ids do not change the step's cost,
-# the sequence length does (77 CLIP tokens, 512 T5 tokens for FLUX.1-dev).
-TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer}
+# the sequence length does (77 CLIP or LDMBert tokens, 512 T5 tokens for FLUX.1-dev).
+TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer, BertTokenizer: tiny.bert_tokenizer}
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,14 @@ class ModelFamily(ABC):
 
     # -------------------------------------------------------------------------------------------- export
 
+    def lora_file_usage(self, weight_name: str) -> str:
+        """The model card's line for the diffusers-format file when it is the only one (no kohya file): which
+        tools load it, and how."""
+        return (
+            f"`{weight_name}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
+            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
+        )
+
     def kohya_sd2_base(self, denoiser_config: Any) -> bool:
         """Whether the kohya file is labelled as an SD 2.x LoRA (see training/export.py kohya_metadata)."""
         return False
