@@ -48,8 +48,8 @@ class LatentDiffusion256(ModelFamily):
     def lora_file_usage(self, weight_name: str) -> str:
         return (
             f"`{weight_name}`: the one file, for diffusers: LDMTextToImagePipeline has no `load_lora_weights`, its "
-            f'UNet loads it: `pipeline.unet.load_lora_adapter(repo, prefix="{UNET_LORA_PREFIX}")`. ComfyUI, A1111 '
-            "and Forge do not run this model.\n"
+            f'UNet loads it: `pipeline.unet.load_lora_adapter(repo, weight_name="{weight_name}", '
+            f'prefix="{UNET_LORA_PREFIX}")`. ComfyUI, A1111 and Forge do not run this model.\n'
         )
 
     def max_token_length(self, name: str, tokenizer: Any) -> int:
