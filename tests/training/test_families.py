@@ -79,8 +79,10 @@ def test_the_registry_has_a_module_for_every_family_the_schema_allows():
     for name in FAMILY_NAMES:
         family = family_for(name)
         assert isinstance(family, ModelFamily) and family.name == name and family.facts is FAMILIES[name]
-        assert family.denoiser_name in family.components and "vae" in family.components
-    with pytest.raises(ValueError, match=r"unknown model family 'sd3' \(known: sdxl, sd15, flux\)"):
+        assert family.denoiser_name in family.components and family.vae_name in family.components
+        for names in (family.text_encoder_names, family.tokenizer_names):  # LDM's text encoder is `bert`
+            assert names and set(names) <= set(family.components)
+    with pytest.raises(ValueError, match=r"unknown model family 'sd3' \(known: sdxl, sd15, flux, ldm256\)"):
         family_for("sd3")
 
 
