@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import ModelMixin
-from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedModel, T5Tokenizer
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from contract.spec import TrainSpec
@@ -29,8 +29,8 @@ from training.models import ComponentSource
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Size = Literal["full", "tiny"]
 # Character-level tokenizers with the published padded lengths: token ids do not change the step's cost,
-# the sequence length does (77 CLIP tokens, 512 T5 tokens for FLUX.1-dev).
-TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer}
+# the sequence length does (77 CLIP or LDMBert tokens, 512 T5 tokens for FLUX.1-dev).
+TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer, BertTokenizer: tiny.bert_tokenizer}
 
 
 @dataclass(frozen=True)

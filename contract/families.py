@@ -338,8 +338,32 @@ KANDINSKY22 = FamilyFacts(
     quoted_tflop_per_image={},  # no published figure (counted: 1.99 forward, 3.92 with the LoRA backward)
 )
 
+LDM256 = FamilyFacts(
+    name="ldm256",
+    denoiser="unet",
+    native_resolution=256,
+    objective="ddpm",
+    # LDMTextToImagePipeline has no LoRA loader and no diffusers API loads a LoRA into LDMBert (the UNet's own
+    # load_lora_adapter reads the UNet's part alone); training LDMBert's 0.58B would also spend the 8 GB it saves
+    trains_text_encoder=False,
+    trains_in_fp16=True,
+    # 50: LDMTextToImagePipeline's default steps. 6.0, not its default guidance_scale 1.0 (which turns classifier-free
+    # guidance off and gives washed-out samples): the guidance its own docstring example and the model card use.
+    sample=SampleDefaults(steps=50, guidance=6.0),
+    # The published configs (bench/configs/ldm256.json): UNet 0.872B (SD 1.5's UNet with 1280-wide cross-attention),
+    # LDMBert 0.582B + KL-f8 autoencoder 0.084B. Activations: SD 1.5's per-pixel figures (the same UNet layout) at
+    # a quarter of the pixels.
+    memory=MemoryFootprint(0.872, 0.67, 256 * 256, 0.8, 0.2),
+    # No public LoRA-training reports for this model: SD 1.5's 512 px times the FLOP ratio (0.37 / 1.72 TFLOP per
+    # image, bench/flops.py), raised to ~0.08 s on a 4090 because a 32x32-latent step at batch 1 is bound by kernel
+    # launches rather than FLOPs.
+    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.12, "NVIDIA GeForce RTX 4090": 0.08},
+    # No published figure: bench/flops.py's count at 256 px (python -m bench writes it to bench/results/flops.json).
+    quoted_tflop_per_image={"forward": 0.18, "total": 0.37},
+)
+
 # The order is the schema's: error messages list the families in it.
-FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35, KANDINSKY22)}
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35, KANDINSKY22, LDM256)}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 

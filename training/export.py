@@ -328,10 +328,7 @@ def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
     """The Hub README: what was trained and which file each tool loads (every file at strength 1.0 gives the
     trained strength)."""
     trigger = f"Trigger word: `{spec.trigger_word}`\n\n" if spec.trigger_word else ""
-    family_usage = family_for(family).lora_usage(DIFFUSERS_WEIGHT_NAME)
-    if family_usage is not None:
-        usage = family_usage
-    elif "kohya" in files:
+    if "kohya" in files:
         name = files["kohya"].name
         usage = (
             f"- `{DIFFUSERS_WEIGHT_NAME}`: diffusers: `pipeline.load_lora_weights(repo)`\n"
@@ -340,10 +337,7 @@ def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
             f'`pipeline.load_lora_weights(repo, weight_name="{name}")`\n'
         )
     else:
-        usage = (
-            f"- `{DIFFUSERS_WEIGHT_NAME}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
-            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
-        )
+        usage = f"- {family_for(family).lora_file_usage(DIFFUSERS_WEIGHT_NAME)}"
     return (
         "---\n"
         f"base_model: {spec.base_model}\n"

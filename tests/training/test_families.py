@@ -80,7 +80,10 @@ def test_the_registry_has_a_module_for_every_family_the_schema_allows():
         family = family_for(name)
         assert isinstance(family, ModelFamily) and family.name == name and family.facts is FAMILIES[name]
         assert family.denoiser_name in family.components and family.vae_name in family.components
-    with pytest.raises(ValueError, match=r"unknown model family 'sd3' \(known: sdxl, sd15, flux, sd2, sd35, kandinsky22\)"):
+        for names in (family.text_encoder_names, family.tokenizer_names):  # LDM's text encoder is `bert`
+            assert set(names) <= set(family.components)
+    known = r"\(known: sdxl, sd15, flux, sd2, sd35, kandinsky22, ldm256\)"
+    with pytest.raises(ValueError, match=r"unknown model family 'sd3' " + known):
         family_for("sd3")
 
 

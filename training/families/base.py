@@ -196,10 +196,13 @@ class ModelFamily(ABC):
 
     # -------------------------------------------------------------------------------------------- export
 
-    def lora_usage(self, weight_name: str) -> str | None:
-        """The model card's lines on loading the LoRA, for a family whose pipeline has no `load_lora_weights`;
-        None: training/export.py's own lines by file format."""
-        return None
+    def lora_file_usage(self, weight_name: str) -> str:
+        """The model card's line for the diffusers-format file when it is the only one (no kohya file): which
+        tools load it, and how."""
+        return (
+            f"`{weight_name}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
+            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
+        )
 
 
 def ddpm_loss(

@@ -234,9 +234,9 @@ class Kandinsky22(ModelFamily):
         pipeline.decoder_pipe.save_pretrained(out, safe_serialization=True)
         pipeline.prior_pipe.save_pretrained(out / PRIOR_FOLDER, safe_serialization=True)
 
-    def lora_usage(self, weight_name: str) -> str:
+    def lora_file_usage(self, weight_name: str) -> str:
         return (
-            f"- `{weight_name}`: diffusers. Kandinsky 2.2's pipelines have no `load_lora_weights`; load it into the "
+            f"`{weight_name}`: diffusers. Kandinsky 2.2's pipelines have no `load_lora_weights`; load it into the "
             "decoder's UNet: `pipe = AutoPipelineForText2Image.from_pretrained("
             '"kandinsky-community/kandinsky-2-2-decoder")`, then '
             f'`pipe.unet.load_lora_adapter(repo, weight_name="{weight_name}", prefix="unet")`. '
