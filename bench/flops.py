@@ -72,7 +72,8 @@ def _meta_batch(state: TrainState, size: int) -> Batch:
     with torch.no_grad():
         latents = models.encode_images(pixels)
         text = None if spec.train_text_encoder else models.encode_text(models.tokenize(captions))
-    return Batch(ids, captions, latents=latents, pixels=None, text=text, time_ids=time_ids)
+        image = models.encode_image_conditioning(pixels)
+    return Batch(ids, captions, latents=latents, pixels=None, text=text or None, time_ids=time_ids, image=image or None)
 
 
 def _by_op(counter: FlopCounterMode) -> dict[str, int]:

@@ -31,7 +31,7 @@ from contract.workspace import RunPaths
 from infra.stack_files import load_stack
 from training.loop import build_state, next_micro_batches, train_step
 
-STACKS = ("sdxl-4090", "sd15-3090", "flux-h100", "sd35-4090")
+STACKS = ("sdxl-4090", "sd15-3090", "flux-h100", "sd35-4090", "ldm256-local")
 DATASET_IMAGES = 4
 MAX_BATCH_SIZE = 64  # TrainSpec's own limit
 NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")
@@ -40,7 +40,7 @@ NO_SDPA_KERNEL = ("No available kernel", "No viable backend for scaled_dot_produ
 @dataclass(frozen=True)
 class Stack:
     name: str
-    gpu: str  # the stack's RunPod GPU id
+    gpu: str  # the stack's GPU, as CUDA names it
     spec: TrainSpec  # as the stack file says, with gradientCheckpointing `auto` decided for the stack's GPU
 
 
@@ -50,14 +50,15 @@ def load_bench_stack(name: str) -> Stack:
     Measured on a bigger GPU, the stack's settings are still those it runs with on its own card.
     """
     config = load_stack(name)
-    if config.runpod is None:
-        raise ValueError(f"stacks/Pulumi.{name}.yaml: the bench measures RunPod stacks (provider: runpod), "
-                         "whose GPU decides the checkpointing")
-    spec, gpu = config.train, config.runpod.gpu
+    named_memory = config.backend.gpu_memory(config)
+    if named_memory is None:
+        raise ValueError(f"stacks/Pulumi.{name}.yaml: the bench measures stacks that name their GPU (RunPod, local, "
+                         "...), whose memory decides the checkpointing")
+    spec, (gpu, _) = config.train, config.backend.performance_gpu(config)
     if spec.gradient_checkpointing == "auto":
-        needed = memory.plan(spec, gpu.memory_gb).gradient_checkpointing
+        needed = memory.plan(spec, named_memory[1]).gradient_checkpointing
         spec = spec.model_copy(update={"gradient_checkpointing": "on" if needed else "off"})
-    return Stack(name, gpu.id, spec)
+    return Stack(name, gpu, spec)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The benchmark's models: SD 1.5, SDXL, FLUX.1-dev and SD 3.5 architectures with random weights, built in memory.
+"""The benchmark's models: every family's architecture with random weights, built in memory.
 
 Speed and FLOPs depend on the architecture, not on the weights, so nothing is downloaded: the published
 configs (bench/configs/<family>.json) or the tiny test models' configs (training.tiny) are instantiated
@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import torch
 from diffusers import ModelMixin
-from transformers import CLIPTokenizer, PreTrainedModel, T5Tokenizer
+from transformers import BertTokenizer, CLIPTokenizer, PreTrainedModel, T5Tokenizer
+from transformers.image_processing_utils import ImageProcessingMixin
 
 from contract.spec import TrainSpec
 from training import tiny
@@ -28,8 +29,8 @@ from training.models import ComponentSource
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Size = Literal["full", "tiny"]
 # Character-level tokenizers with the published padded lengths: token ids do not change the step's cost,
-# the sequence length does (77 CLIP tokens, 512 T5 tokens for FLUX.1-dev).
-TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer}
+# the sequence length does (77 CLIP or LDMBert tokens, 512 T5 tokens for FLUX.1-dev).
+TINY_TOKENIZERS = {CLIPTokenizer: tiny.clip_tokenizer, T5Tokenizer: tiny.t5_tokenizer, BertTokenizer: tiny.bert_tokenizer}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ def tiny_size(family: str) -> Architecture:
             configs[name] = {"model_max_length": component.model_max_length}
         elif isinstance(component, PreTrainedModel):
             configs[name] = component.config.to_dict()
+        elif isinstance(component, ImageProcessingMixin):
+            configs[name] = component.to_dict()
         else:
             configs[name] = dict(component.config)
     return Architecture(family, "tiny", configs)
@@ -89,6 +92,8 @@ def build_components(
         if name in family.tokenizer_names:
             components[name] = TINY_TOKENIZERS[component_class]()
             components[name].model_max_length = config["model_max_length"]
+        elif issubclass(component_class, ImageProcessingMixin):  # Kandinsky 2.2's CLIP image processor
+            components[name] = component_class.from_dict(config)
         elif not issubclass(component_class, (ModelMixin, PreTrainedModel)):
             # a scheduler, built outside the dtype context: its noise tables must stay fp32
             components[name] = component_class.from_config(config)

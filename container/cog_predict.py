@@ -19,6 +19,8 @@ from safetensors import safe_open
 from contract.families import facts_for
 from training.export import DIFFUSERS_WEIGHT_NAME
 
+ADAPTER = "lorastack"
+
 
 def lora_folder(weights: LocalPath) -> LocalPath:
     """The folder holding the diffusers-format LoRA: `weights` is the training's tar, a folder or the file."""
@@ -58,7 +60,14 @@ class Predictor(BaseRunner):
             metadata["lorastack.base_model"], revision=metadata.get("lorastack.base_model_revision") or None,
             dtype=dtype,
         ).to(device)
-        self.pipeline.load_lora_weights(str(folder), weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name="lorastack")
+        if hasattr(self.pipeline, "load_lora_weights"):
+            self.pipeline.load_lora_weights(str(folder), weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=ADAPTER)
+            self.adapters = self.pipeline
+        else:  # a pipeline without a LoRA loader (LDM text-to-image): its UNet reads the file, as the model card says
+            self.pipeline.unet.load_lora_adapter(
+                str(folder), weight_name=DIFFUSERS_WEIGHT_NAME, prefix="unet", adapter_name=ADAPTER
+            )
+            self.adapters = self.pipeline.unet
         self.pipeline.set_progress_bar_config(disable=True)
 
     def run(
@@ -71,7 +80,7 @@ class Predictor(BaseRunner):
         guidance_scale: float = Input(default=None, ge=0.0, le=20.0, description="Default: the family's usual"),
         seed: int = Input(default=0, ge=0),
     ) -> Path:
-        self.pipeline.set_adapters(["lorastack"], adapter_weights=[lora_scale])
+        self.adapters.set_adapters([ADAPTER], [lora_scale])  # a pipeline's or a model's: (names, weights)
         image = self.pipeline(
             prompt,
             width=width,

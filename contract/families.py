@@ -310,8 +310,60 @@ SD2 = FamilyFacts(
     ),
 )
 
+KANDINSKY22 = FamilyFacts(
+    name="kandinsky22",
+    denoiser="unet",
+    native_resolution=768,  # the model card generates 768x768; diffusers' LoRA example trains at 768
+    objective="ddpm",
+    trains_text_encoder=False,  # the decoder sees no text: captions reach only the frozen prior, at sample time
+    trains_in_fp16=True,  # diffusers' example trains in fp16 mixed precision
+    # KandinskyV22Pipeline's defaults (num_inference_steps=100, guidance_scale=4.0); the prior runs at its own
+    # (25 steps, guidance 4.0) through KandinskyV22CombinedPipeline
+    sample=SampleDefaults(steps=100, guidance=4.0),
+    # Parameters from the published configs (bench/configs/kandinsky22.json): decoder UNet 1.25B; MoVQ 0.07B plus
+    # the prior's CLIP ViT-bigG image encoder 1.84B, resident only when latents (and image embeddings) are not
+    # cached. The prior itself (1.03B + its 0.69B text encoder) is on the GPU only while samples are drawn. The
+    # activation figures are orders of magnitude scaled from SD 1.5's (pixels 2.25x, a 20% wider UNet with 3 layers
+    # a block, but no attention at the 96x96 level), not measurements.
+    memory=MemoryFootprint(1.25, 1.91, 768 * 768, 6.0, 1.5),
+    # No public timing of Kandinsky 2.2 decoder LoRA steps was found: these are SDXL's estimates scaled by the FLOPs
+    # per step bench/flops.py counts at native resolution (3.9 TFLOP against SDXL's 14.2), rounded up (a smaller
+    # UNet keeps a GPU less busy), until `make bench` measures them.
+    seconds_per_step={
+        "NVIDIA GeForce RTX 4090": 0.35,
+        "NVIDIA GeForce RTX 3090": 0.55,
+        "NVIDIA L40S": 0.32,
+        "NVIDIA H100 80GB HBM3": 0.15,
+    },
+    quoted_tflop_per_image={},  # no published figure (counted: 1.99 forward, 3.92 with the LoRA backward)
+)
+
+LDM256 = FamilyFacts(
+    name="ldm256",
+    denoiser="unet",
+    native_resolution=256,
+    objective="ddpm",
+    # LDMTextToImagePipeline has no LoRA loader and no diffusers API loads a LoRA into LDMBert (the UNet's own
+    # load_lora_adapter reads the UNet's part alone); training LDMBert's 0.58B would also spend the 8 GB it saves
+    trains_text_encoder=False,
+    trains_in_fp16=True,
+    # 50: LDMTextToImagePipeline's default steps. 6.0, not its default guidance_scale 1.0 (which turns classifier-free
+    # guidance off and gives washed-out samples): the guidance its own docstring example and the model card use.
+    sample=SampleDefaults(steps=50, guidance=6.0),
+    # The published configs (bench/configs/ldm256.json): UNet 0.872B (SD 1.5's UNet with 1280-wide cross-attention),
+    # LDMBert 0.582B + KL-f8 autoencoder 0.084B. Activations: SD 1.5's per-pixel figures (the same UNet layout) at
+    # a quarter of the pixels.
+    memory=MemoryFootprint(0.872, 0.67, 256 * 256, 0.8, 0.2),
+    # No public LoRA-training reports for this model: SD 1.5's 512 px times the FLOP ratio (0.37 / 1.72 TFLOP per
+    # image, bench/flops.py), raised to ~0.08 s on a 4090 because a 32x32-latent step at batch 1 is bound by kernel
+    # launches rather than FLOPs.
+    seconds_per_step={"NVIDIA GeForce RTX 3090": 0.12, "NVIDIA GeForce RTX 4090": 0.08},
+    # No published figure: bench/flops.py's count at 256 px (python -m bench writes it to bench/results/flops.json).
+    quoted_tflop_per_image={"forward": 0.18, "total": 0.37},
+)
+
 # The order is the schema's: error messages list the families in it.
-FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35)}
+FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (SDXL, SD15, FLUX, SD2, SD35, KANDINSKY22, LDM256)}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 

@@ -29,8 +29,8 @@ RELATIVE_SPEED = {
     "NVIDIA A100 80GB PCIe": 1.3, "NVIDIA A100-SXM4-80GB": 1.5, "NVIDIA H100 PCIe": 1.9,
     "NVIDIA H100 80GB HBM3": 2.4, "NVIDIA H100 NVL": 2.2, "NVIDIA H200": 2.6,
     # consumer cards a local stack may name (infra/local_backend/catalog.py)
-    "NVIDIA GeForce RTX 3060": 0.3, "NVIDIA GeForce RTX 3080": 0.5, "NVIDIA GeForce RTX 4070 Ti SUPER": 0.65,
-    "NVIDIA GeForce RTX 4080": 0.75,
+    "NVIDIA GeForce RTX 3060": 0.3, "NVIDIA GeForce RTX 3070": 0.4, "NVIDIA GeForce RTX 3080": 0.5,
+    "NVIDIA GeForce RTX 4070 Ti SUPER": 0.65, "NVIDIA GeForce RTX 4080": 0.75,
     # Lambda Cloud's GPUs not above (by CUDA's names)
     "NVIDIA A10": 0.45, "Quadro RTX 6000": 0.4, "NVIDIA A100-PCIE-40GB": 1.2, "NVIDIA A100-SXM4-40GB": 1.4,
     "NVIDIA GH200 480GB": 2.6, "NVIDIA B200": 4.0,

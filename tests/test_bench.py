@@ -17,10 +17,11 @@ from bench import __main__ as bench_main
 from bench import harness, report
 from bench.flops import META, count_step_flops
 from bench.models import CONFIG_DIR, architecture, build_components, in_memory_source
-from contract.families import SD35
+from contract.families import FAMILY_NAMES, SD35
 from contract.workspace import RunPaths
 from infra import pricing
 from training import tiny
+from training.families import family_for
 from training.loop import build_state, next_micro_batches, train_step
 
 torch.set_num_threads(2)
@@ -77,12 +78,15 @@ def test_published_configs_build_the_published_parameter_counts():
             "transformer": 2_243_171_520, "vae": 83_819_683, "text_encoder": 123_650_304,
             "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656,
         },
+        # LDMBert counts its unused to_logits head (39M) too, as the repo's checkpoint holds it
+        "ldm256": {"unet": 872_300_484, "vqvae": 83_653_863, "bert": 581_994_042},
     }
     for family, counts in expected.items():
         components = build_components(architecture(family, "full"), META, torch.bfloat16)
         built = {name: sum(p.numel() for p in components[name].parameters()) for name in counts}
         assert built == counts, family
-        assert components["vae"].dtype == (torch.float32 if family == "sdxl" else torch.bfloat16)
+        vae = components[family_for(family).vae_name]
+        assert vae.dtype == (torch.float32 if family == "sdxl" else torch.bfloat16)
         if family == "flux":
             assert components["tokenizer_2"].model_max_length == 512  # FLUX.1-dev's T5 context
     sd35 = build_components(architecture("sd35", "full"), META, torch.bfloat16)["transformer"]
@@ -105,7 +109,7 @@ def setup(tmp_path_factory):
     tiny.make_dataset(work / "images", harness.DATASET_IMAGES)
     return harness.Setup(
         device=torch.device("cpu"),
-        architectures={family: architecture(family, "tiny") for family in ("sdxl", "sd15", "flux", "sd35")},
+        architectures={family: architecture(family, "tiny") for family in FAMILY_NAMES},
         work=work,
         images=work / "images",
         steps=1,

@@ -1,4 +1,5 @@
-"""The Cog layer (container/cog_train.py, container/cog_predict.py) with a tiny random-weight FLUX on CPU.
+"""The Cog layer (container/cog_train.py, container/cog_predict.py) with a tiny random-weight FLUX (and LDM 256,
+whose pipeline has no LoRA loader) on CPU.
 
 The dataset zip is made by the Replicate provider's own `dataset_zip`: what the provider uploads is what the
 trainer unpacks.
@@ -83,6 +84,25 @@ def test_the_predictor_loads_the_lora_into_the_base_and_it_changes_the_image(tra
     with_lora, without = generate(1.0), generate(0.0)
     assert with_lora.shape == (256, 256, 3)
     assert np.abs(with_lora - without).max() > 0  # the trained LoRA is applied
+
+
+def test_the_predictor_loads_an_ldm256_lora_into_the_pipelines_unet(tmp_path):
+    """LDMTextToImagePipeline has no load_lora_weights: the predictor loads the file into its UNet instead."""
+    base = tiny.make_model("ldm256", tmp_path / "base")
+    tiny.make_dataset(tmp_path / "images", 2)
+    images = tmp_path / "images.zip"
+    images.write_bytes(dataset_zip(tmp_path / "images"))
+    output = cog_train.train(**train_inputs(images, base, family="ldm256", base_model=str(base), learning_rate=1e-2))
+    predictor = cog_predict.Predictor()
+    predictor.setup(weights=output.weights)
+    assert predictor.pipeline.unet.peft_config.keys() == {"lorastack"}
+
+    def generate(scale: float) -> np.ndarray:
+        path = predictor.run(prompt="a photo of TOK", lora_scale=scale, width=256, height=256,
+                             num_inference_steps=2, guidance_scale=6.0, seed=0)
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    assert np.abs(generate(1.0) - generate(0.0)).max() > 0  # the trained LoRA is applied, and its scale with it
 
 
 def test_unsupported_or_unsafe_inputs_are_refused(trained, tmp_path):

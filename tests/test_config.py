@@ -70,7 +70,8 @@ def test_the_example_stack_reads_as_written():
 
 BAD_INPUTS = [
     ({"train.learningRate": 0.5}, "lorastack:train.learningRate = 0.5", "less than or equal to 0.01"),
-    ({"train.family": "sd3"}, "lorastack:train.family = 'sd3'", "'sdxl', 'sd15', 'flux', 'sd2' or 'sd35'"),
+    ({"train.family": "sd3"}, "lorastack:train.family = 'sd3'",
+     "'sdxl', 'sd15', 'flux', 'sd2', 'sd35', 'kandinsky22' or 'ldm256'"),
     ({"train.resolution": 1000}, "lorastack:train", "multiple of 64"),
     ({"train.rank": 0}, "lorastack:train.rank = 0", "greater than or equal to 1"),
     ({"train.stesp": 10}, "lorastack:train.stesp", "unknown key"),

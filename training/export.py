@@ -337,10 +337,7 @@ def model_card(spec: TrainSpec, family: str, files: dict[str, Path]) -> str:
             f'`pipeline.load_lora_weights(repo, weight_name="{name}")`\n'
         )
     else:
-        usage = (
-            f"- `{DIFFUSERS_WEIGHT_NAME}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
-            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
-        )
+        usage = f"- {family_for(family).lora_file_usage(DIFFUSERS_WEIGHT_NAME)}"
     return (
         "---\n"
         f"base_model: {spec.base_model}\n"

@@ -1,4 +1,5 @@
-"""VAE latents and text embeddings, computed once per sample and cached on the volume.
+"""VAE latents and text embeddings (and any conditioning a family takes from the image itself), computed once per
+sample and cached on the volume.
 
 The cache is keyed by what the features depend on (model, revision, resolution, buckets, dtype, data) and
 holds one file per SAMPLE ID. A batch looks its samples up by id, so whatever order a shuffled sampler
@@ -22,6 +23,7 @@ from training.data import PreparedDataset, Sample
 from training.models import ModelBundle
 
 FEATURES_VERSION = 1  # bump when what is cached, or how, changes: old caches are then not re-used
+IMAGE_PREFIX = "image."  # cached conditioning computed from the image (ModelFamily.encode_image_conditioning)
 
 
 def cache_key(spec: TrainSpec, data_hash: str, weight_dtype: torch.dtype) -> str:
@@ -87,9 +89,10 @@ def build_feature_cache(
     cache = FeatureCache(paths.cache / cache_key(spec, dataset.data_hash, models.weight_dtype))
     missing = [sample for sample in dataset.samples if sample.id not in cache]
     for sample in missing:
-        features = {
-            "latents": models.encode_images(dataset.pixels(sample)[None], _sample_generator(spec, sample))[0]
-        }
+        pixels = dataset.pixels(sample)[None]
+        features = {"latents": models.encode_images(pixels, _sample_generator(spec, sample))[0]}
+        image = models.encode_image_conditioning(pixels)
+        features.update({IMAGE_PREFIX + name: value[0] for name, value in image.items()})
         if not spec.train_text_encoder:
             with torch.no_grad():
                 text = models.encode_text(models.tokenize([sample.caption]))
@@ -108,6 +111,7 @@ class Batch:
     pixels: torch.Tensor | None  # (B, 3, H, W) in [-1, 1], when latents are encoded on the fly
     text: dict[str, torch.Tensor] | None  # cached text conditioning, by name
     time_ids: torch.Tensor  # (B, 6): SDXL's original size, crop top-left, target size
+    image: dict[str, torch.Tensor] | None = None  # cached conditioning computed from the images, by name
 
 
 def collate(dataset: PreparedDataset, indices: list[int], cache: FeatureCache | None) -> Batch:
@@ -128,7 +132,10 @@ def collate(dataset: PreparedDataset, indices: list[int], cache: FeatureCache | 
         return batch
     features = [cache.get(s.id) for s in samples]
     batch.latents = torch.stack([f["latents"] for f in features])
-    text_names = [name for name in features[0] if name != "latents"]
+    image_names = [name for name in features[0] if name.startswith(IMAGE_PREFIX)]
+    text_names = [name for name in features[0] if name != "latents" and name not in image_names]
     if text_names:
         batch.text = {name: torch.stack([f[name] for f in features]) for name in text_names}
+    if image_names:
+        batch.image = {name.removeprefix(IMAGE_PREFIX): torch.stack([f[name] for f in features]) for name in image_names}
     return batch

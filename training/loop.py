@@ -120,22 +120,27 @@ def _randn(state: TrainState, shape: tuple[int, ...], like: torch.Tensor) -> tor
     return torch.randn(shape, generator=state.noise_generator, dtype=torch.float32).to(like)
 
 
-def _inputs(state: TrainState, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Latents and text conditioning for a batch: from the cache, or encoded now."""
+def _inputs(
+    state: TrainState, batch: Batch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Latents, text conditioning and conditioning from the images for a batch: from the cache, or encoded now."""
     models, device = state.models, state.accelerator.device
     if batch.latents is not None:
         latents = batch.latents.to(device, dtype=models.weight_dtype)
+        image = batch.image or {}
     elif batch.pixels is not None:
         latents = models.encode_images(batch.pixels, state.noise_generator).to(device)
+        image = models.encode_image_conditioning(batch.pixels)
     else:
         raise ValueError(f"batch {batch.sample_ids}: neither cached latents nor pixels to encode")
+    image = {name: value.to(device, dtype=models.weight_dtype) for name, value in image.items()}
     if batch.text is not None:
         text = {name: value.to(device, dtype=models.weight_dtype) for name, value in batch.text.items()}
     else:
         encoders = {name: state.trained.get(name, module) for name, module in models.text_encoders.items()}
         with torch.set_grad_enabled(models.train_text_encoder):
             text = models.encode_text(models.tokenize(batch.captions), encoders)
-    return latents, text
+    return latents, text, image
 
 
 def _noise(state: TrainState, latents: torch.Tensor) -> torch.Tensor:
@@ -147,9 +152,9 @@ def _noise(state: TrainState, latents: torch.Tensor) -> torch.Tensor:
 
 
 def compute_loss(state: TrainState, batch: Batch) -> torch.Tensor:
-    latents, text = _inputs(state, batch)
+    latents, text, image = _inputs(state, batch)
     noise = _noise(state, latents)
-    inputs = StepInputs(latents, text, noise, batch.time_ids, state.noise_generator)
+    inputs = StepInputs(latents, text, noise, batch.time_ids, state.noise_generator, image)
     return state.models.family.loss(state.models, state.denoiser, inputs, state.spec)
 
 
@@ -203,6 +208,7 @@ def generate_samples(state: TrainState) -> list[Image.Image]:
                 generator=torch.Generator().manual_seed(spec.seed + index),
             )
             images.append(generated.images[0])
+    models.release_sample_components()
     if spec.cache_latents:
         models.offload_encoders()
     return images

@@ -1,8 +1,9 @@
-"""Base models: load SD 1.x, SD 2.x, SDXL, FLUX.1 or SD 3.5 with diffusers, add LoRA adapters with peft.
+"""Base models: load each family's model with diffusers, add LoRA adapters with peft.
 
 One `ModelBundle` per run holds the denoiser (UNet or FLUX transformer), the VAE, the text encoders and
-tokenizers and the training noise scheduler, and knows how its family turns images into latents and
-captions into the denoiser's conditioning. Frozen weights live in the run's weight dtype (bf16 where the
+tokenizers, the components that condition on the image itself and those only samples need, and the training
+noise scheduler, and knows how its family turns images into latents and captions (or the images) into the
+denoiser's conditioning. Frozen weights live in the run's weight dtype (bf16 where the
 GPU has it, fp32 on CPU); only the LoRA parameters are trained, in fp32.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
@@ -55,7 +56,7 @@ def wants_gradient_checkpointing(spec: TrainSpec, device: torch.device) -> bool:
 class ModelBundle:
     family: ModelFamily
     denoiser: torch.nn.Module  # the UNet or transformer
-    vae: AutoencoderKL
+    vae: AutoencoderKL | VQModel
     text_encoders: dict[str, torch.nn.Module]  # by component name: "text_encoder", "text_encoder_2", ...
     tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2", ...
     noise_scheduler: Any  # the family's training scheduler (DDPM, flow matching)
@@ -64,6 +65,8 @@ class ModelBundle:
     train_text_encoder: bool
     gradient_checkpointing: bool
     encoders_on_device: bool = field(default=True)
+    image_conditioning: dict[str, Any] = field(default_factory=dict)  # family.image_conditioning_names, frozen
+    sample_components: dict[str, Any] = field(default_factory=dict)  # family.sample_components, on the CPU
 
     @property
     def vae_scale_factor(self) -> int:
@@ -98,12 +101,22 @@ class ModelBundle:
             else contextlib.nullcontext()  # the meta device (the benchmark's FLOP count) has no autocast
         )
         with no_autocast:
-            distribution = self.vae.encode(pixels).latent_dist
-        # Sample on the CPU generator, so the draw does not depend on the device (resume is exact).
-        noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32)
-        latents = distribution.mean + distribution.std * noise.to(distribution.mean)
-        shift = self.family.latent_shift(self.vae.config)
-        return ((latents - shift) * self.vae.config.scaling_factor).to(self.weight_dtype)
+            encoded = self.vae.encode(pixels)
+        distribution = getattr(encoded, "latent_dist", None)
+        if distribution is None:  # a VQ autoencoder (Kandinsky's MoVQ): its unquantised latents, no posterior draw
+            latents = encoded.latents
+        else:
+            # Sample on the CPU generator, so the draw does not depend on the device (resume is exact).
+            noise = torch.randn(distribution.mean.shape, generator=generator, dtype=torch.float32)
+            latents = distribution.mean + distribution.std * noise.to(distribution.mean)
+        shift, scale = self.family.latent_shift(self.vae.config), self.family.latent_scale(self.vae.config)
+        return ((latents - shift) * scale).to(self.weight_dtype)
+
+    @torch.no_grad()
+    def encode_image_conditioning(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> the conditioning the family takes from the images themselves (usually none)."""
+        encoded = self.family.encode_image_conditioning(self.image_conditioning, pixels, self.vae.device)
+        return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Token ids per tokenizer, padded to the length each text encoder was trained with."""
@@ -117,6 +130,8 @@ class ModelBundle:
         With gradients when the text encoders train (the caller decides with torch.no_grad()); `encoders`
         replaces the bundle's own, e.g. by their data-parallel wrappers.
         """
+        if not self.text_encoders:  # a denoiser trained without text (Kandinsky 2.2's decoder)
+            return {}
         encoders = encoders or self.text_encoders
         device = next(next(iter(self.text_encoders.values())).parameters()).device  # where their weights are
         encoded = self.family.encode_text(encoders, token_ids, device)
@@ -124,11 +139,16 @@ class ModelBundle:
 
     # ------------------------------------------------------------------------------ device placement
 
+    def _image_conditioning_modules(self) -> list[torch.nn.Module]:
+        return [part for part in self.image_conditioning.values() if isinstance(part, torch.nn.Module)]
+
     def offload_encoders(self) -> None:
         """After caching, the VAE (and frozen text encoders) leave the GPU: their memory goes to activations."""
         if self.device.type != "cuda":
             return
         self.vae.to("cpu")
+        for module in self._image_conditioning_modules():
+            module.to("cpu")
         if not self.train_text_encoder:
             for encoder in self.text_encoders.values():
                 encoder.to("cpu")
@@ -139,15 +159,26 @@ class ModelBundle:
     def load_encoders(self) -> None:
         if not self.encoders_on_device:
             self.vae.to(self.device)
-            for encoder in self.text_encoders.values():
-                encoder.to(self.device)
+            for module in [*self.text_encoders.values(), *self._image_conditioning_modules()]:
+                module.to(self.device)
             self.encoders_on_device = True
 
     # ------------------------------------------------------------------------------------- sampling
 
     def pipeline(self) -> Any:
-        """An inference pipeline over the live modules (LoRA applied), for sample images during training."""
+        """An inference pipeline over the live modules (LoRA applied), for sample images during training; the
+        sample-only components come onto the device until `release_sample_components`."""
+        self._move_sample_components(self.device)
         return self.family.sample_pipeline(self)
+
+    def release_sample_components(self) -> None:
+        self._move_sample_components(torch.device("cpu"))
+
+    def _move_sample_components(self, device: torch.device) -> None:
+        if self.device.type == "cuda":
+            for part in self.sample_components.values():
+                if isinstance(part, torch.nn.Module):
+                    part.to(device)
 
 
 def read_components(spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
@@ -174,11 +205,18 @@ def load_models(
     text_encoders: dict[str, PreTrainedModel] = {name: components[name] for name in family.text_encoder_names}
     tokenizers: dict[str, Any] = {name: components[name] for name in family.tokenizer_names}
     vae = components[family.vae_name]
+    image_conditioning = {name: components[name] for name in family.image_conditioning_names}
+    sample_components = {name: components[name] for name in family.sample_components if name in components}
 
-    for module in (denoiser, vae, *text_encoders.values()):
+    conditioning_modules = [part for part in image_conditioning.values() if isinstance(part, torch.nn.Module)]
+    for module in (denoiser, vae, *text_encoders.values(), *conditioning_modules):
         module.requires_grad_(False)
         module.eval()
         module.to(device)
+    for part in sample_components.values():  # moved to the device only while samples are drawn
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False)
+            part.eval()
 
     torch.manual_seed(spec.seed)  # the gaussian LoRA init: same seed, same starting adapter
     denoiser.add_adapter(
@@ -220,4 +258,6 @@ def load_models(
         device=device,
         train_text_encoder=spec.train_text_encoder,
         gradient_checkpointing=checkpointing,
+        image_conditioning=image_conditioning,
+        sample_components=sample_components,
     )

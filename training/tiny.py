@@ -1,9 +1,9 @@
 """Tiny random-weight models in the diffusers folder layout, built in code (no hub download), and toy datasets.
 
 Tests, `make demo` and the benchmark's CPU mode train these: same classes and folder layout as the real
-SD 1.x / 2.x / SDXL / FLUX.1 / SD 3.5 checkpoints, so `training.models` and diffusers' pipelines load them unchanged, but
-small enough that a training step on CPU takes a fraction of a second. Each family builds its own
-(`ModelFamily.tiny_pipeline`, training/families/) from the parts here.
+SD 1.x / 2.x / SDXL / FLUX.1 / SD 3.5 / Kandinsky 2.2 / LDM checkpoints, so `training.models` and diffusers'
+pipelines load them unchanged, but small enough that a training step on CPU takes a fraction of a second. Each
+family builds its own (`ModelFamily.tiny_pipeline`, training/families/) from the parts here.
 
     python -m training.tiny --family sdxl --out /tmp/tiny-sdxl
 """
@@ -23,7 +23,7 @@ from contract.families import FAMILY_NAMES
 # torch, transformers and diffusers load inside the builders: `python -m training.tiny --help` answers at once.
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTokenizer, T5Tokenizer
+    from transformers import BertTokenizer, CLIPTextConfig, CLIPTokenizer, T5Tokenizer
 
 TEXT_WIDTH = 32  # hidden size of the tiny text encoders (a family whose real width tells it apart picks its own)
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers: pipelines and training pad to it
@@ -61,6 +61,16 @@ def t5_tokenizer() -> T5Tokenizer:
     pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
     pieces += [("▁" + chr(code), -2.5) for code in range(ord("a"), ord("z") + 1)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def bert_tokenizer() -> BertTokenizer:
+    """A character-level WordPiece tokenizer (lower-case, every printable ASCII character, word-initial and
+    `##`-continued): any text encodes, as with the real uncased BERT vocabulary."""
+    from transformers import BertTokenizer
+
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1) if not chr(code).isupper()]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{char}" for char in characters)]
+    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)}, model_max_length=CLIP_MAX_LENGTH)
 
 
 def clip_text_config(vocab_size: int, hidden_size: int = TEXT_WIDTH, **extra) -> CLIPTextConfig:
@@ -104,9 +114,8 @@ def make_model(family: str, out: Path, seed: int = 0) -> Path:
     from training.families import family_for
 
     torch.manual_seed(seed)
-    pipeline = family_for(family).tiny_pipeline()
     out = Path(out)
-    pipeline.save_pretrained(out, safe_serialization=True)
+    family_for(family).save_tiny_model(out)
     return out
 
 

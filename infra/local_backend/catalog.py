@@ -11,6 +11,7 @@ PRICE_SOURCE = "set by the stack (local.usdPerHour: electricity, amortisation); 
 # name as CUDA reports it -> memory in GB
 LOCAL_GPUS: dict[str, int] = {
     "NVIDIA GeForce RTX 3060": 12,
+    "NVIDIA GeForce RTX 3070": 8,
     "NVIDIA GeForce RTX 3080": 10,
     "NVIDIA GeForce RTX 3090": 24,
     "NVIDIA GeForce RTX 4070 Ti SUPER": 16,

@@ -42,6 +42,7 @@ RANK, ALPHA = 4, 8
 UNET_TARGETS = [*UNET_LORA_TARGETS, "proj_in", "conv1", "time_emb_proj"]
 DENOISER_TARGETS = {
     "sd15": UNET_TARGETS, "sd2": UNET_TARGETS, "sdxl": UNET_TARGETS, "flux": FLUX_LORA_TARGETS, "sd35": SD3_LORA_TARGETS,
+    "ldm256": UNET_TARGETS,
 }
 # families whose one diffusers file carries alpha/rank in its weights (no kohya file): ComfyUI reads it as is
 BAKED = {name for name, facts in FAMILIES.items() if facts.lora_strength_in_weights}
@@ -136,6 +137,8 @@ def base_components(family: str) -> dict[str, torch.nn.Module]:
         components = {"unet": sdxl_unet(), "text_encoder": clip(), "text_encoder_2": clip(True)}
     elif family == "sd35":
         components = {"transformer": sd3_transformer()}
+    elif family == "ldm256":  # LDM's UNet has SD's layout
+        components = {"unet": sd15_unet()}
     else:
         components = {"transformer": flux_transformer()}
     return {name: model.eval() for name, model in components.items()}
@@ -193,6 +196,16 @@ class TinySD3(_Shell, SD3LoraLoaderMixin):
 SHELLS = {"sd15": TinySD, "sd2": TinySD, "sdxl": TinySDXL, "flux": TinyFlux, "sd35": TinySD3}
 
 
+def load_as_a_user(family: str, components: dict[str, torch.nn.Module], path) -> dict[str, torch.nn.Module]:
+    """The file loaded the way the README and the model card say, into `components`."""
+    if family == "ldm256":  # LDMTextToImagePipeline has no LoRA loader: its UNet's own
+        components["unet"].load_lora_adapter(str(path.parent), weight_name=path.name, prefix="unet")
+        return components
+    pipeline = SHELLS[family](components)
+    pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
+    return pipeline.components
+
+
 def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Each component's output on fixed inputs."""
     generator = torch.Generator().manual_seed(0)
@@ -232,9 +245,12 @@ def outputs(components: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 # every family's export, as a user gets it
 # ---------------------------------------------------------------------------------------------------------
 
+# families without a kohya file: the diffusers file serves every tool (FLUX, SD 3.5), or no kohya tool runs the model
+NO_KOHYA = {name for name, facts in FAMILIES.items() if facts.kohya is None}
 CASES = {
     "sd15": ("sd15", False), "sd15-te": ("sd15", True), "sd2": ("sd2", False), "sd2-te": ("sd2", True),
     "sdxl": ("sdxl", False), "sdxl-te": ("sdxl", True), "flux": ("flux", False), "sd35": ("sd35", False),
+    "ldm256": ("ldm256", False),
 }
 
 
@@ -277,11 +293,10 @@ def test_every_file_loads_in_plain_diffusers_and_reproduces_the_trained_outputs(
     for name in [exported.denoiser, *exported.encoders]:  # the LoRA of every trained component matters
         assert (expected[name] - untrained[name]).abs().max() > 100 * OUTPUT_TOLERANCE, name
 
-    assert set(lora_files(exported)) == ({"diffusers"} if exported.family in BAKED else {"diffusers", "kohya"})
+    assert set(lora_files(exported)) == ({"diffusers"} if exported.family in NO_KOHYA else {"diffusers", "kohya"})
     for kind, path in lora_files(exported).items():
-        pipeline = SHELLS[exported.family]({name: copy.deepcopy(model) for name, model in exported.base.items()})
-        pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
-        loaded = outputs(pipeline.components)
+        base = {name: copy.deepcopy(model) for name, model in exported.base.items()}
+        loaded = outputs(load_as_a_user(exported.family, base, path))
         for name, output in expected.items():
             difference = (loaded[name] - output).abs().max().item()
             assert difference < OUTPUT_TOLERANCE, f"{kind} file, {name}: max abs difference {difference:.2e}"
@@ -367,8 +382,8 @@ def sd_scripts_names(family: str, base: dict[str, torch.nn.Module]) -> dict[str,
 
 
 def test_kohya_keys_follow_sd_scripts_naming(exported):
-    if exported.family in BAKED:
-        assert "kohya" not in exported.files  # the diffusers file serves every tool (lora_formats docstring)
+    if exported.family in NO_KOHYA:
+        assert "kohya" not in exported.files
         return
     tensors, _ = read_file(exported.files["kohya"])
     allowed = sd_scripts_names(exported.family, exported.base)
@@ -548,6 +563,9 @@ def test_metadata_in_every_file(exported):
         assert "not written" in metadata["lorastack.kohya"]
         return
     assert adapter[f"{exported.denoiser}.lora_alpha"] == ALPHA
+    if exported.family == "ldm256":
+        assert "not written" in metadata["lorastack.kohya"] and not [key for key in tensors if key.endswith(".alpha")]
+        return
     _, kohya = read_file(exported.files["kohya"])
     assert kohya["ss_network_module"] == "networks.lora"
     assert (kohya["ss_network_dim"], kohya["ss_network_alpha"]) == ("4", "8")
@@ -574,6 +592,9 @@ def test_model_card_says_which_file_is_for_which_tool(exported):
     assert f"`{export.DIFFUSERS_WEIGHT_NAME}`: " in card
     if exported.family in BAKED:
         assert "one file for diffusers" in card and "ComfyUI" in card and "Forge" in card
+    elif exported.family == "ldm256":
+        assert 'pipeline.unet.load_lora_adapter(repo, weight_name="pytorch_lora_weights.safetensors", prefix="unet")' in card
+        assert "do not run this model" in card
     else:
         kohya_line = next(line for line in card.splitlines() if exported.files["kohya"].name in line)
         assert "ComfyUI" in kohya_line and "A1111" in kohya_line and "Forge" in kohya_line

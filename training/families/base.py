@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,6 +39,8 @@ class StepInputs:
     noise: torch.Tensor  # like latents
     time_ids: torch.Tensor  # (B, 6): original size, crop top-left, target size of each image
     generator: torch.Generator  # the run's CPU noise stream: timesteps are drawn from it (exact resume)
+    # conditioning computed from the training images themselves (encode_image_conditioning); empty for most
+    image: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelFamily(ABC):
@@ -56,6 +58,13 @@ class ModelFamily(ABC):
     text_encoder_lora_targets: ClassVar[list[str]] = CLIP_LORA_TARGETS  # when trainTextEncoder is on
     lora_loader: ClassVar[type[Any]]  # the diffusers LoraLoaderMixin whose save_lora_weights writes our file
     vae_name: ClassVar[str] = "vae"  # the autoencoder's component name (LDM's pipelines call it vqvae)
+    # Components (in `components`) that compute the denoiser's conditioning from the training image itself rather
+    # than from its caption (Kandinsky 2.2: the prior's CLIP image encoder and its image processor). Frozen, cached
+    # with the latents and placed like the VAE.
+    image_conditioning_names: ClassVar[tuple[str, ...]] = ()
+    # Components only sample images need (Kandinsky 2.2's prior, which embeds the prompt), by pipeline name. The
+    # family's read_components reads them when the spec asks for samples; they stay on the CPU between samples.
+    sample_components: ClassVar[dict[str, type[Any]]] = {}
 
     @property
     def text_encoder_names(self) -> list[str]:
@@ -82,16 +91,28 @@ class ModelFamily(ABC):
     def read_components(self, spec: TrainSpec, cache_dir: Path | None, weight_dtype: torch.dtype) -> dict[str, Any]:
         """Each component read from `spec.base_model` straight into its dtype (FLUX in fp32 would not even fit
         in a pod's RAM): diffusers models take `torch_dtype`, transformers models `dtype`."""
-        common: dict[str, object] = {"revision": spec.revision, "cache_dir": cache_dir}
-        components = {}
-        for name, component_class in self.components.items():
-            options = dict(common)
-            if issubclass(component_class, ModelMixin):
-                options["torch_dtype"] = self.vae_dtype(weight_dtype) if name == self.vae_name else weight_dtype
-            elif issubclass(component_class, PreTrainedModel):
-                options["dtype"] = weight_dtype
-            components[name] = component_class.from_pretrained(spec.base_model, subfolder=name, **options)
-        return components
+        return {
+            name: self.read_component(name, spec.base_model, name, spec.revision, cache_dir, weight_dtype)
+            for name in self.components
+        }
+
+    def read_component(
+        self,
+        name: str,
+        location: str,
+        subfolder: str,
+        revision: str | None,
+        cache_dir: Path | None,
+        weight_dtype: torch.dtype,
+    ) -> Any:
+        """The component `name` (of `components` or `sample_components`) from `location`/`subfolder`."""
+        component_class = self.components.get(name) or self.sample_components[name]
+        options: dict[str, object] = {"revision": revision, "cache_dir": cache_dir}
+        if issubclass(component_class, ModelMixin):
+            options["torch_dtype"] = self.vae_dtype(weight_dtype) if name == self.vae_name else weight_dtype
+        elif issubclass(component_class, PreTrainedModel):
+            options["dtype"] = weight_dtype
+        return component_class.from_pretrained(location, subfolder=subfolder, **options)
 
     def validate_components(self, components: dict[str, Any], spec: TrainSpec) -> None:
         """Refuse, with a ValueError saying what to change, components that are not this family's model (e.g. an
@@ -127,8 +148,19 @@ class ModelFamily(ABC):
         """Token ids -> the denoiser's text conditioning, as the family's pipeline computes it."""
 
     def latent_shift(self, vae_config: Any) -> float:
-        """Subtracted from VAE latents before scaling by `scaling_factor`."""
+        """Subtracted from VAE latents before scaling by `latent_scale`."""
         return 0.0
+
+    def latent_scale(self, vae_config: Any) -> float:
+        """What VAE latents are multiplied by: the autoencoder's `scaling_factor`, as the family's pipeline decodes."""
+        return vae_config.scaling_factor
+
+    def encode_image_conditioning(
+        self, components: dict[str, Any], pixels: torch.Tensor, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) training images in [-1, 1] -> conditioning the denoiser gets from the image itself
+        (`image_conditioning_names` are the components); none by default."""
+        return {}
 
     # ---------------------------------------------------------------------------------------------- loss
 
@@ -158,6 +190,20 @@ class ModelFamily(ABC):
     def tiny_pipeline(self) -> DiffusionPipeline:
         """A tiny random-weight pipeline of this family (same classes and layout as the real model)."""
 
+    def save_tiny_model(self, out: Path) -> None:
+        """Write the tiny model as the trainer reads it: the real model's folder layout."""
+        self.tiny_pipeline().save_pretrained(out, safe_serialization=True)
+
+    # -------------------------------------------------------------------------------------------- export
+
+    def lora_file_usage(self, weight_name: str) -> str:
+        """The model card's line for the diffusers-format file when it is the only one (no kohya file): which
+        tools load it, and how."""
+        return (
+            f"`{weight_name}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`), "
+            "ComfyUI (`models/loras`, Load LoRA node) and Forge (`models/Lora`)\n"
+        )
+
 
 def ddpm_loss(
     models: ModelBundle,
@@ -182,7 +228,11 @@ def ddpm_loss(
     else:
         raise ValueError(f"{spec.base_model}: unsupported prediction type {prediction_type!r}")
 
-    prediction = denoiser(noisy, timesteps, inputs.text["prompt_embeds"], return_dict=False, **(conditioning or {}))[0]
+    # no prompt_embeds: a denoiser conditioned through `conditioning` alone (Kandinsky 2.2's image embedding)
+    hidden_states = inputs.text.get("prompt_embeds")
+    prediction = denoiser(noisy, timesteps, hidden_states, return_dict=False, **(conditioning or {}))[0]
+    # A UNet that also learns the variance (Kandinsky 2.2: 8 output channels) predicts the noise in the first ones
+    prediction = prediction[:, : latents.shape[1]]
 
     if spec.min_snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())

@@ -53,6 +53,13 @@ class StableDiffusion35(ModelFamily):
     lora_targets = SD3_LORA_TARGETS
     lora_loader = SD3LoraLoaderMixin
 
+    def lora_file_usage(self, weight_name: str) -> str:
+        # ComfyUI's SD3 key map reads diffusers' transformer names (and no alpha: it is in the weights)
+        return (
+            f"`{weight_name}`: the one file for diffusers (`pipeline.load_lora_weights(repo)`) and ComfyUI "
+            "(`models/loras`, Load LoRA node)\n"
+        )
+
     def max_token_length(self, name: str, tokenizer: Any) -> int:
         length = tokenizer.model_max_length
         return min(length, T5_MAX_LENGTH) if name == "tokenizer_3" else length
