@@ -244,17 +244,6 @@ def test_example_stack_fits_its_gpu_and_the_same_settings_on_a_smaller_card_are_
     accepted(tmp_path, capsys, small)
 
 
-def test_memory_at_batch_1_is_what_the_readme_says():
-    def total(base_model: str) -> float:
-        spec = TrainSpec(family="sd2", base_model=base_model, dataset={"source": "/data"}, gradient_checkpointing="off")
-        return memory.plan(spec, 24).total_gib
-
-    assert round(total("stabilityai/stable-diffusion-2-1-base")) == 6  # at its native 512
-    assert round(total("stabilityai/stable-diffusion-2-1")) == 10  # at its native 768
-    readme = (ROOT / "README.md").read_text()
-    assert "~6 GB at 512 px, ~10 GB at 768 px" in next(line for line in readme.splitlines() if line.startswith("| `sd2`"))
-
-
 def test_example_stack_is_priced_from_the_768_v_figures(tmp_path):
     estimate = load_stack_file(STACK).cost_estimate()
     variant = family_for("sd2").facts.variants[0]
