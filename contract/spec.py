@@ -304,9 +304,11 @@ class TrainSpec(_Schema):
 
     def fingerprint(self) -> str:
         """Short content hash: a changed spec is a new run (its own directory on the volume). A dataset URL counts
-        without its credentials: a fresh signature is the same run, in infra and in the pod alike."""
+        without its credentials: a fresh signature is the same run, in infra and in the pod alike. Settings left
+        unset (None) are not hashed, so a key a later lorastack adds, unset, keeps a running stack's run (and pod)."""
         dataset = self.dataset.model_copy(update={"source": redacted_source(self.dataset.source)})
-        written = self.model_copy(update={"dataset": dataset}).to_env_json()
+        hashed = self.model_copy(update={"dataset": dataset}).model_dump(mode="json", by_alias=True, exclude_none=True)
+        written = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(written.encode()).hexdigest()[:10]
 
 

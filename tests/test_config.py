@@ -160,6 +160,19 @@ def test_a_changed_spec_is_a_new_run():
     assert run_id("sdxl-4090", spec) != run_id("sdxl-4090", changed)
 
 
+def test_a_setting_a_later_version_adds_unset_keeps_the_run():
+    # upgrading lorastack must not move a running stack to a new run (a replaced pod, a restart from step 0)
+    class Upgraded(TrainSpec):
+        some_later_setting: float | None = None
+
+    spec = load_stack("sdxl-4090").train
+    upgraded = Upgraded.model_validate(json.loads(spec.to_env_json()))
+    assert upgraded.fingerprint() == spec.fingerprint()
+    assert Upgraded.model_validate(json.loads(spec.to_env_json()) | {"someLaterSetting": 0.5}).fingerprint() != (
+        spec.fingerprint()
+    )
+
+
 def test_make_check_prints_every_error_and_exits_non_zero(tmp_path):
     bad = tmp_path / "Pulumi.bad.yaml"
     bad.write_text(yaml.safe_dump({"config": edited(**{"train.learningRate": 1, "runpod.dataCenter": "X"})}))

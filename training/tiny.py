@@ -23,7 +23,7 @@ from contract.families import FAMILY_NAMES
 # torch, transformers and diffusers load inside the builders: `python -m training.tiny --help` answers at once.
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
-    from transformers import BertTokenizer, CLIPTextConfig, CLIPTokenizer, T5Tokenizer
+    from transformers import BertTokenizer, CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 TEXT_WIDTH = 32  # hidden size of the tiny text encoders (a family whose real width tells it apart picks its own)
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers: pipelines and training pad to it
@@ -88,6 +88,15 @@ def clip_text_config(vocab_size: int, hidden_size: int = TEXT_WIDTH, **extra) ->
         pad_token_id=1,
         **extra,
     )
+
+
+def t5_encoder(vocab_size: int, width: int = TEXT_WIDTH) -> T5EncoderModel:
+    """A two-layer T5 encoder (FLUX's and SD 3's sequence encoder, thin)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config)
 
 
 def vae(**extra) -> AutoencoderKL:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from contract.families import FLUX
 from training import tiny
@@ -105,19 +105,7 @@ class Flux(ModelFamily):
             guidance_embeds=True,  # as FLUX.1-dev
             axes_dims_rope=(4, 4, 8),
         )
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=tiny.TEXT_WIDTH,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        t5 = tiny.t5_encoder(len(tokenizer_2))
         return FluxPipeline(
             vae=tiny.vae(
                 latent_channels=latent_channels,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import SD3LoraLoaderMixin
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from contract.families import SD35
 from training import tiny
@@ -112,19 +112,7 @@ class StableDiffusion35(ModelFamily):
             qk_norm="rms_norm",
         )
         tokenizer_3 = tiny.t5_tokenizer()
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=t5_width,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        t5 = tiny.t5_encoder(len(tokenizer_3), t5_width)
         tokenizer = tiny.clip_tokenizer()
         return StableDiffusion3Pipeline(
             vae=tiny.vae(
