@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--per-image-flops", action=argparse.BooleanOptionalAction, default=True,
         help="count FLOPs per image at full size on the meta device (default: on)",
     )
+    parser.add_argument(
+        "--skip-completed", action="store_true",
+        help="leave out the stacks the results file already holds in full (a retry after a time limit)",
+    )
     parser.add_argument("--results", type=Path, default=report.RESULTS_DIR)
     parser.add_argument("--readme", type=Path, default=report.README)
     return parser.parse_args(argv)
@@ -72,18 +76,25 @@ def main(argv: list[str] | None = None) -> int:
         print("full-size models are timed on a GPU only; on CPU use --size tiny", file=sys.stderr)
         return 2
     on_gpu = device.type == "cuda"
-    stacks = [harness.load_bench_stack(name) for name in args.stacks]
+    environment = report.environment(device, size)
+    path = args.results / report.results_name(environment)
+    names = [name for name in args.stacks if not (args.skip_completed and name in report.completed_stacks(path))]
+    if names != args.stacks:
+        print(f"already measured in {path}: {', '.join(sorted(set(args.stacks) - set(names)))}", flush=True)
+    stacks = [harness.load_bench_stack(name) for name in names]
 
-    if args.per_image_flops:
+    if args.per_image_flops and stacks:
         full = {family: architecture(family, "full") for family in FAMILY_NAMES}
         counts = flops.per_image_counts([(stack.name, stack.spec) for stack in stacks], full)
-        flops_document = {"method": flops.METHOD, "versions": report.versions(), "counts": counts}
+        flops_path = args.results / report.FLOPS_FILE
+        flops_document = {
+            "method": flops.METHOD, "versions": report.versions(), "counts": report.merged_flops(flops_path, counts)
+        }
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / report.FLOPS_FILE).write_text(json.dumps(flops_document, indent=2) + "\n")
+        flops_path.write_text(json.dumps(flops_document, indent=2) + "\n")
         for line in report.flops_table(flops_document):
             print(line)
 
-    environment = report.environment(device, size)
     peak = args.peak_tflops or (report.BF16_DENSE_TFLOPS.get(str(environment["gpu"])) if on_gpu else None)
     if on_gpu and peak is None:
         print(f"no bf16 peak known for {environment['gpu']}: MFU is left out (--peak-tflops sets it)", file=sys.stderr)
@@ -109,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             search_limit=args.search_limit or (harness.MAX_BATCH_SIZE if on_gpu else 2),
             search_steps=3 if on_gpu else 1,
             search_warmup=1,
+            # written as measured: a run stopped by a time limit keeps its rows, and a retry skips finished stacks
+            on_rows=lambda measured: report.write_results(path, environment, measured),
+            on_stack_done=lambda name: report.write_results(path, environment, [], done=name),
         )
-    path = args.results / report.results_name(environment)
     document = report.write_results(path, environment, rows)
     for check in document["checks"]:
         print(f"{'met' if check['met'] else 'NOT met'}: {check['target']}: {check['value']}")

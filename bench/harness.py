@@ -304,22 +304,26 @@ def format_row(row: dict) -> str:
 
 def run(
     setup: Setup, stacks: list[Stack], variants: list[Variant], search: bool, search_limit: int,
-    search_steps: int, search_warmup: int,
+    search_steps: int, search_warmup: int, on_rows: Callable[[list[dict]], object] = lambda rows: None,
+    on_stack_done: Callable[[str], object] = lambda stack: None,
 ) -> list[dict]:
     """Stack by stack: the stack's settings at batch 1 and at its own batch size; with `search`, the largest
-    batch with gradient checkpointing off and on; every other option at the stack's batch size."""
+    batch with gradient checkpointing off and on; every other option at the stack's batch size. `on_rows` gets
+    each measurement as it is made (a run cut short by a time limit keeps what it measured), `on_stack_done` each
+    stack whose every variant was measured."""
     rows = []
     for stack in stacks:
         for variant in variants:
             if not applies(variant, stack.spec.family, setup.device):
                 continue
-            if variant is BASELINE:
-                for batch_size in sorted({1, stack.spec.batch_size}):
-                    rows.append(measure(setup, stack, variant, batch_size))
-                    print(format_row(rows[-1]), flush=True)
-            elif variant in CHECKPOINTING and search:
-                rows += search_largest_batch(setup, stack, variant, search_limit, search_steps, search_warmup)
+            if variant in CHECKPOINTING and search:  # prints each size as it is tried
+                measured = search_largest_batch(setup, stack, variant, search_limit, search_steps, search_warmup)
             else:
-                rows.append(measure(setup, stack, variant, stack.spec.batch_size))
-                print(format_row(rows[-1]), flush=True)
+                measured = []
+                for batch_size in sorted({1, stack.spec.batch_size}) if variant is BASELINE else [stack.spec.batch_size]:
+                    measured.append(measure(setup, stack, variant, batch_size))
+                    print(format_row(measured[-1]), flush=True)
+            rows += measured
+            on_rows(measured)
+        on_stack_done(stack.name)
     return rows

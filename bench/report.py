@@ -85,6 +85,18 @@ def environment(device: torch.device, size: str) -> dict[str, object]:
     return described
 
 
+def completed_stacks(path: Path) -> set[str]:
+    """The stacks a results file holds every measurement of (an earlier run finished them)."""
+    return set(json.loads(path.read_text()).get("completed_stacks", [])) if path.exists() else set()
+
+
+def merged_flops(path: Path, counts: list[dict]) -> list[dict]:
+    """The counts of this run, and the earlier file's counts of the stacks it did not count."""
+    counted = {count["stack"] for count in counts}
+    previous = json.loads(path.read_text())["counts"] if path.exists() else []
+    return [*(count for count in previous if count["stack"] not in counted), *counts]
+
+
 def results_name(environment: dict[str, object]) -> str:
     """nvidia-h100-80gb-hbm3.json for a full-size GPU run; *-tiny.json (not committed) for the smoke run."""
     device = str(environment["gpu"] or "cpu")
@@ -96,8 +108,9 @@ def _row_key(row: dict) -> tuple:
     return (row["stack"], row["variant"], row["batch_size"])
 
 
-def write_results(path: Path, environment: dict[str, object], rows: list[dict]) -> dict:
+def write_results(path: Path, environment: dict[str, object], rows: list[dict], done: str | None = None) -> dict:
     """Rows replace the earlier rows of the same stack, variant and batch size: a partial run updates its part.
+    `done`: a stack all of whose measurements are now in the file (`completed_stacks`: a retry skips it).
 
     The checks are judged again on all the rows the file then holds.
     """
@@ -105,7 +118,9 @@ def write_results(path: Path, environment: dict[str, object], rows: list[dict]) 
     kept = {_row_key(row): row for row in previous["rows"]}
     kept.update({_row_key(row): row for row in rows})
     merged = list(kept.values())
-    document = {"environment": environment, "rows": merged, "checks": checks(merged)}
+    completed = [*previous.get("completed_stacks", []), *([done] if done else [])]
+    document = {"environment": environment, "rows": merged, "checks": checks(merged),
+                "completed_stacks": sorted(set(completed))}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document

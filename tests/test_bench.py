@@ -176,6 +176,44 @@ def test_smoke_run_writes_rows_and_leaves_the_readme_without_gpu_results(tmp_pat
     assert "No GPU measurements yet" in readme.read_text()
 
 
+def test_a_run_cut_short_keeps_its_rows_and_a_retry_measures_only_what_is_unfinished(tmp_path, monkeypatch):
+    # bench/gpu.sh runs each stack under a time limit: what was measured before the limit must be in the file
+    args = ["--device", "cpu", "--variants", "baseline,sdpa-math", "--no-search", "--no-per-image-flops",
+            "--steps", "1", "--warmup", "0", "--skip-completed", "--results", str(tmp_path),
+            "--readme", str(tmp_path / "README.md")]
+    shutil.copy(report.README, tmp_path / "README.md")
+    measure, calls = harness.measure, []
+
+    def stopped_at_the_third(*given, **options):
+        calls.append(given[1].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what the time limit's signal does to the process
+        return measure(*given, **options)
+
+    monkeypatch.setattr(harness, "measure", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main.main(["--stacks", "sd15-3090", *args])
+    path = tmp_path / "cpu-tiny.json"
+    document = json.loads(path.read_text())
+    assert [(row["variant"], row["batch_size"]) for row in document["rows"]] == [("baseline", 1), ("baseline", 4)]
+    assert document["completed_stacks"] == []
+
+    monkeypatch.setattr(harness, "measure", measure)
+    assert bench_main.main(["--stacks", "sd15-3090", *args]) == 0
+    assert json.loads(path.read_text())["completed_stacks"] == ["sd15-3090"]
+    calls.clear()
+    monkeypatch.setattr(harness, "measure", stopped_at_the_third)
+    assert bench_main.main(["--stacks", "sd15-3090", *args]) == 0  # the retry: nothing left to measure
+    assert calls == [] and len(json.loads(path.read_text())["rows"]) == 3
+
+
+def test_counting_some_stacks_keeps_the_other_stacks_flop_counts(tmp_path):
+    path = tmp_path / report.FLOPS_FILE
+    path.write_text(json.dumps({"counts": [{"stack": "sdxl-4090", "n": 1}, {"stack": "sd15-3090", "n": 2}]}))
+    merged = report.merged_flops(path, [{"stack": "sd15-3090", "n": 3}])
+    assert merged == [{"stack": "sdxl-4090", "n": 1}, {"stack": "sd15-3090", "n": 3}]
+
+
 # -------------------------------------------------------------------------------------- results files
 
 
