@@ -94,7 +94,7 @@ bench: ## time the real training step (tiny models on CPU; full size on a GPU)
 	$(PY) -m bench
 
 train-local: ## train on this machine: DATA=folder FAMILY=sd15 MODEL=hf-id-or-path [STEPS=..] [OUT=outputs/local]
-	@test -n "$(DATA)" -a -n "$(FAMILY)" -a -n "$(MODEL)" || { echo "usage: make train-local DATA=folder FAMILY=sd15|sdxl|flux MODEL=hf-id-or-path [STEPS=500] [OUT=outputs/local]" >&2; exit 2; }
+	@test -n "$(DATA)" -a -n "$(FAMILY)" -a -n "$(MODEL)" || { echo "usage: make train-local DATA=folder FAMILY=sd15 (any family in the README's table) MODEL=hf-id-or-path [STEPS=500] [OUT=outputs/local]" >&2; exit 2; }
 	$(PY) -m training.local --data "$(DATA)" --family "$(FAMILY)" --model "$(MODEL)" $(if $(STEPS),--steps $(STEPS)) $(if $(OUT),--out "$(OUT)")
 
 cog-push: ## push our trainer to Replicate as REPLICATE_MODEL=owner/name (needs the cog CLI, not on PyPI)
