@@ -51,8 +51,9 @@ class Predictor(BaseRunner):
             raise ValueError("this model runs a trained LoRA: use a version made by a training (it brings `weights`)")
         folder = lora_folder(LocalPath(str(weights)))
         metadata = lora_metadata(folder)
-        # steps and guidance when a request leaves them out: the family's, as the trainer's samples use
-        self.sample_defaults = facts_for(metadata["lorastack.family"]).sample
+        # steps, guidance and size when a request leaves them out: the family's, as the trainer's samples use
+        facts = facts_for(metadata["lorastack.family"], metadata["lorastack.base_model"])
+        self.sample_defaults, self.native_resolution = facts.sample, facts.native_resolution
         self.trigger_word = metadata.get("lorastack.trigger_word", "")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -74,8 +75,8 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What to draw; include the trigger word to get the trained subject"),
         lora_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="How strongly the LoRA applies"),
-        width: int = Input(default=1024, ge=64, le=2048),
-        height: int = Input(default=1024, ge=64, le=2048),
+        width: int = Input(default=None, ge=64, le=2048, description="Default: the base model's native size"),
+        height: int = Input(default=None, ge=64, le=2048, description="Default: the base model's native size"),
         num_inference_steps: int = Input(default=None, ge=1, le=100, description="Default: the family's usual"),
         guidance_scale: float = Input(default=None, ge=0.0, le=20.0, description="Default: the family's usual"),
         seed: int = Input(default=0, ge=0),
@@ -83,8 +84,8 @@ class Predictor(BaseRunner):
         self.adapters.set_adapters([ADAPTER], [lora_scale])  # a pipeline's or a model's: (names, weights)
         image = self.pipeline(
             prompt,
-            width=width,
-            height=height,
+            width=width or self.native_resolution,
+            height=height or self.native_resolution,
             num_inference_steps=num_inference_steps or self.sample_defaults.steps,
             guidance_scale=self.sample_defaults.guidance if guidance_scale is None else guidance_scale,
             generator=torch.Generator().manual_seed(seed),
