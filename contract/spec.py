@@ -135,6 +135,9 @@ def default_resolution(family: str, base_model: str) -> int:
     return facts_for(family, base_model).native_resolution
 
 
+MAX_MODE_SCALE = 2 / (math.pi - 2)  # the SD 3 paper's bound on the mode density's heavy-tails scale
+
+
 class TrainSpec(_Schema):
     family: Family
     base_model: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="Hugging Face model id or a local path")
@@ -166,7 +169,7 @@ class TrainSpec(_Schema):
     logit_std: float | None = Field(default=None, gt=0, le=10)  # logit_normal: the normal's standard deviation
     # mode: the SD 3 paper's heavy-tails scale s, a density on [0, 1] for -1 <= s <= 2 / (pi - 2) (Esser et al.
     # 2024, eq. 20)
-    mode_scale: float | None = Field(default=None, ge=-1, le=2 / (math.pi - 2))
+    mode_scale: float | None = None
     precondition_outputs: bool | None = None
     checkpoint_every: int = Field(default=250, ge=1)  # left out: at most the run's length (_defaults_from_the_run)
     keep_checkpoints: int = Field(default=2, ge=1, le=100)
@@ -194,6 +197,14 @@ class TrainSpec(_Schema):
         if given("checkpoint_every") is None and type(steps) is int and steps >= 1:
             filled["checkpointEvery"] = min(250, steps)
         return filled
+
+    @field_validator("mode_scale")
+    @classmethod
+    def _mode_scale_keeps_a_density(cls, value: float | None) -> float | None:
+        if value is not None and not -1 <= value <= MAX_MODE_SCALE:
+            raise ValueError(f"must be between -1 and 2/(pi-2) = {MAX_MODE_SCALE:.3f} (got {value:g}): beyond, the "
+                             "mode density leaves [0, 1]")
+        return value
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -162,7 +162,7 @@ def test_weighting_keys_are_checked():
     raw = {"family": "sd35", "baseModel": "x/y", "dataset": {"source": "/data"}}
     with pytest.raises(SpecError, match="train.weightingScheme = 'logit'.*'sigma_sqrt', 'logit_normal', 'mode'"):
         parse_spec({**raw, "weightingScheme": "logit"}, "stack.yaml")
-    with pytest.raises(SpecError, match="train.modeScale = 1.8: Input should be less than or equal to 1.75"):
+    with pytest.raises(SpecError, match=r"train.modeScale = 1.8: must be between -1 and 2/\(pi-2\) = 1.752"):
         parse_spec({**raw, "modeScale": 1.8}, "stack.yaml")  # the mode density leaves [0, 1] beyond 2 / (pi - 2)
     with pytest.raises(SpecError, match="train.logitStd = 0"):
         parse_spec({**raw, "logitStd": 0}, "stack.yaml")
