@@ -12,16 +12,16 @@ instance from inside it), the reaper and `make status` use it. Facts of the API 
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from typing import Any
 
 import requests
 
+from cloudapi.retry import NoAnswer, send
+
 DEFAULT_BASE_URL = "https://cloud.lambda.ai"
 BASE_URL_ENV = "LAMBDA_API_BASE_URL"  # ours: tests point it at emulator/lambda_cloud.py
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 LAUNCH_INTERVAL_S = 12.0  # "launch: 1 request per 12 s"
 # An instance in one of these is billed (Lambda bills from launch until terminate; there is no stop state).
 BILLED_STATUSES = ("booting", "active", "unhealthy")
@@ -69,32 +69,16 @@ class LambdaClient:
 
         Launch callers pass through a client with `retries=0` and make the retry safe themselves (find by name).
         """
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._session.request(method, self.base_url + path, json=body, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                if attempt == self.retries:
-                    raise LambdaError(0, method, path, "no-answer", f"after {attempt + 1} tries: {error}") from None
-                self._sleep(attempt, None)
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
-                self._sleep(attempt, response.headers.get("Retry-After"))
-                continue
-            if response.status_code >= 400:
-                code, message = _error(response)
-                kind = NotFound if response.status_code == 404 else LambdaError
-                raise kind(response.status_code, method, path, code, message)
-            return response.json()["data"] if response.content else None
-        raise AssertionError("unreachable")
-
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
-        delay = self.backoff * 2**attempt * (0.5 + random.random())
-        if retry_after:
-            try:
-                delay = max(delay, float(retry_after))
-            except ValueError:
-                pass
-        time.sleep(min(delay, 30.0))
+        try:
+            response = send(self._session, method, self.base_url + path, retries=self.retries, backoff=self.backoff,
+                            timeout=self.timeout, json=body)
+        except NoAnswer as error:
+            raise LambdaError(0, method, path, "no-answer", str(error)) from None
+        if response.status_code >= 400:
+            code, message = _error(response)
+            kind = NotFound if response.status_code == 404 else LambdaError
+            raise kind(response.status_code, method, path, code, message)
+        return response.json()["data"] if response.content else None
 
     # instances
     def list_instances(self) -> list[dict]:

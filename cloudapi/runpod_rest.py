@@ -10,15 +10,14 @@ is dropped from pyproject.toml.
 from __future__ import annotations
 
 import os
-import random
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import requests
 
+from cloudapi.retry import NoAnswer, send
+
 DEFAULT_BASE_URL = "https://api.runpod.io"
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 # A pod in one of these has a container that runs (or is about to): its trainer is alive and it bills its GPU.
 LIVE_POD_STATUSES = ("PROVISIONING", "STARTING", "RUNNING")
 
@@ -67,35 +66,18 @@ class RunpodClient:
         POST is retried too: the emulator and RunPod answer a rejected request before creating anything,
         and callers that create make the retry safe by finding their own resource by name first.
         """
-        url = f"{self.base_url}{path}"
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._session.request(method, url, json=body, params=params, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                if attempt == self.retries:
-                    raise RunpodError(0, method, path, f"unreachable after {attempt + 1} tries: {error}") from None
-                self._sleep(attempt, None)
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
-                self._sleep(attempt, response.headers.get("Retry-After"))
-                continue
-            if response.status_code == 404:
-                raise NotFound(404, method, path, _detail(response))
-            if response.status_code >= 400:
-                raise RunpodError(response.status_code, method, path, _detail(response))
-            if response.status_code == 204 or not response.content:
-                return None
-            return response.json()
-        raise AssertionError("unreachable")
-
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
-        delay = self.backoff * 2**attempt * (0.5 + random.random())
-        if retry_after:
-            try:
-                delay = max(delay, float(retry_after))
-            except ValueError:
-                pass
-        time.sleep(min(delay, 30.0))
+        try:
+            response = send(self._session, method, f"{self.base_url}{path}", retries=self.retries,
+                            backoff=self.backoff, timeout=self.timeout, json=body, params=params)
+        except NoAnswer as error:
+            raise RunpodError(0, method, path, f"unreachable {error}") from None
+        if response.status_code == 404:
+            raise NotFound(404, method, path, _detail(response))
+        if response.status_code >= 400:
+            raise RunpodError(response.status_code, method, path, _detail(response))
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
 
     # pods
     def list_pods(self) -> list[dict]:

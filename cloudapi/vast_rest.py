@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import requests
 
+from cloudapi.retry import NoAnswer, send
+
 DEFAULT_BASE_URL = "https://console.vast.ai"
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 LIST_PAGE_SIZE = 25  # the API's maximum for GET /api/v1/instances/
 # actual_status values of an instance whose container runs or is about to (null: still provisioning)
 LIVE_STATUSES = (None, "loading", "running", "rebooting")
@@ -54,29 +54,18 @@ class VastClient:
     def request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> Any:
         """One call, retried with exponential backoff on 429 (which carries no Retry-After), 5xx, timeouts and
         resets. Creates go through a client with retries=0 and find their own instance before trying again."""
-        url = f"{self.base_url}{path}"
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._session.request(method, url, json=body, params=params, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                if attempt == self.retries:
-                    raise VastError(0, method, path, f"unreachable after {attempt + 1} tries: {error}") from None
-                self._sleep(attempt)
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.retries:
-                self._sleep(attempt)
-                continue
-            if response.status_code >= 400:
-                detail, code = _detail(response)
-                error_type = NotFound if response.status_code == 404 else VastError
-                raise error_type(response.status_code, method, path, detail, code)
-            if not response.content:
-                return None
-            return response.json()
-        raise AssertionError("unreachable")
-
-    def _sleep(self, attempt: int) -> None:
-        time.sleep(min(self.backoff * 2**attempt * (0.5 + random.random()), 30.0))
+        try:
+            response = send(self._session, method, f"{self.base_url}{path}", retries=self.retries,
+                            backoff=self.backoff, timeout=self.timeout, json=body, params=params)
+        except NoAnswer as error:
+            raise VastError(0, method, path, f"unreachable {error}") from None
+        if response.status_code >= 400:
+            detail, code = _detail(response)
+            error_type = NotFound if response.status_code == 404 else VastError
+            raise error_type(response.status_code, method, path, detail, code)
+        if not response.content:
+            return None
+        return response.json()
 
     # offers
     def search_offers(self, query: dict) -> list[dict]:

@@ -67,6 +67,18 @@ class ReapDecision:
     reason: str
 
 
+def past_a_limit(hours: float | None, cost: float | None, max_hours: float, max_cost_usd: float,
+                 usd_per_hour: float, grace_minutes: float) -> str | None:
+    """Why a billed machine is past its time or money limit, each with `grace_minutes` more for the trainer's own
+    stop (checkpoint, upload); None when it is within both (or a figure is unknown)."""
+    grace = grace_minutes / 60
+    if hours is not None and hours > max_hours + grace:
+        return f"running {hours:.2f} h, past maxHours {max_hours:g} (+{grace_minutes:g} min grace)"
+    if cost is not None and cost > max_cost_usd + grace * usd_per_hour:
+        return f"${cost:.2f} spent, past maxCostUsd {max_cost_usd:g} (+{grace_minutes:g} min grace)"
+    return None
+
+
 @dataclass(frozen=True)
 class LivePrices:
     """A backend's prices as its API gives them now (`data`, None when not fetched) and where they came from."""

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from cloudapi.retry import RETRY_STATUSES
 from contract.naming import MANAGED_LABEL
 from contract.spec import ENV_MANAGED, ENV_STACK
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TERMINAL_STAGES = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
 BILLED_STAGES = ("SCHEDULING", "RUNNING")  # billed while starting or running
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 LABEL_STACK = ENV_STACK  # the stack a job belongs to (the reaper's and the retry-safe create's key)
 LABEL_RUN = "LORASTACK_RUN_ID"
 

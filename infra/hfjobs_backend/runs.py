@@ -17,7 +17,7 @@ from pathlib import Path
 from contract.naming import run_id
 from contract.spec import ENV_LIMITS, ENV_MANAGED, RunLimits
 from contract.workspace import RunPaths
-from infra.backends import OpsError, ReapDecision, Report
+from infra.backends import OpsError, ReapDecision, Report, past_a_limit
 from infra.credentials import SECRETS
 from infra.hfjobs_backend.catalog import HFJOBS_FLAVORS
 from infra.hfjobs_backend.client import BILLED_STAGES, LABEL_STACK, TERMINAL_STAGES, HfJobs, endpoint
@@ -105,7 +105,6 @@ def decide(job, live_stacks: set[str], now: datetime, grace_minutes: float) -> R
     flavor = HFJOBS_FLAVORS.get(job.flavor)
     cost = hours * flavor.usd_per_hour if hours is not None and flavor else None
     limits = _limits(job)
-    grace_h = grace_minutes / 60
 
     def decision(terminate: bool, reason: str) -> ReapDecision:
         return ReapDecision(job.id, stack, stage, hours, cost, terminate, reason)
@@ -116,11 +115,9 @@ def decide(job, live_stacks: set[str], now: datetime, grace_minutes: float) -> R
         return decision(True, f"stack {stack} is not live: an orphan")
     if limits is None:
         return decision(True, f"no readable {ENV_LIMITS} in its environment")
-    if hours is not None and hours > limits.max_hours + grace_h:
-        return decision(True, f"{hours:.2f} h past maxHours {limits.max_hours:g} + grace")
-    if cost is not None and flavor and cost > limits.max_cost_usd + grace_h * flavor.usd_per_hour:
-        return decision(True, f"${cost:.2f} past maxCostUsd {limits.max_cost_usd:g} + grace")
-    return decision(False, "within its limits")
+    usd_per_hour = flavor.usd_per_hour if flavor else 0.0
+    reason = past_a_limit(hours, cost, limits.max_hours, limits.max_cost_usd, usd_per_hour, grace_minutes)
+    return decision(reason is not None, reason or "within its limits")
 
 
 def reap(jobs: HfJobs, live_stacks: set[str], *, dry_run: bool, now: datetime,

@@ -5,7 +5,7 @@ user data, which a policy does not see.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +80,11 @@ def validate_filesystems_kept(args: ResourceValidationArgs, report_violation: Re
                      f"checkpoints, but stacks/Pulumi.{stack}.yaml does not set lambda.filesystem.keepOnDestroy: false")
 
 
-def _with_stacks_dir(validate: Callable[..., None]) -> Callable[[ResourceValidationArgs, ReportViolation], None]:
-    return lambda args, report_violation: validate(args, report_violation, STACKS_DIR)
-
-
 POLICIES = [
     ResourceValidationPolicy(
         name="lambda-instance-time-and-money-limits",
         description="Every Lambda instance carries the reaper's tags with a time and a money limit within the budget.",
-        validate=_with_stacks_dir(validate_instance_limits),
+        validate=validate_instance_limits,
         enforcement_level=EnforcementLevel.MANDATORY,
         config_schema=PolicyConfigSchema(properties={
             "maxHoursPerInstance": {"type": "number", "default": DEFAULT_MAX_HOURS_PER_POD},
@@ -98,7 +94,7 @@ POLICIES = [
     ResourceValidationPolicy(
         name="lambda-filesystems-kept-on-destroy",
         description="Lambda filesystems survive `pulumi destroy` unless the stack file sets keepOnDestroy: false.",
-        validate=_with_stacks_dir(validate_filesystems_kept),
+        validate=validate_filesystems_kept,
         enforcement_level=EnforcementLevel.MANDATORY,
         config_schema=PolicyConfigSchema(properties={"allowFilesystemDeletion": {"type": "boolean", "default": False}}),
     ),

@@ -8,7 +8,8 @@ from typing import Any
 
 from pulumi.dynamic import DiffResult
 
-from cloudapi.lambda_rest import LAUNCH_INTERVAL_S, RETRY_STATUSES, LambdaClient, LambdaError
+from cloudapi.lambda_rest import LAUNCH_INTERVAL_S, LambdaClient, LambdaError
+from cloudapi.retry import RETRY_STATUSES
 from infra.dynamic import CredentialedProvider, keyed_diff
 
 

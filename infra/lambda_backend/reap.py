@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from cloudapi.lambda_rest import GONE_STATUSES, LambdaClient
 from contract.naming import NAME_PREFIX
 from contract.spec import RunLimits
-from infra.backends import ReapDecision
+from infra.backends import ReapDecision, past_a_limit
 
 TAG_MANAGED, TAG_STACK = "lorastack-managed", "lorastack-stack"
 TAG_MAX_HOURS, TAG_MAX_COST = "lorastack-max-hours", "lorastack-max-cost-usd"
@@ -72,12 +72,8 @@ def decide(instance: dict, live_stacks: set[str], now: datetime, grace_minutes: 
         return decision(True, f"billed without readable limits (tags {TAG_MAX_HOURS}, {TAG_MAX_COST})")
     if hours is None:
         return decision(True, f"billed without a readable launch time (tag {TAG_LAUNCHED_AT})")
-    grace = grace_minutes / 60
-    if hours > max_hours + grace:
-        return decision(True, f"running {hours:.2f} h, past maxHours {max_hours:g} (+{grace_minutes:g} min grace)")
-    if cost > max_cost + grace * usd_per_hour:
-        return decision(True, f"${cost:.2f} spent, past maxCostUsd {max_cost:g} (+{grace_minutes:g} min grace)")
-    return decision(False, "within its limits")
+    reason = past_a_limit(hours, cost, max_hours, max_cost, usd_per_hour, grace_minutes)
+    return decision(reason is not None, reason or "within its limits")
 
 
 def reap(client: LambdaClient, live_stacks: set[str], *, dry_run: bool, now: datetime,

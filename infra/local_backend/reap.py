@@ -17,7 +17,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from contract.spec import ENV_LIMITS, RunLimits
-from infra.backends import ReapDecision
+from infra.backends import ReapDecision, past_a_limit
 from infra.local_backend import engine
 from infra.local_backend.engine import MANAGED_LABEL, STACK_LABEL
 
@@ -63,12 +63,8 @@ def decide(attrs: dict, live_stacks: set[str], now: datetime, grace_minutes: flo
         return decision(True, f"no live stack {stack!r}")
     if limits is None:
         return decision(True, f"running without readable limits ({ENV_LIMITS})")
-    grace = grace_minutes / 60
-    if hours is not None and hours > limits.max_hours + grace:
-        return decision(True, f"running {hours:.2f} h, past maxHours {limits.max_hours:g} (+{grace_minutes:g} min grace)")
-    if cost is not None and usd_per_hour > 0 and cost > limits.max_cost_usd + grace * usd_per_hour:
-        return decision(True, f"${cost:.2f} spent, past maxCostUsd {limits.max_cost_usd:g} (+{grace_minutes:g} min grace)")
-    return decision(False, "within its limits")
+    reason = past_a_limit(hours, cost, limits.max_hours, limits.max_cost_usd, usd_per_hour, grace_minutes)
+    return decision(reason is not None, reason or "within its limits")
 
 
 def reap(client, live_stacks: set[str], *, dry_run: bool, now: datetime, grace_minutes: float) -> list[ReapDecision]:

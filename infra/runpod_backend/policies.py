@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
@@ -122,15 +122,11 @@ def validate_volumes_kept(args: ResourceValidationArgs, report_violation: Report
     )
 
 
-def _with_stacks_dir(validate: Callable[..., None]) -> Callable[[ResourceValidationArgs, ReportViolation], None]:
-    return lambda args, report_violation: validate(args, report_violation, STACKS_DIR)
-
-
 POLICIES = [
     ResourceValidationPolicy(
         name="pod-time-and-money-limits",
         description="Every pod carries a time and a money limit within the stack's budget, and the reaper's marks.",
-        validate=_with_stacks_dir(validate_pod_limits),
+        validate=validate_pod_limits,
         enforcement_level=EnforcementLevel.MANDATORY,
         config_schema=PolicyConfigSchema(properties={
             "maxHoursPerPod": {"type": "number", "default": DEFAULT_MAX_HOURS_PER_POD},
@@ -146,7 +142,7 @@ POLICIES = [
     ResourceValidationPolicy(
         name="volumes-kept-on-destroy",
         description="Network volumes survive `pulumi destroy` unless the stack file sets keepOnDestroy: false.",
-        validate=_with_stacks_dir(validate_volumes_kept),
+        validate=validate_volumes_kept,
         enforcement_level=EnforcementLevel.MANDATORY,
         config_schema=PolicyConfigSchema(properties={"allowVolumeDeletion": {"type": "boolean", "default": False}}),
     ),

@@ -8,7 +8,8 @@ from typing import Any
 
 from pulumi.dynamic import DiffResult
 
-from cloudapi.runpod_rest import RETRY_STATUSES, RunpodClient, RunpodError
+from cloudapi.retry import RETRY_STATUSES, retry_delay
+from cloudapi.runpod_rest import RunpodClient, RunpodError
 from infra.dynamic import CredentialedProvider, keyed_diff, whole_numbers
 
 
@@ -75,7 +76,7 @@ class RunpodProvider(CredentialedProvider):
             except RunpodError as error:
                 if not is_transient(error) or attempt == self.retries:
                     raise
-            lookup._sleep(attempt, None)
+            time.sleep(retry_delay(lookup.backoff, attempt))
         raise AssertionError("unreachable")
 
     def _await_landing(self, find: Callable[[RunpodClient], dict | None], lookup: RunpodClient) -> dict | None:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from cloudapi.runpod_rest import LIVE_POD_STATUSES, RunpodClient
 from contract.naming import NAME_PREFIX
 from contract.spec import ENV_LIMITS, ENV_MANAGED, ENV_STACK, RunLimits
-from infra.backends import ReapDecision
+from infra.backends import ReapDecision, past_a_limit
 
 # What RunPod bills: a pod's cost is 0.0 only when EXITED or TERMINATED. An ERROR pod is billed, and no trainer
 # runs in it to stop it: the limits hold for it as for a running one.
@@ -60,12 +60,8 @@ def decide(pod: dict, live_stacks: set[str], now: datetime, grace_minutes: float
         limits = RunLimits.model_validate_json((pod.get("env") or {}).get(ENV_LIMITS) or "")
     except ValidationError:
         return decision(True, f"running without readable limits ({ENV_LIMITS})")
-    grace = grace_minutes / 60
-    if hours is not None and hours > limits.max_hours + grace:
-        return decision(True, f"running {hours:.2f} h, past maxHours {limits.max_hours:g} (+{grace_minutes:g} min grace)")
-    if cost is not None and cost > limits.max_cost_usd + grace * usd_per_hour:
-        return decision(True, f"${cost:.2f} spent, past maxCostUsd {limits.max_cost_usd:g} (+{grace_minutes:g} min grace)")
-    return decision(False, "within its limits")
+    reason = past_a_limit(hours, cost, limits.max_hours, limits.max_cost_usd, usd_per_hour, grace_minutes)
+    return decision(reason is not None, reason or "within its limits")
 
 
 def reap(client: RunpodClient, live_stacks: set[str], *, dry_run: bool, now: datetime,

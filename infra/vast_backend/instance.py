@@ -23,7 +23,8 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, DiffResult, ReadResult
 from pulumi.dynamic.dynamic import PROVIDER_KEY
 
-from cloudapi.vast_rest import RETRY_STATUSES, NotFound, VastClient, VastError
+from cloudapi.retry import RETRY_STATUSES
+from cloudapi.vast_rest import NotFound, VastClient, VastError
 from contract.spec import ENV_MANAGED
 from infra.dynamic import CredentialedProvider, changed_keys, is_unknown, whole_numbers
 from infra.vast_backend.catalog import VAST_GPUS

@@ -20,7 +20,7 @@ from cloudapi.run_mirror import RunMirror
 from cloudapi.vast_rest import LIVE_STATUSES, VastClient, VastError
 from contract.naming import NAME_PREFIX, pod_name, run_id
 from contract.spec import ENV_LIMITS, ENV_STACK, RunLimits
-from infra.backends import OpsError, ReapDecision, Report
+from infra.backends import OpsError, ReapDecision, Report, past_a_limit
 from infra.credentials import SECRETS
 from infra.vast_backend.config import section_of
 from infra.vast_backend.marks import extra_env, is_ours
@@ -166,12 +166,8 @@ def decide(instance: dict, live_stacks: set[str], now: datetime, grace_minutes: 
         limits = RunLimits.model_validate_json(env.get(ENV_LIMITS) or "")
     except ValidationError:
         return decision(True, f"running without readable limits ({ENV_LIMITS})")
-    grace = grace_minutes / 60
-    if hours is not None and hours > limits.max_hours + grace:
-        return decision(True, f"running {hours:.2f} h, past maxHours {limits.max_hours:g} (+{grace_minutes:g} min grace)")
-    if cost is not None and cost > limits.max_cost_usd + grace * usd_per_hour:
-        return decision(True, f"${cost:.2f} spent, past maxCostUsd {limits.max_cost_usd:g} (+{grace_minutes:g} min grace)")
-    return decision(False, "within its limits")
+    reason = past_a_limit(hours, cost, limits.max_hours, limits.max_cost_usd, usd_per_hour, grace_minutes)
+    return decision(reason is not None, reason or "within its limits")
 
 
 def reap(client: VastClient, live_stacks: set[str], *, dry_run: bool, now: datetime,
